@@ -1,0 +1,30 @@
+# One-command entry points. Both create (once) and reuse the virtual environment in .venv.
+#   make demo   set up + run the main quantization job
+#   make test   set up + run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch comes first and pinned, so that nothing later can pull a multi-GB CUDA wheel.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.archquant-installed
+DEMO_CONFIG ?= configs/toy_w8a8.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check "setuptools>=68" wheel
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m archquant.run $(DEMO_CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

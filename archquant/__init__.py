@@ -1,0 +1,14 @@
+"""archquant: post-training quantization for Mamba, diffusion transformers and VGGT.
+
+Sub-packages installed from the repository's top-level folders: ``archquant.models``
+(``models/``), ``archquant.kernels`` (``kernels/``) and ``archquant.eval`` (``eval/``).
+"""
+from .api import load_quantized, quantize_, save_quantized
+from .core import (ActQuantizer, LinearGroup, ModelStructure, OnlineHadamard, QuantLinear, QuantSpec, Quantize,
+                   Recipe, RotateResidual, SmoothQuant)
+from .core.presets import RecipeOptions
+
+__version__ = "0.1.0"
+__all__ = ["quantize_", "save_quantized", "load_quantized", "Recipe", "RecipeOptions", "QuantSpec", "Quantize",
+           "SmoothQuant", "RotateResidual", "OnlineHadamard", "QuantLinear", "ActQuantizer", "ModelStructure",
+           "LinearGroup"]

@@ -1,0 +1,117 @@
+"""Adapter for the toy residual-MLP family (``archquant.models.toy``).
+
+It is the smallest family that has every fusion site the core knows about, and the one the
+runner's tests and fallback demo use. Its structure table is the model's whole description.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.presets import GENERIC_PRESETS
+from ..core.structure import LinearGroup, ModelStructure
+from ..data import DataSplit
+from ..models.toy import ToyConfig, ToyResMLP, toy_task, train_toy_model
+from .base import FamilyAdapter, register_adapter
+
+# Seeds of the synthetic splits: different seeds are different (disjoint) samples.
+SPLIT_SEEDS = {"train": 1_000_000, "calibration": 2_000_000, "evaluation": 3_000_000}
+
+
+def save_toy_model(model: ToyResMLP, directory: str | Path) -> None:
+    """Write a toy model as ``config.json`` + ``model.safetensors`` (its on-disk format)."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"family": "toy", **model.config.to_dict()}, indent=2))
+
+
+@register_adapter
+class ToyAdapter(FamilyAdapter):
+    name = "toy"
+    model_options = {k: v for k, v in ToyConfig().to_dict().items()} | {"train_steps": 300}
+    data_sources = ("synthetic",)
+    metrics = {"accuracy": False, "cross_entropy": True}
+
+    def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
+        options = dict(options)
+        steps = int(options.pop("train_steps", 300))
+        if path is None:
+            cfg = ToyConfig.from_dict({**ToyConfig().to_dict(), **options})
+            model = train_toy_model(cfg, steps=steps)
+        else:
+            import json
+
+            directory = Path(path)
+            cfg_file, weights = directory / "config.json", directory / "model.safetensors"
+            for f in (cfg_file, weights):
+                if not f.is_file():
+                    raise FileNotFoundError(f"toy model file not found: {f}")
+            raw = json.loads(cfg_file.read_text())
+            raw.pop("family", None)
+            cfg = ToyConfig.from_dict(raw)
+            model = ToyResMLP(cfg)
+            model.load_state_dict(load_file(str(weights)))
+        model = model.to(getattr(torch, dtype)).eval()
+        return model, cfg.to_dict()
+
+    def build_model(self, model_config: dict) -> nn.Module:
+        return ToyResMLP(ToyConfig.from_dict(model_config)).eval()
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, ToyResMLP)
+
+    def structure(self, model: nn.Module) -> ModelStructure:
+        n = len(model.layers)
+        return ModelStructure(
+            hidden_size=model.config.hidden_size,
+            embeddings=["embed"],
+            residual_readers=[LinearGroup(f"layers.{i}.norm", [f"layers.{i}.up_proj"]) for i in range(n)]
+            + [LinearGroup("norm_f", ["head"])],
+            residual_writers=[f"layers.{i}.down_proj" for i in range(n)],
+            online_rotation_sites=[f"layers.{i}.down_proj" for i in range(n)],
+            quantize=[f"layers.{i}.{p}" for i in range(n) for p in ("up_proj", "down_proj")],
+            skip=["embed", "head"],
+        )
+
+    def recipes(self):
+        return dict(GENERIC_PRESETS)
+
+    def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:
+        source = data_cfg["source"]
+        if source not in self.data_sources:
+            raise ValueError(f"data source {source!r} not available for family toy: allowed {', '.join(self.data_sources)}")
+        split = data_cfg.get("split") or role
+        if split not in SPLIT_SEEDS:
+            raise ValueError(f"toy data split {split!r} not allowed: allowed {', '.join(SPLIT_SEEDS)}")
+        cfg = ToyConfig.from_dict(model_config)
+        n, bs = int(data_cfg["num_samples"]), int(data_cfg["batch_size"])
+        seed = SPLIT_SEEDS[split] + cfg.seed
+        x, y = toy_task(cfg, n, split_seed=seed)
+        batches = [x[i:i + bs] for i in range(0, n, bs)]
+        labels = [y[i:i + bs] for i in range(0, n, bs)]
+        data = DataSplit(f"synthetic/{split}", batches if role == "calibration" else list(zip(batches, labels)),
+                         frozenset((split, i) for i in range(n)))
+        return data
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        x = batch[0] if isinstance(batch, tuple) else batch
+        return model(x)
+
+    def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
+        correct, total, nll = 0, 0, 0.0
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            for x, y in data.batches:
+                logits = model(x.to(dtype)).float()
+                nll += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(-1) == y).sum().item()
+                total += y.numel()
+        return {"accuracy": correct / total, "cross_entropy": nll / total}

@@ -1,0 +1,82 @@
+"""Python API: quantize a model in place from a recipe, save it, load it back.
+
+    import archquant as aq
+    aq.quantize_(model, aq.Recipe("w8a8", [aq.Quantize(weight=..., activation=..., dynamic=True)]))
+    aq.quantize_(model, "smoothquant", calib_data=batches)       # a preset by name
+    aq.save_quantized(model, "out/ckpt")
+    model2 = aq.load_quantized("out/ckpt")                         # bit-identical outputs
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from torch import nn
+
+from .adapters import FamilyAdapter, adapter_for, get_adapter
+from .core.calibration import ForwardFn
+from .core.presets import RecipeOptions
+from .core.recipe import Recipe, apply_recipe
+from .core.serialization import read_checkpoint_config, restore_quantized, save_checkpoint
+from .core.structure import ModelStructure
+
+
+def _adapter(model: nn.Module, family: str | None) -> FamilyAdapter:
+    return get_adapter(family) if family is not None else adapter_for(model)
+
+
+def resolve_recipe(recipe: Recipe | str | RecipeOptions, adapter: FamilyAdapter) -> Recipe:
+    """A ``Recipe`` from a recipe object, a preset name, or preset options."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    options = RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe
+    presets = adapter.recipes()
+    if options.name not in presets:
+        raise ValueError(f"unknown recipe {options.name!r} for family {adapter.name!r}: "
+                         f"allowed {', '.join(sorted(presets))}")
+    return presets[options.name](options)
+
+
+def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_data: Iterable[Any] | None = None,
+              family: str | None = None, structure: ModelStructure | None = None,
+              forward_fn: ForwardFn | None = None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place (torchao-style verb) and return it.
+
+    The family adapter is found from the model's type unless ``family`` or an explicit
+    ``structure`` is given; ``forward_fn(model, batch)`` defaults to the adapter's.
+    """
+    adapter = None
+    if structure is None or not isinstance(recipe, Recipe) or forward_fn is None:
+        try:
+            adapter = _adapter(model, family)
+        except ValueError:
+            if structure is None or not isinstance(recipe, Recipe):
+                raise
+    recipe = resolve_recipe(recipe, adapter) if adapter is not None else recipe
+    structure = structure or adapter.structure(model)
+    forward_fn = forward_fn or (adapter.forward if adapter is not None else None)
+    apply_recipe(model, recipe, structure, calib_batches=calib_data, forward_fn=forward_fn, progress=progress)
+    model._archquant_recipe = recipe.to_dict()  # remembered so save_quantized can record it
+    return model
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, *, family: str | None = None,
+                   model_config: dict | None = None, metadata: dict | None = None):
+    """Save a quantized model (safetensors + quantization_config.json), atomically."""
+    adapter = _adapter(model, family)
+    if model_config is None:
+        model_config = getattr(getattr(model, "config", None), "to_dict", lambda: None)()
+        if model_config is None:
+            raise ValueError("model_config is required for a model without a .config.to_dict()")
+    return save_checkpoint(model, directory, family=adapter.name, model_config=model_config,
+                           recipe=getattr(model, "_archquant_recipe", None), metadata=metadata)
+
+
+def load_quantized(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by ``save_quantized``/the runner; outputs are bit-identical."""
+    qconfig = read_checkpoint_config(directory)
+    adapter = get_adapter(qconfig["family"])
+    skeleton = adapter.build_model(qconfig["model_config"])
+    model = restore_quantized(skeleton, qconfig, directory)
+    model._archquant_recipe = qconfig.get("recipe")
+    return model

@@ -1,0 +1,209 @@
+"""Run configuration: YAML + ``key=value`` overrides (omegaconf), validated up front.
+
+Validation happens before any model is loaded, and every problem is reported as a
+one-line ``ConfigError`` naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .core.formats import format_names
+from .core.observers import OBSERVERS
+from .core.presets import RecipeOptions
+from .core.transforms import ROTATION_KINDS
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message is one line."""
+
+
+@dataclass
+class ModelSection:
+    #: local directory (or hub id, when online); None = the family's built-in default model
+    path: Optional[str] = None
+    dtype: str = "float32"
+    #: family-specific options (see the family adapter's ``model_options``)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    source: str = "synthetic"
+    split: Optional[str] = None
+    #: file or directory for file-based sources
+    path: Optional[str] = None
+    num_samples: int = 256
+    batch_size: int = 32
+    seq_len: int = 256
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    family: str = "toy"
+    model: ModelSection = field(default_factory=ModelSection)
+    recipe: RecipeOptions = field(default_factory=RecipeOptions)
+    calibration: DataSection = field(default_factory=lambda: DataSection(split="calibration"))
+    evaluation: DataSection = field(default_factory=lambda: DataSection(split="evaluation", num_samples=1024))
+    output_dir: str = "outputs/run"
+    save: bool = True
+    #: reload the saved checkpoint and check that it reproduces the quantized metrics
+    verify_reload: bool = True
+    backend: str = "fake"
+    seed: int = 0
+    progress: bool = True
+
+
+ALLOWED = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "backend": ("fake",),
+    "recipe.w_granularity": ("tensor", "channel", "group"),
+    "recipe.a_granularity": ("tensor", "token"),
+    "recipe.rotation": ROTATION_KINDS,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a dataclass field type, allowing int→float; returns the value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _check_type(key, value, inner)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': allowed keys under "
+                          f"'{prefix.rstrip('.') or '<root>'}' are {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, value = hints[name], data[name]
+        if dataclasses.is_dataclass(tp):
+            default = getattr(cls(), name)  # keep section defaults, e.g. calibration.split
+            merged = {**dataclasses.asdict(default), **(value or {})} if isinstance(value, dict) or value is None else value
+            kwargs[name] = _build(tp, merged, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+def _allowed(key: str, value: Any, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise ConfigError(f"config key '{key}' has value {value!r}: allowed values are {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Family-independent value checks, then the family's own (options, recipe, data sources)."""
+    from .adapters import families, get_adapter
+
+    _allowed("family", cfg.family, families())
+    for key, allowed in ALLOWED.items():
+        section, _, name = key.rpartition(".")
+        obj = getattr(cfg, section) if section else cfg
+        _allowed(key, getattr(obj, name), allowed)
+    for key in ("w_format", "a_format"):
+        _allowed(f"recipe.{key}", getattr(cfg.recipe, key), format_names())
+    for key in ("w_observer", "a_observer"):
+        _allowed(f"recipe.{key}", getattr(cfg.recipe, key), sorted(OBSERVERS))
+    for key in ("w_bits", "a_bits"):
+        v = getattr(cfg.recipe, key)
+        if v is not None and not 2 <= v <= 8:
+            raise ConfigError(f"config key 'recipe.{key}' has value {v}: allowed values are 2..8")
+    if cfg.recipe.alpha is not None and not 0 <= cfg.recipe.alpha <= 1:
+        raise ConfigError(f"config key 'recipe.alpha' has value {cfg.recipe.alpha}: allowed values are in [0, 1]")
+    if cfg.recipe.percentile is not None and not 0 < cfg.recipe.percentile <= 1:
+        raise ConfigError(f"config key 'recipe.percentile' has value {cfg.recipe.percentile}: allowed values are in (0, 1]")
+
+    adapter = get_adapter(cfg.family)
+    _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))
+    unknown = [k for k in cfg.model.options if k not in adapter.model_options]
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.options.{unknown[0]}' for family {cfg.family!r}: "
+                          f"allowed keys are {', '.join(sorted(adapter.model_options))}")
+    for section in ("calibration", "evaluation"):
+        data: DataSection = getattr(cfg, section)
+        _allowed(f"{section}.source", data.source, adapter.data_sources)
+        for name in ("num_samples", "batch_size", "seq_len"):
+            if getattr(data, name) <= 0:
+                raise ConfigError(f"config key '{section}.{name}' must be positive, got {getattr(data, name)}")
+        if data.path is not None and not Path(data.path).exists():
+            raise ConfigError(f"file not found for '{section}.path': {data.path}")
+    if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).exists():
+        raise ConfigError(f"file not found for 'model.path': {cfg.model.path}")
+    return cfg
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'org/name'; anything else (absolute, ./, ~, more slashes) is a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).exists()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path``, apply dotlist overrides, check keys, types and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        conf = OmegaConf.load(path)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(overrides))
+        data = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # YAML syntax errors come from the yaml package
+        if type(e).__module__.startswith("yaml"):
+            raise ConfigError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+        raise
+    if data is None:
+        data = {}
+    return validate(_build(RunConfig, data, ""))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

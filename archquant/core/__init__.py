@@ -1,0 +1,12 @@
+"""The family-agnostic core: formats, observers, transforms, quantized modules, calibration, recipes.
+
+Nothing in here imports a model family, the runner, ``eval`` or ``kernels``.
+"""
+from .formats import QuantSpec, dequantize, fake_quantize, quantize, register_format
+from .modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
+from .recipe import OnlineHadamard, Quantize, Recipe, RotateResidual, SmoothQuant, apply_recipe
+from .structure import LinearGroup, ModelStructure
+
+__all__ = ["QuantSpec", "quantize", "dequantize", "fake_quantize", "register_format", "ActQuantizer",
+           "QuantLinear", "QuantConv1d", "QuantMatmul", "Recipe", "SmoothQuant", "RotateResidual",
+           "OnlineHadamard", "Quantize", "apply_recipe", "LinearGroup", "ModelStructure"]

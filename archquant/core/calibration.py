@@ -1,0 +1,127 @@
+"""Calibration driver: run a model over calibration batches and collect statistics.
+
+Two uses share one loop:
+* ``collect_input_stats`` hooks chosen modules and feeds their inputs (or outputs) to
+  statistic objects (channel absmax for smoothing, covariance for KLT, …) *before* the model
+  is rewritten;
+* ``calibrate`` switches the static activation quantizers of a fake-quant model to
+  observation mode, runs the data, and freezes their parameters.
+
+Both check every module's output for NaN/Inf and name the first module that produced one,
+because a silent NaN in calibration turns every scale downstream into garbage.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .modules import freeze_model, set_act_mode
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class NonFiniteActivationError(RuntimeError):
+    """A module produced NaN or Inf during calibration."""
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _tensors(out: Any):
+    if torch.is_tensor(out):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            yield from _tensors(o)
+    elif isinstance(out, dict):
+        for o in out.values():
+            yield from _tensors(o)
+    elif hasattr(out, "to_tuple"):  # transformers ModelOutput
+        yield from _tensors(out.to_tuple())
+
+
+@contextmanager
+def nonfinite_guard(model: nn.Module):
+    """Raise ``NonFiniteActivationError`` naming the first module whose output is not finite."""
+
+    def make_hook(name: str):
+        def hook(_module, _inp, out):
+            for t in _tensors(out):
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise NonFiniteActivationError(
+                        f"non-finite activation (NaN/Inf) in the output of module '{name or '<model>'}' during calibration")
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_batches(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None = None,
+                desc: str = "calibrating", max_batches: int | None = None, progress: bool = True) -> int:
+    """Run ``model`` over ``batches`` without gradients, guarded against non-finite outputs."""
+    forward_fn = forward_fn or default_forward
+    count = 0
+    total = None
+    if max_batches is not None:
+        total = max_batches
+    elif hasattr(batches, "__len__"):
+        total = len(batches)
+    with torch.no_grad(), nonfinite_guard(model):
+        for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+            if max_batches is not None and count >= max_batches:
+                break
+            forward_fn(model, batch)
+            count += 1
+    if count == 0:
+        raise ValueError("calibration data is empty: no batch was run")
+    return count
+
+
+def collect_stats(model: nn.Module, batches: Iterable[Any], stats: dict[str, Any], *,
+                  forward_fn: ForwardFn | None = None, where: str = "input", desc: str = "collecting statistics",
+                  max_batches: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Feed the input (or output) of each named module to ``stats[name].update(tensor)``."""
+    if where not in ("input", "output"):
+        raise ValueError(f"where={where!r} not allowed: 'input' or 'output'")
+    modules = dict(model.named_modules())
+    missing = [n for n in stats if n not in modules]
+    if missing:
+        raise KeyError(f"no module named {missing[0]!r} in the model")
+    handles = []
+    for name, stat in stats.items():
+        if where == "input":
+            handles.append(modules[name].register_forward_pre_hook(lambda _m, args, s=stat: s.update(args[0])))
+        else:
+            handles.append(modules[name].register_forward_hook(lambda _m, _a, out, s=stat: s.update(out)))
+    try:
+        run_batches(model, batches, forward_fn, desc=desc, max_batches=max_batches, progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *, forward_fn: ForwardFn | None = None,
+              max_batches: int | None = None, progress: bool = True) -> int:
+    """Observe static activation ranges over ``batches``, then freeze the whole model."""
+    set_act_mode(model, "calibrate")
+    try:
+        n = run_batches(model, batches, forward_fn, desc="calibrating", max_batches=max_batches, progress=progress)
+    except BaseException:
+        set_act_mode(model, "off")
+        raise
+    freeze_model(model)
+    return n

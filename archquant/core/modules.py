@@ -1,0 +1,341 @@
+"""Fake-quant module wrappers: Linear, depthwise Conv1d and activation matmul.
+
+A wrapper carries everything needed to rebuild it: its weight spec, its activation
+quantizers (spec, static/dynamic, observer) and its online input transform. Life cycle:
+
+1. ``from_float``: wraps an FP module; the weight stays float.
+2. calibration: activation quantizers in ``"calibrate"`` mode feed their observers.
+3. ``freeze()``: static activation parameters are fixed from the observers and the weight is
+   replaced by its integer/low-bit codes plus parameters. From then on the forward pass
+   dequantizes those codes, so a model that is saved and loaded again computes exactly the
+   same thing as the one in memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats
+from .formats import QuantSpec
+from .observers import build_observer
+from .transforms import OnlineTransform, build_online_transform
+
+
+class _ParamBuffers(nn.Module):
+    """Holds a format's parameter dict (scale, zero_point, …) as buffers.
+
+    The set of names depends on the format, so buffers are (re)created when parameters are
+    set or when a checkpoint supplies them (``_load_from_state_dict``).
+    """
+
+    def set(self, params: dict[str, torch.Tensor]) -> None:
+        for name in list(self._buffers):
+            del self._buffers[name]
+        for name, value in params.items():
+            self.register_buffer(name, value.detach().clone())
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self._buffers.items() if v is not None}
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and "." not in key[len(prefix):]:
+                name = key[len(prefix):]
+                if name not in self._buffers:
+                    self.register_buffer(name, torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes an activation tensor.
+
+    ``dynamic=True`` computes the parameters from every input (e.g. per-token); otherwise they
+    are calibrated once by ``observer`` and frozen (e.g. Quamba's static per-tensor scales).
+    Modes: ``"off"`` (identity), ``"calibrate"`` (observe, pass through), ``"quantize"``.
+    """
+
+    def __init__(self, spec: QuantSpec, dynamic: bool = False, observer: str = "minmax",
+                 observer_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.spec = spec.validate()
+        self.dynamic = dynamic
+        self.observer_name = observer
+        self.observer_kwargs = dict(observer_kwargs or {})
+        self.mode = "quantize" if dynamic else "off"
+        self.observer = None if dynamic else build_observer(observer, spec, **self.observer_kwargs)
+        self.params = _ParamBuffers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "calibrate":
+            self.observer.update(x)
+            return x
+        if self.dynamic:
+            return formats.fake_quantize(x, self.spec)
+        if not len(self.params):
+            raise RuntimeError("static activation quantizer used before calibration (no scales)")
+        return formats.fake_quantize(x, self.spec, self.params.as_dict())
+
+    def freeze(self) -> None:
+        """Fix the static parameters from what the observer saw, then quantize from now on."""
+        if not self.dynamic:
+            self.params.set(self.observer.params())
+            self.observer = None
+        self.mode = "quantize"
+
+    def to_config(self) -> dict:
+        return {"spec": self.spec.to_dict(), "dynamic": self.dynamic,
+                "observer": self.observer_name, "observer_kwargs": self.observer_kwargs}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ActQuantizer":
+        q = cls(QuantSpec.from_dict(config["spec"]), dynamic=config["dynamic"],
+                observer=config.get("observer", "minmax"), observer_kwargs=config.get("observer_kwargs"))
+        q.observer = None
+        q.mode = "quantize"
+        return q
+
+    def extra_repr(self) -> str:
+        kind = "dynamic" if self.dynamic else f"static/{self.observer_name}"
+        return f"{self.spec.format}{self.spec.bits if self.spec.format == 'int' else ''} {self.spec.granularity} {kind} mode={self.mode}"
+
+
+class _QuantWeightMixin:
+    """Shared weight handling: float weight until frozen, then codes + format parameters."""
+
+    weight_spec: QuantSpec | None
+
+    def _init_weight(self, weight: torch.Tensor, weight_spec: QuantSpec | None, weight_observer: str,
+                     weight_observer_kwargs: dict | None) -> None:
+        self.weight_spec = weight_spec.validate() if weight_spec is not None else None
+        self.weight_observer = weight_observer
+        self.weight_observer_kwargs = dict(weight_observer_kwargs or {})
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.weight_params = _ParamBuffers()
+        self.weight_shape = tuple(weight.shape)
+        self.frozen = False
+
+    def _weight_params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        obs = build_observer(self.weight_observer, self.weight_spec, **self.weight_observer_kwargs)
+        obs.update(w)
+        return obs.params()
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass multiplies by (dequantized when quantized)."""
+        if self.weight_spec is None:
+            return self.weight
+        if self.frozen:
+            return formats.dequantize(self.weight_codes, self.weight_spec, self.weight_params.as_dict(),
+                                      dtype=self.weight_dtype)
+        return formats.fake_quantize(self.weight, self.weight_spec, self._weight_params(self.weight))
+
+    def freeze_weight(self) -> None:
+        if self.weight_spec is None or self.frozen:
+            return
+        w = self.weight.detach()
+        params = self._weight_params(w)
+        self.weight_params.set(params)
+        self.register_buffer("weight_codes", formats.quantize(w, self.weight_spec, params))
+        self.weight_dtype = w.dtype
+        del self.weight
+        self.frozen = True
+
+    def _prepare_frozen(self, dtype: torch.dtype) -> None:
+        """Turn a freshly built wrapper into an empty frozen one, ready for ``load_state_dict``."""
+        if self.weight_spec is None:
+            return
+        del self.weight
+        self.weight_dtype = dtype
+        self.register_buffer("weight_codes", torch.empty(0))
+        self.frozen = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_codes"
+        if self.frozen and key in state_dict:
+            self.weight_codes = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _weight_config(self) -> dict:
+        return {"weight": None if self.weight_spec is None else {
+            "spec": self.weight_spec.to_dict(), "observer": self.weight_observer,
+            "observer_kwargs": self.weight_observer_kwargs}}
+
+
+def _maybe(q: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if q is None else q(x)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Module):
+    """y = Q_a(T(x)) · Q_w(W)ᵀ + b, with T an optional online transform.
+
+    When T is an online rotation, the inverse must already be fused into W (see
+    ``core.transforms.rotate_linear_input``) so that, with quantization off, the output equals
+    the original Linear's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                 weight_spec: QuantSpec | None = None, input_quantizer: ActQuantizer | None = None,
+                 input_transform: OnlineTransform | None = None, output_quantizer: ActQuantizer | None = None,
+                 weight_observer: str = "minmax", weight_observer_kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight(weight, weight_spec, weight_observer, weight_observer_kwargs)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.input_transform = input_transform
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
+        return cls(linear.in_features, linear.out_features, linear.weight, linear.bias, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _maybe(self.input_transform, x)
+        x = _maybe(self.input_quantizer, x)
+        y = F.linear(x, self.effective_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return _maybe(self.output_quantizer, y)
+
+    def freeze(self) -> None:
+        self.freeze_weight()
+
+    def to_config(self) -> dict:
+        return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, **self._weight_config(),
+                "input_transform": None if self.input_transform is None else self.input_transform.to_config(),
+                "input_quantizer": None if self.input_quantizer is None else self.input_quantizer.to_config(),
+                "output_quantizer": None if self.output_quantizer is None else self.output_quantizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        wcfg = config["weight"]
+        m = cls(config["in_features"], config["out_features"],
+                torch.zeros(config["out_features"], config["in_features"], dtype=dtype),
+                torch.zeros(config["out_features"], dtype=dtype) if config["bias"] else None,
+                weight_spec=None if wcfg is None else QuantSpec.from_dict(wcfg["spec"]),
+                input_quantizer=_act_from_config(config.get("input_quantizer")),
+                input_transform=None if config.get("input_transform") is None
+                else build_online_transform(config["input_transform"]),
+                output_quantizer=_act_from_config(config.get("output_quantizer")),
+                weight_observer=(wcfg or {}).get("observer", "minmax"),
+                weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
+        m._prepare_frozen(dtype)
+        return m
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.weight_spec is None else f"{self.weight_spec.format}{self.weight_spec.bits if self.weight_spec.format == 'int' else ''}/{self.weight_spec.granularity}"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}, frozen={self.frozen}"
+
+
+class QuantConv1d(_QuantWeightMixin, nn.Module):
+    """Causal depthwise Conv1d (Mamba's short convolution) with quantized weight and input.
+
+    Input layout (batch, channels, length), as ``nn.Conv1d``; ``padding`` is kept from the
+    wrapped conv and the caller trims to the causal part, exactly as with the FP module.
+    """
+
+    def __init__(self, conv: nn.Conv1d, weight_spec: QuantSpec | None = None,
+                 input_quantizer: ActQuantizer | None = None, output_quantizer: ActQuantizer | None = None,
+                 weight_observer: str = "minmax", weight_observer_kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.padding, self.groups = conv.kernel_size[0], conv.padding[0], conv.groups
+        self._init_weight(conv.weight, weight_spec, weight_observer, weight_observer_kwargs)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _maybe(self.input_quantizer, x)
+        w = self.effective_weight().to(x.dtype)
+        y = F.conv1d(x, w, None if self.bias is None else self.bias.to(x.dtype), padding=self.padding, groups=self.groups)
+        return _maybe(self.output_quantizer, y)
+
+    def freeze(self) -> None:
+        self.freeze_weight()
+
+    def to_config(self) -> dict:
+        return {"type": "QuantConv1d", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "padding": self.padding, "groups": self.groups,
+                "bias": self.bias is not None, **self._weight_config(),
+                "input_quantizer": None if self.input_quantizer is None else self.input_quantizer.to_config(),
+                "output_quantizer": None if self.output_quantizer is None else self.output_quantizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "QuantConv1d":
+        conv = nn.Conv1d(config["in_channels"], config["out_channels"], config["kernel_size"],
+                         padding=config["padding"], groups=config["groups"], bias=config["bias"], dtype=dtype)
+        wcfg = config["weight"]
+        m = cls(conv, weight_spec=None if wcfg is None else QuantSpec.from_dict(wcfg["spec"]),
+                input_quantizer=_act_from_config(config.get("input_quantizer")),
+                output_quantizer=_act_from_config(config.get("output_quantizer")),
+                weight_observer=(wcfg or {}).get("observer", "minmax"),
+                weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
+        m._prepare_frozen(dtype)
+        return m
+
+
+class QuantMatmul(nn.Module):
+    """a @ b between two activations, each optionally fake-quantized (e.g. attention, SSM h·C)."""
+
+    def __init__(self, a_quantizer: ActQuantizer | None = None, b_quantizer: ActQuantizer | None = None) -> None:
+        super().__init__()
+        self.a_quantizer, self.b_quantizer = a_quantizer, b_quantizer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(_maybe(self.a_quantizer, a), _maybe(self.b_quantizer, b))
+
+    def freeze(self) -> None:
+        pass
+
+    def to_config(self) -> dict:
+        return {"type": "QuantMatmul",
+                "a_quantizer": None if self.a_quantizer is None else self.a_quantizer.to_config(),
+                "b_quantizer": None if self.b_quantizer is None else self.b_quantizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "QuantMatmul":
+        return cls(_act_from_config(config.get("a_quantizer")), _act_from_config(config.get("b_quantizer")))
+
+
+def _act_from_config(config: dict | None) -> ActQuantizer | None:
+    return None if config is None else ActQuantizer.from_config(config)
+
+
+QUANT_MODULES = {"QuantLinear": QuantLinear, "QuantConv1d": QuantConv1d, "QuantMatmul": QuantMatmul}
+
+
+def module_from_config(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    kind = config.get("type")
+    if kind not in QUANT_MODULES:
+        raise ValueError(f"unknown quantized module type {kind!r}: allowed {', '.join(QUANT_MODULES)}")
+    return QUANT_MODULES[kind].from_config(config, dtype=dtype)
+
+
+def act_quantizers(model: nn.Module):
+    """(name, quantizer) for every activation quantizer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
+
+
+def set_act_mode(model: nn.Module, mode: str) -> None:
+    """Switch every *static* activation quantizer to ``mode`` (dynamic ones always quantize)."""
+    for _, q in act_quantizers(model):
+        if not q.dynamic:
+            q.mode = mode
+
+
+def freeze_model(model: nn.Module) -> None:
+    """Fix all activation parameters and replace every weight by its codes."""
+    for _, q in act_quantizers(model):
+        q.freeze()
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv1d)):
+            m.freeze()

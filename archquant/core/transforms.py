@@ -1,0 +1,259 @@
+"""Equivalence transforms: rotations, KLT, smoothing, and the helpers that fuse them into weights.
+
+Every helper here keeps the network's function exact in floating point: for a Linear
+y = x Wᵀ + b and an orthogonal Q, feeding it x·Q instead of x is undone by W ← W·Q; making
+it emit y·Q is W ← Qᵀ·W, b ← b·Q. Fusion math runs in float64 and is cast back, so a
+rotated FP model matches the original to ~1e-6 relative.
+
+Online transforms (applied to activations at run time) are small ``nn.Module``s that can be
+serialised to a dict and rebuilt; the Hadamard ones are rebuilt from ``core.hadamard`` (the
+single source of the matrices), data-derived ones (KLT) carry their matrix as a buffer.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import hadamard as had
+
+# ----------------------------------------------------------------------------------------
+# Weight fusion helpers (all in place, exact in FP)
+# ----------------------------------------------------------------------------------------
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def rotate_linear_input(linear: nn.Linear, q: torch.Tensor) -> None:
+    """Make ``linear`` accept x·Q in place of x: W ← W·Q (Q orthogonal, in_features × in_features)."""
+    w = linear.weight.detach().double()
+    _assign(linear.weight, w @ q.to(w))
+
+
+def rotate_linear_output(linear: nn.Linear, q: torch.Tensor) -> None:
+    """Make ``linear`` emit y·Q in place of y: W ← Qᵀ·W, b ← b·Q."""
+    w = linear.weight.detach().double()
+    q = q.to(w)
+    _assign(linear.weight, q.T @ w)
+    if linear.bias is not None:
+        _assign(linear.bias, linear.bias.detach().double() @ q)
+
+
+def rotate_embedding(embedding: nn.Embedding, q: torch.Tensor) -> None:
+    """Make an embedding table emit rows e·Q: E ← E·Q."""
+    e = embedding.weight.detach().double()
+    _assign(embedding.weight, e @ q.to(e))
+
+
+def scale_linear_input(linear: nn.Linear, s: torch.Tensor) -> None:
+    """Make ``linear`` accept x / s (per input channel) in place of x: W ← W·diag(s)."""
+    w = linear.weight.detach().double()
+    _assign(linear.weight, w * s.to(w)[None, :])
+
+
+def scale_linear_output(linear: nn.Linear, s: torch.Tensor) -> None:
+    """Make ``linear`` emit y / s (per output channel): W ← diag(1/s)·W, b ← b / s."""
+    w = linear.weight.detach().double()
+    s = s.to(w)
+    _assign(linear.weight, w / s[:, None])
+    if linear.bias is not None:
+        _assign(linear.bias, linear.bias.detach().double() / s)
+
+
+def fold_norm_into_linears(norm: nn.Module, linears: Iterable[nn.Linear]) -> None:
+    """Fold a norm's affine weight (and LayerNorm bias) into the Linears it feeds.
+
+    Afterwards the norm is a plain normaliser (γ = 1, β = 0), which commutes with an orthogonal
+    rotation of its input; that is what lets a residual-stream rotation pass through it.
+    """
+    gamma = getattr(norm, "weight", None)
+    beta = getattr(norm, "bias", None)
+    linears = list(linears)
+    if gamma is None:
+        return
+    g = gamma.detach().double()
+    for lin in linears:
+        w = lin.weight.detach().double()
+        if beta is not None:
+            extra = w @ beta.detach().double()
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+            _assign(lin.bias, lin.bias.detach().double() + extra)
+        _assign(lin.weight, w * g[None, :])
+    with torch.no_grad():
+        gamma.fill_(1.0)
+        if beta is not None:
+            beta.zero_()
+
+
+def scale_norm_output(norm: nn.Module, s: torch.Tensor) -> None:
+    """Make a norm emit x / s per channel by dividing its affine weight (and bias) by s."""
+    with torch.no_grad():
+        norm.weight.copy_((norm.weight.double() / s.double()).to(norm.weight.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_((norm.bias.double() / s.double()).to(norm.bias.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# Data-derived transforms
+# ----------------------------------------------------------------------------------------
+
+
+def smoothquant_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = 0.5,
+                       min_scale: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant migration strength: s_j = max|X_j|^α / max|W_j|^(1−α).
+
+    ``weight_amax`` is the per-input-channel max over all consumer weights. Channels that are
+    zero on either side get s = 1 (nothing to migrate) rather than 0 or inf.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha={alpha} not allowed: must be in [0, 1]")
+    a = act_amax.double()
+    w = weight_amax.double()
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    s = torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    return s.clamp(min=min_scale).float()
+
+
+class RunningCovariance:
+    """Accumulates the covariance of the last axis of activations over calibration batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.sum += x.sum(0).cpu()
+        self.outer += (x.T @ x).cpu()
+        self.n += x.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        if self.n < 2:
+            raise RuntimeError("covariance needs at least two calibration tokens")
+        mean = self.sum / self.n
+        return (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+
+
+def klt_matrix(cov: torch.Tensor) -> torch.Tensor:
+    """Karhunen–Loève transform: the orthonormal eigenbasis of a covariance (columns = eigenvectors).
+
+    Eigenvalues come out ascending (``torch.linalg.eigh`` order). Multiplying by a Hadamard
+    afterwards (R = K·H, MambaQuant) then spreads the variance evenly over channels.
+    """
+    cov = cov.double()
+    cov = 0.5 * (cov + cov.T)  # symmetrise away accumulation round-off before eigh
+    _, k = torch.linalg.eigh(cov)
+    return k
+
+
+# ----------------------------------------------------------------------------------------
+# Online transforms
+# ----------------------------------------------------------------------------------------
+
+
+class OnlineTransform(nn.Module):
+    """x ↦ x·T on the last axis, where T is orthogonal. ``inverse`` gives x ↦ x·Tᵀ."""
+
+    def matrix(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_config(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class HadamardTransform(OnlineTransform):
+    """Online (optionally sign-randomised, optionally block-diagonal) Hadamard rotation.
+
+    The matrix is rebuilt from ``core.hadamard`` on load, so offline fusion and online
+    application can never disagree. With ``seed`` set, T = diag(signs)·H.
+    """
+
+    def __init__(self, size: int, seed: int | None = None, block: int | None = None) -> None:
+        super().__init__()
+        if block is not None:
+            had.block_hadamard_matrix(size, block)  # validates early with a clear message
+        elif not had.is_supported(size):
+            had.factor_size(size)  # raises the one-line ValueError
+        self.size, self.seed, self.block = size, seed, block
+        signs = had.random_signs(size, seed) if seed is not None else None
+        self.register_buffer("signs", signs, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signs is not None:
+            x = x * self.signs.to(x)
+        if self.block is not None:
+            return had.apply_block_hadamard(x, self.block)
+        return had.apply_hadamard(x, self.size)
+
+    def matrix(self) -> torch.Tensor:
+        if self.block is not None:
+            h = had.block_hadamard_matrix(self.size, self.block, dtype=torch.float64)
+        else:
+            h = had.hadamard_matrix(self.size, dtype=torch.float64)
+        if self.signs is not None:
+            h = self.signs.double()[:, None] * h
+        return h
+
+    def to_config(self) -> dict:
+        return {"type": "hadamard", "size": self.size, "seed": self.seed, "block": self.block}
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, seed={self.seed}, block={self.block}"
+
+
+class MatrixTransform(OnlineTransform):
+    """Online rotation by an explicit (data-derived) matrix, e.g. a KLT·Hadamard product."""
+
+    def __init__(self, matrix: torch.Tensor, name: str = "matrix") -> None:
+        super().__init__()
+        self.kind = name
+        self.register_buffer("weight", matrix.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.weight).to(x.dtype)
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight.double()
+
+    def to_config(self) -> dict:
+        return {"type": "matrix", "size": int(self.weight.shape[0]), "name": self.kind}
+
+
+def build_online_transform(config: dict) -> OnlineTransform:
+    """Rebuild an online transform from ``to_config()`` (matrix weights come from the checkpoint)."""
+    kind = config.get("type")
+    if kind == "hadamard":
+        return HadamardTransform(config["size"], seed=config.get("seed"), block=config.get("block"))
+    if kind == "matrix":
+        n = int(config["size"])
+        return MatrixTransform(torch.zeros(n, n), name=config.get("name", "matrix"))
+    raise ValueError(f"unknown online transform type {kind!r}: allowed 'hadamard', 'matrix'")
+
+
+ROTATION_KINDS = ("hadamard", "random_hadamard", "random_orthogonal")
+
+
+def rotation_matrix(kind: str, size: int, seed: int = 0) -> torch.Tensor:
+    """An orthogonal size×size matrix (float64) for a fused rotation.
+
+    ``hadamard``: the normalised H_n; ``random_hadamard``: diag(±1)·H_n from ``seed`` (QuaRot);
+    ``random_orthogonal``: Q from the QR of a seeded Gaussian matrix, signs fixed by R's diagonal.
+    """
+    if kind == "hadamard":
+        return had.hadamard_matrix(size, dtype=torch.float64)
+    if kind == "random_hadamard":
+        return had.random_hadamard_matrix(size, seed, dtype=torch.float64)
+    if kind == "random_orthogonal":
+        g = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))[None, :]
+    raise ValueError(f"unknown rotation kind {kind!r}: allowed {', '.join(ROTATION_KINDS)}")

@@ -1,0 +1,101 @@
+"""report.json / report.md for a run, and the facts about the environment that go in them."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core.serialization import write_json_atomic
+
+
+def environment() -> dict:
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from importlib.metadata import version
+
+        env["archquant"] = version("archquant")
+    except Exception:  # running from a source tree without an install
+        env["archquant"] = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (the FP model's in-memory/on-disk size)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def _rel(q, fp) -> str:
+    if not isinstance(q, (int, float)) or not isinstance(fp, (int, float)) or fp == 0:
+        return "–"
+    return f"{100.0 * (q - fp) / abs(fp):+.2f}%"
+
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def render_markdown(report: dict) -> str:
+    fp, q = report["metrics"]["fp"], report["metrics"]["quantized"]
+    names = list(fp)
+    lines = [
+        f"# archquant report: {report['family']} / {report['method']['name']}",
+        "",
+        f"- model: {report['model']['path'] or '(built-in default)'}",
+        f"- calibration: {report['data']['calibration']} ({report['data']['calibration_items']} items); "
+        f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items), disjoint",
+        "",
+        "| model | " + " | ".join(names) + " | size | calibration+quantize time |",
+        "|---|" + "---|" * len(names) + "---|---|",
+        "| FP | " + " | ".join(_fmt(fp[n]) for n in names) + f" | {_mb(report['model']['fp_bytes'])} | – |",
+    ]
+    qtime = next((v for k, v in report["timings"].items() if k.startswith("quantize")), None)
+    ckpt = report.get("checkpoint") or {}
+    lines.append(f"| {report['method']['name']} | " + " | ".join(f"{_fmt(q[n])} ({_rel(q[n], fp[n])})" for n in names)
+                 + f" | {_mb(ckpt.get('bytes'))} | {_fmt(qtime)} s |")
+    lines.append("")
+    if report.get("reload") is not None:
+        ok = "identical" if report["reload"]["identical"] else "DIFFERENT"
+        lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded: metrics {ok}.")
+    lines.append("Stage timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()
+                                                    if not isinstance(v, dict)))
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "report.json", report)
+    md = out_dir / "report.md"
+    tmp = md.with_name(".report.md.tmp")
+    tmp.write_text(render_markdown(report))
+    tmp.replace(md)
