@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,3 +303,15 @@ def test_module_docs_mention_conventions():
     doc = hd.__doc__
     assert "kron(H_K, H_P)" in doc and "i = a * P + b" in doc
     assert math.isclose(hadamard_matrix(12)[0, 0].item() ** 2 * 12, 1.0, rel_tol=1e-6)
+
+
+def test_edge_cases():
+    x = torch.randn(3, 1)
+    y = apply_hadamard(x, normalized=False)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    with pytest.raises(ValueError):
+        apply_hadamard(torch.tensor(1.0))
+    with pytest.raises(ValueError):
+        hadamard_matrix(12, dtype=torch.int8)  # normalised int8 would be all zeros
+    assert factor_size(np.int64(1536)) == (12, 128)
+    assert not is_supported(12.0) and not is_supported(True)

@@ -347,7 +347,7 @@ def hadamard_info(n: int) -> dict:
     """JSON-serialisable description of H_n, e.g. for storing next to a checkpoint."""
     k, pow2 = factor_size(n)
     info = {
-        "n": n,
+        "n": k * pow2,
         "K": k,
         "pow2": pow2,
         "construction": _construction_name(k),
@@ -408,6 +408,8 @@ def hadamard_matrix(
     the result is identical to building in float64 and converting.  Always a
     fresh tensor.
     """
+    if normalized and not dtype.is_floating_point:
+        raise ValueError(f"normalized Hadamard matrix needs a floating dtype, got {dtype}")
     out = _fresh_signs(n, dtype, device)
     if normalized:
         # Round the scale once in float64 -> dtype; ±1 * scale is then exact.
@@ -417,7 +419,12 @@ def hadamard_matrix(
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
-    """Deterministic ±1 float32 vector of length n (CPU) from a seeded torch.Generator."""
+    """Deterministic ±1 float32 vector of length n (CPU) from a seeded torch.Generator.
+
+    s[i] = 2 * randint(0, 2) - 1 drawn from torch's CPU generator seeded with
+    ``seed``; the values for a given (n, seed) are pinned by a test, because saved
+    rotations are reproduced from their seed.
+    """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64)
@@ -485,9 +492,11 @@ def apply_hadamard(
     x.shape[-1] and must equal it if given.  Half/bfloat16 inputs are computed in
     float32 and returned in x.dtype.
     """
+    if x.dim() == 0:
+        raise ValueError("apply_hadamard needs a tensor with at least one dimension")
     if n is None:
         n = x.shape[-1]
-    if x.dim() == 0 or x.shape[-1] != n:
+    if x.shape[-1] != n:
         raise ValueError(f"apply_hadamard: last dimension of x {tuple(x.shape)} must be {n}")
     k, p = factor_size(n)
     work = _compute_dtype(x)
@@ -505,7 +514,9 @@ def apply_hadamard(
     y = y.reshape(x.shape)
     if normalized:
         y = y * (1.0 / math.sqrt(n))
-    return y.to(x.dtype)
+    out = y.to(x.dtype)
+    # n == 1 with normalized=False is the identity: never hand back x itself.
+    return out.clone() if out.data_ptr() == x.data_ptr() else out
 
 
 def apply_block_hadamard(x: torch.Tensor, block: int, *, transpose: bool = False) -> torch.Tensor:
