@@ -45,13 +45,13 @@ def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_d
     The family adapter is found from the model's type unless ``family`` or an explicit
     ``structure`` is given; ``forward_fn(model, batch)`` defaults to the adapter's.
     """
-    adapter = None
-    if structure is None or not isinstance(recipe, Recipe) or forward_fn is None:
-        try:
-            adapter = _adapter(model, family)
-        except ValueError:
-            if structure is None or not isinstance(recipe, Recipe):
-                raise
+    try:
+        adapter = _adapter(model, family)
+    except ValueError:
+        # an explicit structure + Recipe object works for any model, adapter or not
+        if family is not None or structure is None or not isinstance(recipe, Recipe):
+            raise
+        adapter = None
     recipe = resolve_recipe(recipe, adapter) if adapter is not None else recipe
     structure = structure or adapter.structure(model)
     forward_fn = forward_fn or (adapter.forward if adapter is not None else None)

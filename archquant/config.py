@@ -163,6 +163,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown config key 'model.options.{unknown[0]}' for family {cfg.family!r}: "
                           f"allowed keys are {', '.join(sorted(adapter.model_options))}")
+    for key, value in cfg.model.options.items():
+        default = adapter.model_options[key]
+        if default is not None:
+            cfg.model.options[key] = _check_type(f"model.options.{key}", value, type(default))
     for section in ("calibration", "evaluation"):
         data: DataSection = getattr(cfg, section)
         _allowed(f"{section}.source", data.source, adapter.data_sources)

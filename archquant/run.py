@@ -53,12 +53,13 @@ def run(cfg: RunConfig, log=print) -> dict:
     adapter = get_adapter(cfg.family)
     timer = Timer()
     out = Path(cfg.output_dir)
+    cfg_dict = to_dict(cfg)
 
     with timer.stage("load model", log):
         model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
     with timer.stage("load data", log):
-        calib = adapter.load_data(to_dict(cfg)["calibration"], "calibration", model_config)
-        evaluation = adapter.load_data(to_dict(cfg)["evaluation"], "evaluation", model_config)
+        calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
+        evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
         check_disjoint(calib, evaluation)
     recipe = resolve_recipe(cfg.recipe, adapter)
     with timer.stage("evaluate FP", log):
@@ -78,7 +79,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         with timer.stage("save", log):
             checkpoint_dir = save_checkpoint(qmodel, out / "checkpoint", family=adapter.name,
                                              model_config=model_config, recipe=recipe.to_dict(),
-                                             metadata={"config": to_dict(cfg)})
+                                             metadata={"config": cfg_dict})
             ckpt_bytes = sum(f.stat().st_size for f in checkpoint_dir.iterdir())
         if cfg.verify_reload:
             with timer.stage("verify reload", log):
@@ -86,7 +87,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 reload = {"metrics": reloaded_metrics, "identical": reloaded_metrics == q_metrics}
 
     report = {
-        "config": to_dict(cfg),
+        "config": cfg_dict,
         "family": adapter.name,
         "model": {"path": cfg.model.path, "config": model_config, "fp_bytes": fp_size},
         "method": recipe.to_dict(),
