@@ -44,6 +44,8 @@ class DataSection:
     seq_len: int = 256
     shuffle: bool = True
     seed: int = 0
+    #: evaluation only: examples of the last-token (LAMBADA-style) task, 0 to skip it
+    task_examples: int = 256
 
 
 @dataclass
@@ -53,6 +55,8 @@ class RunConfig:
     recipe: RecipeOptions = field(default_factory=RecipeOptions)
     calibration: DataSection = field(default_factory=lambda: DataSection(split="calibration"))
     evaluation: DataSection = field(default_factory=lambda: DataSection(split="evaluation", num_samples=1024))
+    #: more recipe presets run on the same model and data and reported side by side (not saved)
+    compare: list = field(default_factory=list)
     output_dir: str = "outputs/run"
     save: bool = True
     #: reload the saved checkpoint and check that it reproduces the quantized metrics
@@ -99,6 +103,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of names, got {value!r}")
         return value
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
@@ -159,6 +167,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     adapter = get_adapter(cfg.family)
     _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))
+    for name in cfg.compare:
+        _allowed("compare", name, sorted(adapter.recipes()))
     unknown = [k for k in cfg.model.options if k not in adapter.model_options]
     if unknown:
         raise ConfigError(f"unknown config key 'model.options.{unknown[0]}' for family {cfg.family!r}: "

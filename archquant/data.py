@@ -17,6 +17,8 @@ class DataSplit:
     description: str
     batches: list[Any]
     item_ids: frozenset[Hashable] = field(default_factory=frozenset)
+    #: anything else an adapter's evaluation needs (e.g. a last-token task built from the split)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -74,14 +74,19 @@ def render_markdown(report: dict) -> str:
         f"- calibration: {report['data']['calibration']} ({report['data']['calibration_items']} items); "
         f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items), disjoint",
         "",
-        "| model | " + " | ".join(names) + " | size | calibration+quantize time |",
+        "| model | " + " | ".join(names) + " | size on disk | calibration+quantize time |",
         "|---|" + "---|" * len(names) + "---|---|",
         "| FP | " + " | ".join(_fmt(fp[n]) for n in names) + f" | {_mb(report['model']['fp_bytes'])} | – |",
     ]
-    qtime = next((v for k, v in report["timings"].items() if k.startswith("quantize")), None)
+    def row(label: str, metrics: dict, size, seconds) -> str:
+        return (f"| {label} | " + " | ".join(f"{_fmt(metrics[n])} ({_rel(metrics[n], fp[n])})" for n in names)
+                + f" | {size} | {_fmt(seconds)} s |")
+
+    for name, c in (report.get("compare") or {}).items():
+        lines.append(row(name, c["metrics"], f"{_mb(c['bytes'])} (in memory)", c["seconds"]))
     ckpt = report.get("checkpoint") or {}
-    lines.append(f"| {report['method']['name']} | " + " | ".join(f"{_fmt(q[n])} ({_rel(q[n], fp[n])})" for n in names)
-                 + f" | {_mb(ckpt.get('bytes'))} | {_fmt(qtime)} s |")
+    qname = report["method"]["name"]
+    lines.append(row(f"**{qname}**", q, _mb(ckpt.get("bytes")), report["timings"].get(f"quantize ({qname})")))
     lines.append("")
     if report.get("reload") is not None:
         ok = "identical" if report["reload"]["identical"] else "DIFFERENT"

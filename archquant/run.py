@@ -9,6 +9,7 @@ the family adapters.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from .adapters import get_adapter
 from .api import load_quantized, resolve_recipe
 from .config import ConfigError, RunConfig, load_config, to_dict
 from .core.calibration import NonFiniteActivationError
-from .core.recipe import apply_recipe
+from .core.recipe import Recipe, apply_recipe
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
 from .report import environment, model_size_bytes, write_reports
@@ -66,19 +67,30 @@ def run(cfg: RunConfig, log=print) -> dict:
         fp_metrics = adapter.evaluate(model, evaluation)
     fp_size = model_size_bytes(model)
 
-    qmodel = copy.deepcopy(model)
-    with timer.stage(f"quantize ({recipe.name})", log):
-        step_times = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
-                                  forward_fn=adapter.forward, progress=cfg.progress)
+    def quantize(recipe: Recipe):
+        qmodel = copy.deepcopy(model)
+        with timer.stage(f"quantize ({recipe.name})", log):
+            steps = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
+                                 forward_fn=adapter.forward, progress=cfg.progress)
+        with timer.stage(f"evaluate {recipe.name}", log):
+            metrics = adapter.evaluate(qmodel, evaluation)
+        return qmodel, metrics, steps
+
+    compared = {}
+    for name in cfg.compare:  # baselines first, so the saved model is the last one in memory
+        other = resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter)
+        cmodel, cmetrics, _ = quantize(other)
+        compared[name] = {"metrics": cmetrics, "bytes": model_size_bytes(cmodel), "method": other.to_dict(),
+                          "seconds": timer.times[f"quantize ({name})"]}
+        del cmodel
+    qmodel, q_metrics, step_times = quantize(recipe)
     del model
-    with timer.stage("evaluate quantized", log):
-        q_metrics = adapter.evaluate(qmodel, evaluation)
 
     checkpoint_dir, ckpt_bytes, reload = None, None, None
     if cfg.save:
         with timer.stage("save", log):
             checkpoint_dir = save_checkpoint(qmodel, out / "checkpoint", family=adapter.name,
-                                             model_config=model_config, recipe=recipe.to_dict(),
+                                             model_config=adapter.model_config(qmodel), recipe=recipe.to_dict(),
                                              metadata={"config": cfg_dict})
             ckpt_bytes = sum(f.stat().st_size for f in checkpoint_dir.iterdir())
         if cfg.verify_reload:
@@ -94,6 +106,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         "data": {"calibration": calib.description, "calibration_items": len(calib.item_ids),
                  "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids)},
         "metrics": {"fp": fp_metrics, "quantized": q_metrics},
+        "compare": compared,
         "headline_metric": next(iter(adapter.metrics), None),
         "lower_is_better": adapter.metrics,
         "checkpoint": None if checkpoint_dir is None else {"path": str(checkpoint_dir), "bytes": ckpt_bytes},

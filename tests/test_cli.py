@@ -40,7 +40,7 @@ def test_end_to_end_run_writes_reports_and_a_reloadable_checkpoint(config, tmp_p
     assert {"load model", "evaluate FP", "save"} <= set(report["timings"])
     assert report["environment"]["torch"] == torch.__version__
     md = (out_dir / "report.md").read_text()
-    assert "| FP |" in md and "| hadamard_static |" in md and md in out
+    assert "| FP |" in md and "| **hadamard_static** |" in md and md in out
     model = aq.load_quantized(out_dir / "checkpoint")
     assert sorted(p.name for p in (out_dir / "checkpoint").iterdir()) == ["model.safetensors", "quantization_config.json"]
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left

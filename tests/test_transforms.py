@@ -31,11 +31,14 @@ def test_rotate_linear_input_and_output_are_exact():
 
 
 def test_rotation_kinds_are_orthogonal_and_unknown_kind_is_refused():
+    x = torch.randn(200, 40, dtype=torch.float64)
     for kind in T.ROTATION_KINDS:
-        q = T.rotation_matrix(kind, 40, seed=5)
+        q = T.rotation_matrix(kind, 40, seed=5, covariance=torch.cov(x.T))
         assert torch.allclose(q @ q.T, torch.eye(40, dtype=torch.float64), atol=1e-10)
     with pytest.raises(ValueError, match="unknown rotation kind 'givens'"):
         T.rotation_matrix("givens", 8)
+    with pytest.raises(ValueError, match="needs the covariance"):
+        T.rotation_matrix("klt_hadamard", 8)
 
 
 def test_fold_norm_into_linears_keeps_function():
@@ -103,7 +106,7 @@ def test_fused_rotations_keep_toy_model_exact(toy_model, toy_batches, rotation):
     ref = copy.deepcopy(toy_model)
     x = torch.cat(toy_batches)
     recipe = Recipe("fp_transforms", [SmoothQuant(alpha=0.5), RotateResidual(rotation=rotation, seed=1),
-                                      OnlineHadamard(seed=2)])
+                                      OnlineHadamard(seed=2, klt=rotation == "klt_hadamard")])
     apply_recipe(toy_model, recipe, adapter.structure(toy_model), calib_batches=toy_batches, progress=False)
     with torch.no_grad():
         err = rel_err(toy_model(x), ref(x))

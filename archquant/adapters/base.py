@@ -29,6 +29,11 @@ class FamilyAdapter(ABC):
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
         """Load (or build) the FP model; returns it with a JSON-able config that ``build_model`` accepts."""
 
+    def model_config(self, model: nn.Module) -> dict:
+        """The config ``build_model`` needs to rebuild ``model``'s skeleton (asked again at save time,
+        since a recipe can change it, e.g. untie an embedding from the head)."""
+        return model.config.to_dict()
+
     @abstractmethod
     def build_model(self, model_config: dict) -> nn.Module:
         """An FP model skeleton from ``model_config`` (its weights are overwritten when loading a checkpoint)."""

@@ -21,7 +21,7 @@ from torch import nn
 from . import formats
 from .formats import QuantSpec
 from .observers import build_observer
-from .transforms import OnlineTransform, build_online_transform
+from .transforms import HadamardTransform, MatrixTransform, OnlineTransform, build_online_transform
 
 
 class _ParamBuffers(nn.Module):
@@ -87,7 +87,7 @@ class ActQuantizer(nn.Module):
 
     def freeze(self) -> None:
         """Fix the static parameters from what the observer saw, then quantize from now on."""
-        if not self.dynamic:
+        if not self.dynamic and self.observer is not None:  # a second freeze keeps the first scales
             self.params.set(self.observer.params())
             self.observer = None
         self.mode = "quantize"
@@ -306,11 +306,51 @@ class QuantMatmul(nn.Module):
         return cls(_act_from_config(config.get("a_quantizer")), _act_from_config(config.get("b_quantizer")))
 
 
+class ActSite(nn.Module):
+    """A named point inside a model where an activation can be quantized (identity until filled).
+
+    Model code puts these where no Linear/Conv input or output is the right place, e.g.
+    Mamba's SSM input u, which feeds both x_proj and the scan and must be quantized once.
+    """
+
+    def __init__(self, quantizer: ActQuantizer | None = None) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _maybe(self.quantizer, x)
+
+    def freeze(self) -> None:
+        pass
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantizer is not None
+
+    def to_config(self) -> dict:
+        return {"type": "ActSite", "quantizer": None if self.quantizer is None else self.quantizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "ActSite":
+        return cls(_act_from_config(config.get("quantizer")))
+
+
 def _act_from_config(config: dict | None) -> ActQuantizer | None:
     return None if config is None else ActQuantizer.from_config(config)
 
 
-QUANT_MODULES = {"QuantLinear": QuantLinear, "QuantConv1d": QuantConv1d, "QuantMatmul": QuantMatmul}
+#: module types a checkpoint can name; model code may add its own (``register_module_type``)
+QUANT_MODULES: dict[str, type] = {"QuantLinear": QuantLinear, "QuantConv1d": QuantConv1d,
+                                  "QuantMatmul": QuantMatmul, "ActSite": ActSite,
+                                  # online transforms placed on their own (e.g. a state-dimension rotation)
+                                  # (keyed by their config "type")
+                                  "hadamard": HadamardTransform, "matrix": MatrixTransform}
+
+
+def register_module_type(cls: type) -> type:
+    """Let checkpoints rebuild ``cls`` (it needs ``to_config`` and ``from_config(config, dtype)``)."""
+    QUANT_MODULES[cls.__name__] = cls
+    return cls
 
 
 def module_from_config(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -326,9 +366,9 @@ def act_quantizers(model: nn.Module):
 
 
 def set_act_mode(model: nn.Module, mode: str) -> None:
-    """Switch every *static* activation quantizer to ``mode`` (dynamic ones always quantize)."""
+    """Switch every static, not yet frozen activation quantizer to ``mode``."""
     for _, q in act_quantizers(model):
-        if not q.dynamic:
+        if not q.dynamic and q.observer is not None:  # frozen quantizers keep quantizing
             q.mode = mode
 
 

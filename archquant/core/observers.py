@@ -31,6 +31,7 @@ __all__ = [
     "PercentileObserver",
     "MSEObserver",
     "ChannelAbsMaxObserver",
+    "GroupedMinMaxObserver",
     "OBSERVERS",
     "build_observer",
 ]
@@ -144,6 +145,34 @@ class MinMaxObserver(Observer):
 
     def _range(self) -> tuple[Tensor, Tensor]:
         return self._shape.restore(self._lo), self._shape.restore(self._hi)
+
+
+class GroupedMinMaxObserver(MinMaxObserver):
+    """Per-channel min/max, then shared by the channels of each group (Quamba2's grouped scales).
+
+    ``groups[c]`` is the group id of channel c (last axis). Every channel reports its group's
+    range, so the per-channel scale vector holds one value per group: what a kernel with
+    sorted, contiguous groups would use, without having to reorder the weights.
+    """
+
+    def __init__(self, spec: QuantSpec, groups: list[int] | None = None):
+        if groups is None or len(groups) == 0:
+            raise ValueError("observer 'grouped_minmax' needs groups=[group id per channel]")
+        self.groups = torch.as_tensor(list(groups), dtype=torch.long)
+        if spec.granularity != "channel" or spec.axis not in (-1,):
+            raise ValueError("observer 'grouped_minmax' needs a per-channel spec on the last axis (axis=-1)")
+        super().__init__(spec)
+
+    def _range(self) -> tuple[Tensor, Tensor]:
+        lo, hi = super()._range()
+        shape = lo.shape
+        lo, hi = lo.reshape(-1), hi.reshape(-1)
+        if lo.numel() != self.groups.numel():
+            raise ValueError(f"grouped_minmax: {self.groups.numel()} group ids for {lo.numel()} channels")
+        n = int(self.groups.max()) + 1
+        g_lo = torch.full((n,), float("inf")).scatter_reduce(0, self.groups, lo, "amin")
+        g_hi = torch.full((n,), float("-inf")).scatter_reduce(0, self.groups, hi, "amax")
+        return g_lo[self.groups].reshape(shape), g_hi[self.groups].reshape(shape)
 
 
 # --------------------------------------------------------------------------- percentile
@@ -424,6 +453,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "percentile": PercentileObserver,
     "mse": MSEObserver,
     "channel_absmax": ChannelAbsMaxObserver,
+    "grouped_minmax": GroupedMinMaxObserver,
 }
 
 

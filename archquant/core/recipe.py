@@ -7,6 +7,7 @@ them in order against the structure that a family adapter declared. Steps that n
 """
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Iterable
@@ -17,7 +18,8 @@ from torch import nn
 from . import transforms as T
 from .calibration import ForwardFn, calibrate, collect_stats
 from .formats import QuantSpec
-from .modules import QUANT_MODULES, ActQuantizer, QuantLinear, freeze_model
+from .modules import (QUANT_MODULES, ActQuantizer, ActSite, QuantConv1d, QuantLinear, act_quantizers,
+                      freeze_model)
 from .observers import ChannelAbsMaxObserver
 from .structure import ModelStructure
 
@@ -127,13 +129,20 @@ class RotateResidual(Step):
         s = ctx.structure
         if s.norm_kind != "rms":
             raise ValueError(f"residual rotation needs RMSNorm-style norms, model has norm_kind={s.norm_kind!r}")
-        q = T.rotation_matrix(self.rotation, s.hidden_size, self.seed)
         touched = [get_submodule(model, n) for n in s.embeddings + s.residual_writers]
         touched += [get_submodule(model, n) for g in s.residual_readers for n in g.linears]
         _untie(touched)
         for g in s.residual_readers:
             if g.norm is not None:
                 T.fold_norm_into_linears(get_submodule(model, g.norm), [get_submodule(model, n) for n in g.linears])
+        cov = None
+        if self.rotation in T.DATA_DEPENDENT_ROTATIONS:
+            # MambaQuant: one K for the whole stream, from the first reader's (normalised) input
+            first = s.residual_readers[0].linears[0]
+            cov = collect_stats(model, ctx.batches(self.kind), {first: T.RunningCovariance()},
+                                forward_fn=ctx.forward_fn, desc="residual covariance",
+                                progress=ctx.progress)[first].covariance()
+        q = T.rotation_matrix(self.rotation, s.hidden_size, self.seed, covariance=cov)
         for name in s.embeddings:
             emb = get_submodule(model, name)
             if isinstance(emb, nn.Embedding):
@@ -160,25 +169,77 @@ class OnlineHadamard(Step):
     kind: ClassVar[str] = "online_hadamard"
     sites: list[str] | None = None
     seed: int | None = None
+    #: MambaQuant R2: T = K·H with K the KLT of each site's input covariance (a dense online matrix)
+    klt: bool = False
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
-        for name in self.sites if self.sites is not None else ctx.structure.online_rotation_sites:
+        sites = self.sites if self.sites is not None else ctx.structure.online_rotation_sites
+        linears = {}
+        for name in sites:
             lin = get_submodule(model, name)
             if not isinstance(lin, nn.Linear):
-                raise TypeError(f"online Hadamard site {name!r} is a {type(lin).__name__}, expected nn.Linear")
-            transform = T.HadamardTransform(lin.in_features, seed=self.seed)
+                raise TypeError(f"online rotation site {name!r} is a {type(lin).__name__}, expected nn.Linear")
+            linears[name] = lin
+        covs = {}
+        if self.klt:
+            covs = collect_stats(model, ctx.batches(self.kind), {n: T.RunningCovariance() for n in linears},
+                                 forward_fn=ctx.forward_fn, desc="site covariances", progress=ctx.progress)
+        for name, lin in linears.items():
+            if self.klt:
+                matrix = T.rotation_matrix("klt_hadamard", lin.in_features, self.seed or 0,
+                                           covariance=covs[name].covariance())
+                transform = T.MatrixTransform(matrix, name="klt_hadamard")
+            else:
+                transform = T.HadamardTransform(lin.in_features, seed=self.seed)
             T.rotate_linear_input(lin, transform.matrix())
             set_submodule(model, name, QuantLinear.from_float(lin, input_transform=transform))
 
 
 @register_step
 @dataclass
+class RotatePairs(Step):
+    """Rotate the tensor between each producer → consumer pair of the structure, offline.
+
+    The producer's output rows get Qᵀ, the consumer's input gets Q (MambaQuant's R5 on the dt
+    path). ``klt_hadamard`` takes K from the consumer's input covariance.
+    """
+
+    kind: ClassVar[str] = "rotate_pairs"
+    rotation: str = "random_hadamard"
+    seed: int = 0
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        pairs = ctx.structure.linear_pairs
+        covs = {}
+        if self.rotation in T.DATA_DEPENDENT_ROTATIONS:
+            covs = collect_stats(model, ctx.batches(self.kind), {p.consumer: T.RunningCovariance() for p in pairs},
+                                 forward_fn=ctx.forward_fn, desc="pair covariances", progress=ctx.progress)
+        for p in pairs:
+            producer, consumer = get_submodule(model, p.producer), get_submodule(model, p.consumer)
+            rows = p.rows or (0, producer.out_features)
+            cov = covs[p.consumer].covariance() if covs else None
+            q = T.rotation_matrix(self.rotation, rows[1] - rows[0], self.seed, covariance=cov)
+            T.rotate_linear_output_rows(producer, q, rows)
+            T.rotate_linear_input(consumer, q)
+
+
+@register_step
+@dataclass
 class Quantize(Step):
-    """Wrap Linears into fake-quant ``QuantLinear``s, calibrate static activations, freeze.
+    """Wrap Linears / depthwise Conv1d into fake-quant modules, add activation quantizers,
+    calibrate the static ones, freeze.
 
     weight / activation: the specs (None leaves that side in FP). ``dynamic`` activations get
-    their scales per call (e.g. per-token); static ones are calibrated with ``act_observer``.
-    ``targets`` defaults to the adapter's ``quantize`` list; ``ignore`` adds names to skip.
+    their parameters per call (e.g. per token); static ones are calibrated with
+    ``act_observer``. ``conv_weight`` is the Conv1d weight spec (default: ``weight`` when its
+    granularity suits a (C, 1, K) kernel, per-channel otherwise).
+
+    Activation quantizers go where the adapter's structure says: the inputs of
+    ``act_inputs`` (default: every target), the outputs of ``act_outputs``, and the
+    ``act_sites``. Each has a site name — ``"<module>:input"``, ``"<module>:output"`` or the
+    ActSite's module name — and ``overrides`` maps fnmatch patterns over site names to
+    ``{"observer": ..., "observer_kwargs": {...}, "activation": {spec dict}, "dynamic": bool}``
+    (e.g. Quamba's percentile observer at ``"*.u_site"``). The last matching pattern wins.
     """
 
     kind: ClassVar[str] = "quantize"
@@ -189,38 +250,76 @@ class Quantize(Step):
     act_observer_kwargs: dict = field(default_factory=dict)
     weight_observer: str = "minmax"
     weight_observer_kwargs: dict = field(default_factory=dict)
+    conv_weight: QuantSpec | None = None
+    overrides: dict = field(default_factory=dict)
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
-    def _act(self) -> ActQuantizer | None:
-        if self.activation is None:
+    def _act(self, site: str) -> ActQuantizer | None:
+        cfg = {"observer": self.act_observer, "observer_kwargs": dict(self.act_observer_kwargs),
+               "activation": self.activation, "dynamic": self.dynamic}
+        for pattern, over in self.overrides.items():
+            if fnmatch.fnmatchcase(site, pattern):
+                cfg.update(over)
+        spec = cfg["activation"]
+        if spec is None:
             return None
-        return ActQuantizer(self.activation, dynamic=self.dynamic, observer=self.act_observer,
-                            observer_kwargs=self.act_observer_kwargs)
+        if isinstance(spec, dict):
+            spec = QuantSpec.from_dict(spec)
+        return ActQuantizer(spec, dynamic=cfg["dynamic"], observer=cfg["observer"],
+                            observer_kwargs=cfg["observer_kwargs"])
 
-    def apply(self, model: nn.Module, ctx: Context) -> None:
-        skip = set(ctx.structure.skip) | set(self.ignore)
-        names = self.targets if self.targets is not None else ctx.structure.quantize
-        for name in names:
-            if name in skip:
-                continue
-            mod = get_submodule(model, name)
-            if isinstance(mod, QuantLinear):  # already wrapped (e.g. by OnlineHadamard): keep its transform
+    def _conv_spec(self) -> QuantSpec | None:
+        if self.conv_weight is not None or self.weight is None:
+            return self.conv_weight
+        if self.weight.granularity in ("tensor", "channel") and self.weight.axis == 0:
+            return self.weight
+        return QuantSpec(format=self.weight.format, bits=self.weight.bits, symmetric=self.weight.symmetric,
+                         granularity="channel", axis=0)
+
+    def _wrap(self, model: nn.Module, name: str, weight: bool) -> nn.Module:
+        """The quantized wrapper at ``name`` (wrapping the FP module first if needed)."""
+        mod = get_submodule(model, name)
+        if isinstance(mod, (QuantLinear, QuantConv1d)):
+            if weight and isinstance(mod, QuantLinear) and not mod.frozen:
                 mod.weight_spec = None if self.weight is None else self.weight.validate()
                 mod.weight_observer, mod.weight_observer_kwargs = self.weight_observer, dict(self.weight_observer_kwargs)
-                mod.input_quantizer = self._act()
-            elif isinstance(mod, nn.Linear):
-                set_submodule(model, name, QuantLinear.from_float(
-                    mod, weight_spec=self.weight, input_quantizer=self._act(),
-                    weight_observer=self.weight_observer, weight_observer_kwargs=self.weight_observer_kwargs))
-            else:
-                raise TypeError(f"cannot quantize {name!r}: {type(mod).__name__} is not an nn.Linear")
+            return mod
+        kw = dict(weight_observer=self.weight_observer, weight_observer_kwargs=self.weight_observer_kwargs)
+        if isinstance(mod, nn.Linear):
+            wrapped = QuantLinear.from_float(mod, weight_spec=self.weight if weight else None, **kw)
+        elif isinstance(mod, nn.Conv1d):
+            wrapped = QuantConv1d(mod, weight_spec=self._conv_spec() if weight else None, **kw)
+        else:
+            raise TypeError(f"cannot quantize {name!r}: {type(mod).__name__} is not an nn.Linear or nn.Conv1d")
+        set_submodule(model, name, wrapped)
+        return wrapped
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        s = ctx.structure
+        skip = set(s.skip) | set(self.ignore)
+        targets = [n for n in (self.targets if self.targets is not None else s.quantize) if n not in skip]
+        for name in targets:
+            self._wrap(model, name, weight=True)
+        if self.activation is not None or self.overrides:
+            inputs = targets if s.act_inputs is None else [n for n in s.act_inputs if n not in skip]
+            for name in inputs:
+                self._wrap(model, name, weight=False).input_quantizer = self._act(f"{name}:input")
+            for name in s.act_outputs:
+                if name not in skip:
+                    self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
+            for name in s.act_sites:
+                site = get_submodule(model, name)
+                if not isinstance(site, ActSite):
+                    raise TypeError(f"activation site {name!r} is a {type(site).__name__}, expected ActSite")
+                site.quantizer = self._act(name)
         # Weights are quantized once, before activation calibration: observers then see the
         # activations the deployed model produces, and no weight is re-quantized per batch.
         for mod in quantized_modules(model).values():
             if hasattr(mod, "freeze_weight"):
                 mod.freeze_weight()
-        if self.activation is not None and not self.dynamic:
+        static = any(not q.dynamic for _, q in act_quantizers(model) if q.mode != "quantize")
+        if static:
             calibrate(model, ctx.batches(self.kind), forward_fn=ctx.forward_fn, progress=ctx.progress)
         else:
             freeze_model(model)
@@ -245,7 +344,7 @@ class Recipe:
             if kind not in STEPS:
                 raise ValueError(f"unknown recipe step {kind!r}: allowed {', '.join(STEPS)}")
             step_cls = STEPS[kind]
-            for key in ("weight", "activation"):
+            for key in ("weight", "activation", "conv_weight"):
                 if isinstance(sd.get(key), dict):
                     sd[key] = QuantSpec.from_dict(sd[key])
             steps.append(step_cls(**sd))
@@ -268,8 +367,13 @@ def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """name → quantized wrapper, the modules a checkpoint must describe."""
     types = tuple(QUANT_MODULES.values())
-    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    found: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():  # parents come before their children
+        if isinstance(m, types) and getattr(m, "is_quantized", True):
+            if not any(n.startswith(p + ".") for p in found):  # a wrapper rebuilds its own children
+                found[n] = m
+    return found
 
 
-__all__ = ["Recipe", "Step", "SmoothQuant", "RotateResidual", "OnlineHadamard", "Quantize", "apply_recipe",
+__all__ = ["Recipe", "Step", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "apply_recipe",
            "register_step", "STEPS", "Context", "quantized_modules"]

@@ -23,6 +23,17 @@ class LinearGroup:
 
 
 @dataclass
+class LinearPair:
+    """A producer Linear whose output rows ``rows`` (all when None) are exactly the input of
+    ``consumer``: a rotation or scaling between them fuses into both, offline.
+    (Mamba: x_proj's dt rows → dt_proj.)"""
+
+    producer: str
+    consumer: str
+    rows: tuple[int, int] | None = None
+
+
+@dataclass
 class ModelStructure:
     """The fusion sites of one model instance.
 
@@ -33,8 +44,13 @@ class ModelStructure:
     norm_kind: "rms" (rotation commutes with the normaliser once γ is folded) or "layer".
     online_rotation_sites: Linears whose input can take an online Hadamard whose inverse is
         fused into their weight (Mamba's out_proj, an MLP's down projection).
-    quantize: Linears (and convs) that a quantization recipe wraps by default.
+    quantize: Linears (and depthwise Conv1d) that a quantization recipe wraps by default.
     skip: names never quantized (e.g. the LM head).
+    act_inputs: modules whose *input* gets an activation quantizer; None = every ``quantize``
+        target (a family lists only the inputs not already quantized upstream).
+    act_outputs: modules whose *output* gets an activation quantizer.
+    act_sites: ``ActSite`` points inside the model code that get an activation quantizer.
+    linear_pairs: producer → consumer Linears with nothing non-linear in between.
     """
 
     hidden_size: int
@@ -45,6 +61,10 @@ class ModelStructure:
     online_rotation_sites: list[str] = field(default_factory=list)
     quantize: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
+    act_inputs: list[str] | None = None
+    act_outputs: list[str] = field(default_factory=list)
+    act_sites: list[str] = field(default_factory=list)
+    linear_pairs: list[LinearPair] = field(default_factory=list)
 
     def smoothing_groups(self) -> list[LinearGroup]:
         """Groups where a smoothing scale can hide in a norm's weight."""

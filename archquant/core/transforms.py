@@ -43,6 +43,17 @@ def rotate_linear_output(linear: nn.Linear, q: torch.Tensor) -> None:
         _assign(linear.bias, linear.bias.detach().double() @ q)
 
 
+def rotate_linear_output_rows(linear: nn.Linear, q: torch.Tensor, rows: tuple[int, int]) -> None:
+    """Rotate only output rows ``rows`` = (start, stop) of ``linear`` (a slice feeding one consumer)."""
+    a, b = rows
+    w = linear.weight.detach().double()
+    q = q.to(w)
+    with torch.no_grad():
+        linear.weight[a:b] = (q.T @ w[a:b]).to(linear.weight.dtype)
+        if linear.bias is not None:
+            linear.bias[a:b] = (linear.bias.detach().double()[a:b] @ q).to(linear.bias.dtype)
+
+
 def rotate_embedding(embedding: nn.Embedding, q: torch.Tensor) -> None:
     """Make an embedding table emit rows e·Q: E ← E·Q."""
     e = embedding.weight.detach().double()
@@ -206,6 +217,10 @@ class HadamardTransform(OnlineTransform):
     def to_config(self) -> dict:
         return {"type": "hadamard", "size": self.size, "seed": self.seed, "block": self.block}
 
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "HadamardTransform":
+        return build_online_transform(config)
+
     def extra_repr(self) -> str:
         return f"size={self.size}, seed={self.seed}, block={self.block}"
 
@@ -227,6 +242,10 @@ class MatrixTransform(OnlineTransform):
     def to_config(self) -> dict:
         return {"type": "matrix", "size": int(self.weight.shape[0]), "name": self.kind}
 
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "MatrixTransform":
+        return build_online_transform(config)
+
 
 def build_online_transform(config: dict) -> OnlineTransform:
     """Rebuild an online transform from ``to_config()`` (matrix weights come from the checkpoint)."""
@@ -239,15 +258,23 @@ def build_online_transform(config: dict) -> OnlineTransform:
     raise ValueError(f"unknown online transform type {kind!r}: allowed 'hadamard', 'matrix'")
 
 
-ROTATION_KINDS = ("hadamard", "random_hadamard", "random_orthogonal")
+ROTATION_KINDS = ("hadamard", "random_hadamard", "random_orthogonal", "klt_hadamard")
+#: rotations that need the covariance of the activations they rotate
+DATA_DEPENDENT_ROTATIONS = ("klt_hadamard",)
 
 
-def rotation_matrix(kind: str, size: int, seed: int = 0) -> torch.Tensor:
+def rotation_matrix(kind: str, size: int, seed: int = 0, covariance: torch.Tensor | None = None) -> torch.Tensor:
     """An orthogonal size×size matrix (float64) for a fused rotation.
 
     ``hadamard``: the normalised H_n; ``random_hadamard``: diag(±1)·H_n from ``seed`` (QuaRot);
-    ``random_orthogonal``: Q from the QR of a seeded Gaussian matrix, signs fixed by R's diagonal.
+    ``random_orthogonal``: Q from the QR of a seeded Gaussian matrix, signs fixed by R's diagonal;
+    ``klt_hadamard``: MambaQuant's R = K·diag(±1)·H, K the KLT of ``covariance``: K decorrelates
+    into the eigenbasis, H then spreads the (now separated) variances evenly over channels.
     """
+    if kind == "klt_hadamard":
+        if covariance is None:
+            raise ValueError("rotation 'klt_hadamard' needs the covariance of the rotated activations")
+        return klt_matrix(covariance) @ had.random_hadamard_matrix(size, seed, dtype=torch.float64)
     if kind == "hadamard":
         return had.hadamard_matrix(size, dtype=torch.float64)
     if kind == "random_hadamard":

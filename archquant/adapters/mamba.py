@@ -1,0 +1,416 @@
+"""Mamba1 / Mamba2 family: structure table, Quamba / Quamba2 / MambaQuant recipes, LM data and metrics.
+
+Where the quantization points are (Quamba, ``../shared/specs/mamba.md`` §2.1), Mamba1 mixer:
+
+    norm ─▶ in_proj ─▶ x ─▶ conv1d ─▶ SiLU ─▶ u ─▶ x_proj ─▶ dt_low │ B │ C      dt_proj ─▶ dt
+           (input)    (output: x and z share a scale)   (u_site)   (output: one scale)  (output)
+    y = scan(u, dt, B, C) · SiLU(z) ─▶ [online Hadamard] ─▶ out_proj (input)
+
+so every scan input (u, dt, B, C, z) is quantized exactly once, where it is produced.
+Mamba2: in_proj (input, output) → conv+SiLU → xbc_site (x | B | C; Quamba2's grouped scales)
+→ SSD scan → gated norm → [online Hadamard] → out_proj (input).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..core import transforms as T
+from ..core.calibration import collect_stats
+from ..core.formats import QuantSpec
+from ..core.presets import RecipeOptions, act_spec, weight_spec
+from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
+                           Step, get_submodule, register_step)
+from ..core.structure import LinearGroup, LinearPair, ModelStructure
+from ..corpus import hf_documents, stdlib_documents, text_file_documents
+from ..data import DataSplit
+from ..eval import lm
+from ..models.mamba import MambaConfig, MambaLM, ScaledSiLU
+from ..models.mamba_loading import load_mamba
+from .base import FamilyAdapter, register_adapter
+
+REFERENCE_MODELS = ("mamba1-byte", "mamba2-byte")
+
+
+def reference_model_dir(name: str) -> Path:
+    """Directory of a committed reference model (``models/reference/<name>``)."""
+    from .. import models
+
+    return Path(models.__file__).resolve().parent / "reference" / name
+
+
+# ----------------------------------------------------------------------------------------
+# Mamba-specific recipe steps (weight fusions the generic core cannot know about)
+# ----------------------------------------------------------------------------------------
+
+
+class _ChannelAbsMax:
+    """Per-channel max|x| over every token of every batch."""
+
+    def __init__(self) -> None:
+        self.amax = None
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+
+
+class _OutputAbsMax(_ChannelAbsMax):
+    pass
+
+
+@register_step
+@dataclass
+class MambaQuantSmooth(Step):
+    """MambaQuant's smooth-fused scales (S7, S2, S5, S4), all absorbed into weights (exact in FP).
+
+    S7: x rows of in_proj ÷ s, conv1d taps × s (depthwise, so per channel). S2: z rows of in_proj
+    ÷ s and the gate SiLU becomes S-SiLU x·σ(s·x) = SiLU(z)/s, out_proj columns × s. S5: dt rows
+    of x_proj ÷ s, dt_proj columns × s. S4: B rows of x_proj ÷ s, C rows × s (h·C unchanged).
+    s = max|X|^α / max|W|^(1−α) for S7/S2/S5 (clamped ≥ 1e-2), s = sqrt(max|B| / max|C|) for S4.
+    Mamba1 only.
+    """
+
+    kind: ClassVar[str] = "mambaquant_smooth"
+    alpha: float = 0.5
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        mixers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Mamba1Mixer"}
+        if not mixers:
+            raise ValueError("mambaquant_smooth applies to Mamba1 mixers; this model has none")
+        stats: dict[str, Any] = {}
+        for n in mixers:
+            stats[f"{n}.in_proj"] = _OutputAbsMax()  # x | z
+            stats[f"{n}.out_proj"] = _ChannelAbsMax()  # y·SiLU(z)
+            stats[f"{n}.x_proj"] = _OutputAbsMax()  # dt_low | B | C
+        outputs = {k: v for k, v in stats.items() if isinstance(v, _OutputAbsMax)}
+        inputs = {k: v for k, v in stats.items() if not isinstance(v, _OutputAbsMax)}
+        collect_stats(model, ctx.batches(self.kind), outputs, forward_fn=ctx.forward_fn, where="output",
+                      desc="smoothing statistics", progress=ctx.progress)
+        collect_stats(model, ctx.batches(self.kind), inputs, forward_fn=ctx.forward_fn,
+                      desc="smoothing statistics", progress=ctx.progress)
+        for n, mixer in mixers.items():
+            self._smooth_mixer(mixer, stats[f"{n}.in_proj"].amax, stats[f"{n}.out_proj"].amax,
+                               stats[f"{n}.x_proj"].amax)
+
+    def _scale(self, act_amax: torch.Tensor, w_amax: torch.Tensor) -> torch.Tensor:
+        return T.smoothquant_scales(act_amax, w_amax, self.alpha, min_scale=1e-2)
+
+    def _smooth_mixer(self, m: nn.Module, xz_amax, y_amax, dbc_amax) -> None:
+        d, r, n = m.d_inner, m.dt_rank, m.state_size
+        with torch.no_grad():
+            # S7: in_proj x rows → conv1d (depthwise: channel c only sees channel c)
+            s7 = self._scale(xz_amax[:d], m.conv1d.weight.detach().abs().reshape(d, -1).amax(1))
+            m.in_proj.weight[:d] /= s7[:, None]
+            if m.in_proj.bias is not None:
+                m.in_proj.bias[:d] /= s7
+            m.conv1d.weight.mul_(s7[:, None, None])
+            # S2: gate z rows ÷ s, S-SiLU, out_proj columns × s
+            s2 = self._scale(y_amax, m.out_proj.weight.detach().abs().amax(0))
+            m.in_proj.weight[d:] /= s2[:, None]
+            if m.in_proj.bias is not None:
+                m.in_proj.bias[d:] /= s2
+            m.gate_act = ScaledSiLU(s2)
+            T.scale_linear_input(m.out_proj, s2)
+            # S5: x_proj dt rows → dt_proj
+            s5 = self._scale(dbc_amax[:r], m.dt_proj.weight.detach().abs().amax(0))
+            m.x_proj.weight[:r] /= s5[:, None]
+            T.scale_linear_input(m.dt_proj, s5)
+            # S4: balance B against C over the state dimension
+            b_amax, c_amax = dbc_amax[r:r + n], dbc_amax[r + n:]
+            s4 = torch.where((b_amax > 0) & (c_amax > 0), (b_amax / c_amax.clamp_min(1e-12)).sqrt(),
+                             torch.ones_like(b_amax))
+            m.x_proj.weight[r:r + n] /= s4[:, None]
+            m.x_proj.weight[r + n:] *= s4[:, None]
+
+
+@register_step
+@dataclass
+class StateRotation(Step):
+    """MambaQuant R4: a random Hadamard on the state dimension of the h·C readout.
+
+    C' = C·R comes out of x_proj (its C rows are rotated offline) and h is rotated online at
+    the readout, so h·C = (h·R)·(C·R) is unchanged while both matmul inputs lose outliers.
+    """
+
+    kind: ClassVar[str] = "state_rotation"
+    seed: int = 0
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        for _, m in model.named_modules():
+            if type(m).__name__ != "Mamba1Mixer":
+                continue
+            r, n = m.dt_rank, m.state_size
+            transform = T.HadamardTransform(n, seed=self.seed)
+            T.rotate_linear_output_rows(m.x_proj, transform.matrix(), (r + n, r + 2 * n))
+            m.state_rotation = transform
+
+
+@register_step
+@dataclass
+class Quamba2Quantize(Quantize):
+    """Quantize with Quamba2's grouped scales for Mamba2's x | B | C (after conv + SiLU).
+
+    x: heads are clustered into ``head_groups`` (agglomerative, Ward) by their channels' mean
+    |x|, the channels of each head group into ``channel_groups`` (k-means); one scale per
+    (SSD group × head group × channel group). B and C: one scale per SSD group each. The
+    groups are computed from the calibration data; the channels are not physically reordered
+    (the scale vector holds each channel's group scale, which is what matters numerically).
+    """
+
+    kind: ClassVar[str] = "quamba2_quantize"
+    head_groups: int = 4
+    channel_groups: int = 4
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        sites = [n for n in ctx.structure.act_sites if n.endswith("xbc_site")]
+        stats = collect_stats(model, ctx.batches(self.kind), {n: _MeanAbs() for n in sites},
+                              forward_fn=ctx.forward_fn, desc="channel statistics", progress=ctx.progress)
+        spec = QuantSpec(format=self.activation.format, bits=self.activation.bits, granularity="channel", axis=-1)
+        overrides = dict(self.overrides)
+        for name in sites:
+            mixer = get_submodule(model, name.rsplit(".", 1)[0])
+            groups = quamba2_groups(stats[name].mean(), mixer.num_heads, mixer.head_dim, mixer.n_groups,
+                                    mixer.state_size, self.head_groups, self.channel_groups)
+            overrides[name] = {"observer": "grouped_minmax", "observer_kwargs": {"groups": groups},
+                               "activation": spec.to_dict(), "dynamic": False}
+        self.overrides = overrides
+        super().apply(model, ctx)
+
+
+class _MeanAbs:
+    def __init__(self) -> None:
+        self.total, self.count = None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().abs().reshape(-1, x.shape[-1]).double()
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
+def quamba2_groups(mean_abs: torch.Tensor, num_heads: int, head_dim: int, n_groups: int, state_size: int,
+                   head_groups: int, channel_groups: int) -> list[int]:
+    """Group id per x | B | C channel (see ``Quamba2Quantize``)."""
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+
+    d = num_heads * head_dim
+    x_stat = mean_abs[:d].reshape(num_heads, head_dim).numpy()
+    ids = torch.zeros(mean_abs.numel(), dtype=torch.long)
+    heads_per_group = num_heads // n_groups
+    next_id = 0
+    for g in range(n_groups):
+        heads = list(range(g * heads_per_group, (g + 1) * heads_per_group))
+        feats = x_stat[heads]
+        feats = feats.copy()
+        feats.sort(axis=1)  # Quamba2 sorts channels inside each head before comparing heads
+        k_heads = min(head_groups, len(heads))
+        head_labels = (AgglomerativeClustering(n_clusters=k_heads, linkage="ward").fit_predict(feats)
+                       if k_heads > 1 else [0] * len(heads))
+        for hg in range(k_heads):
+            members = [h for h, lab in zip(heads, head_labels) if lab == hg]
+            chans = torch.tensor([h * head_dim + c for h in members for c in range(head_dim)])
+            vals = mean_abs[chans].reshape(-1, 1).numpy()
+            k_ch = min(channel_groups, len(chans))
+            labels = KMeans(n_clusters=k_ch, n_init=4, random_state=0).fit_predict(vals) if k_ch > 1 else [0] * len(chans)
+            ids[chans] = torch.as_tensor(labels, dtype=torch.long) + next_id
+            next_id += k_ch
+    for part in range(2):  # B then C: one id per SSD group
+        base = d + part * n_groups * state_size
+        for g in range(n_groups):
+            ids[base + g * state_size: base + (g + 1) * state_size] = next_id
+            next_id += 1
+    return ids.tolist()
+
+
+# ----------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------
+
+# Quamba quantizes weights per tensor; the baselines share that, so the ablation isolates the
+# activation treatment (clipping, smoothing, Hadamard), as in the paper's Table.
+_PER_TENSOR = "tensor"
+
+
+def _static_quantize(o: RecipeOptions, observer: str = "minmax", overrides: dict | None = None) -> Quantize:
+    return Quantize(weight=weight_spec(o, _PER_TENSOR), activation=act_spec(o, "tensor"), dynamic=False,
+                    act_observer=o.get("a_observer", observer), weight_observer=o.get("w_observer", "minmax"),
+                    overrides=overrides or {})
+
+
+def _percentile_u(o: RecipeOptions) -> dict:
+    return {"*.u_site": {"observer": "percentile", "observer_kwargs": {"alpha": o.get("percentile", 0.99999)}}}
+
+
+def rtn_dynamic(o: RecipeOptions) -> Recipe:
+    """Per-token dynamic activations, per-channel weights, no transform."""
+    return Recipe("rtn_dynamic", [Quantize(weight=weight_spec(o, "channel"), activation=act_spec(o, "token"),
+                                           dynamic=True, weight_observer=o.get("w_observer", "minmax"))])
+
+
+def static_minmax(o: RecipeOptions) -> Recipe:
+    """Static per-tensor activations from min/max: no clipping, no Hadamard (Quamba's "static")."""
+    return Recipe("static_minmax", [_static_quantize(o)])
+
+
+def smoothquant(o: RecipeOptions) -> Recipe:
+    """SmoothQuant scales folded into each block's RMSNorm, then static per-tensor W8A8."""
+    return Recipe("smoothquant", [SmoothQuant(alpha=o.get("alpha", 0.5)), _static_quantize(o)])
+
+
+def quamba(o: RecipeOptions) -> Recipe:
+    """Quamba W8A8: static per-tensor, percentile-clipped SSM input u, Hadamard before out_proj.
+
+    ``rotation`` (off by default) adds Quamba2's residual-stream Hadamard rotation.
+    """
+    steps: list[Step] = []
+    if o.rotation is not None:
+        steps.append(RotateResidual(rotation=o.rotation, seed=o.get("rotation_seed", 0)))
+    steps += [OnlineHadamard(), _static_quantize(o, overrides=_percentile_u(o))]
+    return Recipe("quamba", steps)
+
+
+def mambaquant(o: RecipeOptions) -> Recipe:
+    """MambaQuant: smooth-fused scales, KLT-enhanced rotations R1 (residual), R5 (dt path), R2 (out_proj
+    input, online), random Hadamard R4 on the state dimension; per-channel asymmetric weights;
+    dynamic per-tensor activations, the h·C inputs per token."""
+    seed = o.get("rotation_seed", 0)
+    w = weight_spec(o, "channel")
+    w = QuantSpec(format=w.format, bits=w.bits, symmetric=o.get("w_symmetric", False), granularity=w.granularity,
+                  axis=0, group_size=w.group_size).validate()
+    token = act_spec(o, "token").to_dict()
+    return Recipe("mambaquant", [
+        MambaQuantSmooth(alpha=o.get("alpha", 0.5)),
+        RotateResidual(rotation=o.get("rotation", "klt_hadamard"), seed=seed),
+        RotatePairs(rotation=o.get("rotation", "klt_hadamard"), seed=seed),
+        OnlineHadamard(seed=seed, klt=o.get("rotation", "klt_hadamard") == "klt_hadamard"),
+        StateRotation(seed=seed),
+        Quantize(weight=w, activation=act_spec(o, "tensor"), dynamic=True,
+                 weight_observer=o.get("w_observer", "minmax"),
+                 overrides={"*.state_site": {"activation": token}, "*.x_proj:output": {"activation": token}}),
+    ])
+
+
+def quamba2(o: RecipeOptions) -> Recipe:
+    """Quamba2 W8A8 for Mamba2: residual Hadamard rotation, online Hadamard before out_proj,
+    grouped static scales for x | B | C, static per-tensor elsewhere, per-channel weights."""
+    return Recipe("quamba2", [
+        RotateResidual(rotation=o.get("rotation", "random_hadamard"), seed=o.get("rotation_seed", 0)),
+        OnlineHadamard(),
+        Quamba2Quantize(weight=weight_spec(o, "channel"), activation=act_spec(o, "tensor"), dynamic=False,
+                        act_observer=o.get("a_observer", "minmax"), weight_observer=o.get("w_observer", "minmax")),
+    ])
+
+
+MAMBA_PRESETS = {"rtn_dynamic": rtn_dynamic, "static_minmax": static_minmax, "smoothquant": smoothquant,
+                 "quamba": quamba, "mambaquant": mambaquant, "quamba2": quamba2}
+
+
+# ----------------------------------------------------------------------------------------
+# Adapter
+# ----------------------------------------------------------------------------------------
+
+
+@register_adapter
+class MambaAdapter(FamilyAdapter):
+    name = "mamba"
+    model_options = {"reference": "mamba1-byte"}
+    data_sources = ("stdlib", "text_files", "wikitext2", "pile_val")
+    metrics = {"perplexity": True, "last_token_accuracy": False}
+
+    def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
+        if path is None:
+            name = options.get("reference", "mamba1-byte")
+            if name not in REFERENCE_MODELS:
+                raise ValueError(f"config key 'model.options.reference' has value {name!r}: "
+                                 f"allowed values are {', '.join(REFERENCE_MODELS)}")
+            path = str(reference_model_dir(name))
+        model = load_mamba(path, dtype=getattr(torch, dtype))
+        return model, self.model_config(model)
+
+    def model_config(self, model: nn.Module) -> dict:
+        cfg = model.config.to_dict()
+        # a residual rotation unties embedding and head: the skeleton must not re-tie them
+        cfg["tie_embeddings"] = getattr(model.lm_head, "weight", None) is model.backbone.embeddings.weight
+        return cfg
+
+    def build_model(self, model_config: dict) -> nn.Module:
+        return MambaLM(MambaConfig.from_dict(model_config)).eval()
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, MambaLM)
+
+    def structure(self, model: nn.Module) -> ModelStructure:
+        cfg = model.config
+        layers = [f"backbone.layers.{i}" for i in range(cfg.num_layers)]
+        mixers = [f"{p}.mixer" for p in layers]
+        common = dict(
+            hidden_size=cfg.hidden_size,
+            embeddings=["backbone.embeddings"],
+            residual_readers=[LinearGroup(f"{p}.norm", [f"{p}.mixer.in_proj"]) for p in layers]
+            + [LinearGroup("backbone.norm_f", ["lm_head"])],
+            residual_writers=[f"{m}.out_proj" for m in mixers],
+            online_rotation_sites=[f"{m}.out_proj" for m in mixers],
+            skip=["lm_head"],
+        )
+        if cfg.arch == "mamba1":
+            return ModelStructure(
+                **common,
+                quantize=[f"{m}.{p}" for m in mixers for p in ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")],
+                act_inputs=[f"{m}.{p}" for m in mixers for p in ("in_proj", "out_proj")],
+                act_outputs=[f"{m}.{p}" for m in mixers for p in ("in_proj", "x_proj", "dt_proj")],
+                act_sites=[f"{m}.u_site" for m in mixers] + [f"{m}.state_site" for m in mixers],
+                linear_pairs=[LinearPair(f"{m}.x_proj", f"{m}.dt_proj", (0, cfg.dt_rank)) for m in mixers],
+            )
+        return ModelStructure(
+            **common,
+            quantize=[f"{m}.{p}" for m in mixers for p in ("in_proj", "conv1d", "out_proj")],
+            act_inputs=[f"{m}.{p}" for m in mixers for p in ("in_proj", "out_proj")],
+            act_outputs=[f"{m}.in_proj" for m in mixers],
+            act_sites=[f"{m}.xbc_site" for m in mixers],
+        )
+
+    def recipes(self):
+        return dict(MAMBA_PRESETS)
+
+    # ------------------------------------------------------------------ data
+    def _documents(self, data_cfg: dict, role: str):
+        source, split = data_cfg["source"], data_cfg.get("split")
+        if source == "stdlib":
+            return stdlib_documents(split or role), f"stdlib/{split or role}"
+        if source == "text_files":
+            if not data_cfg.get("path"):
+                raise ValueError(f"data source 'text_files' needs '{role}.path'")
+            return text_file_documents(data_cfg["path"]), f"text_files:{data_cfg['path']}"
+        default = {"calibration": "train", "evaluation": "test"}[role]
+        return hf_documents(source, split or default), f"{source}/{split or default}"
+
+    def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:
+        docs, desc = self._documents(data_cfg, role)
+        tok = lm.get_tokenizer(model_config.get("tokenizer", "bytes"))
+        if role == "calibration":
+            windows, used = lm.calibration_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"],
+                                                   seed=data_cfg.get("seed", 0), shuffle=data_cfg.get("shuffle", True))
+            return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(used))
+        windows = lm.eval_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"])
+        examples = (lm.build_last_token_task(docs, tok, data_cfg["task_examples"])
+                    if data_cfg.get("task_examples", 0) > 0 else [])
+        return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(d.id for d in docs),
+                         extra={"examples": examples})
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch)
+
+    def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
+        windows = torch.cat(data.batches)
+        bs = data.batches[0].shape[0]
+        metrics = {"perplexity": lm.perplexity(model, windows, batch_size=bs)}
+        examples = data.extra.get("examples") or []
+        metrics["last_token_accuracy"] = lm.last_token_accuracy(model, examples) if examples else None
+        return metrics
