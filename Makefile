@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch comes first and pinned, so that nothing later can pull a multi-GB CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.archquant-installed
-DEMO_CONFIG ?= configs/toy_w8a8.yaml
+DEMO_CONFIG ?= configs/mamba_w8a8.yaml
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test clean

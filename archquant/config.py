@@ -46,6 +46,9 @@ class DataSection:
     seed: int = 0
     #: evaluation only: examples of the last-token (LAMBADA-style) task, 0 to skip it
     task_examples: int = 256
+    #: evaluation only: lm-evaluation-harness tasks (optional extra, online), e.g. [lambada_openai, piqa]
+    lm_eval_tasks: list = field(default_factory=list)
+    lm_eval_limit: int = 0
 
 
 @dataclass
@@ -180,6 +183,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for section in ("calibration", "evaluation"):
         data: DataSection = getattr(cfg, section)
         _allowed(f"{section}.source", data.source, adapter.data_sources)
+        if data.lm_eval_tasks and section != "evaluation":
+            raise ConfigError(f"config key '{section}.lm_eval_tasks' is only meaningful under 'evaluation'")
         for name in ("num_samples", "batch_size", "seq_len"):
             if getattr(data, name) <= 0:
                 raise ConfigError(f"config key '{section}.{name}' must be positive, got {getattr(data, name)}")

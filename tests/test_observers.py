@@ -258,7 +258,7 @@ def test_channel_absmax_other_axis_and_params():
 
 
 def test_build_observer():
-    assert set(O.OBSERVERS) == {"minmax", "percentile", "mse", "channel_absmax"}
+    assert set(O.OBSERVERS) == {"minmax", "percentile", "mse", "channel_absmax", "grouped_minmax"}
     obs = O.build_observer("percentile", QuantSpec(), alpha=0.9)
     assert isinstance(obs, O.PercentileObserver) and obs.alpha == 0.9
     assert isinstance(O.build_observer("channel_absmax", None), O.ChannelAbsMaxObserver)
@@ -270,3 +270,21 @@ def test_build_observer():
         O.build_observer("mse", QuantSpec(), max_shrink=1.0)
     with pytest.raises(ValueError, match="QuantSpec.bits=9"):
         O.build_observer("minmax", QuantSpec(bits=9))
+
+
+def test_grouped_minmax_shares_range_within_groups():
+    spec = QuantSpec(granularity="channel", axis=-1)
+    obs = O.build_observer("grouped_minmax", spec, groups=[0, 1, 0, 1])
+    obs.update(torch.tensor([[1.0, -2.0, -4.0, 0.5], [0.5, 3.0, 2.0, 0.0]]))
+    lo, hi = obs.range()
+    assert lo.flatten().tolist() == [-4.0, -2.0, -4.0, -2.0]
+    assert hi.flatten().tolist() == [2.0, 3.0, 2.0, 3.0]
+    assert torch.allclose(obs.params()["scale"].flatten(), torch.tensor([4.0, 3.0, 4.0, 3.0]) / 127)
+    with pytest.raises(ValueError, match="needs groups"):
+        O.build_observer("grouped_minmax", spec)
+    with pytest.raises(ValueError, match="last axis"):
+        O.build_observer("grouped_minmax", QuantSpec(), groups=[0])
+    bad = O.build_observer("grouped_minmax", spec, groups=[0, 1])
+    bad.update(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="2 group ids for 4 channels"):
+        bad.range()

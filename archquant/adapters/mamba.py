@@ -22,6 +22,7 @@ from torch import nn
 from ..core import transforms as T
 from ..core.calibration import collect_stats
 from ..core.formats import QuantSpec
+from ..core.observers import ChannelAbsMaxObserver
 from ..core.presets import RecipeOptions, act_spec, weight_spec
 from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
                            Step, get_submodule, register_step)
@@ -48,21 +49,6 @@ def reference_model_dir(name: str) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
-class _ChannelAbsMax:
-    """Per-channel max|x| over every token of every batch."""
-
-    def __init__(self) -> None:
-        self.amax = None
-
-    def update(self, x: torch.Tensor) -> None:
-        a = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
-        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
-
-
-class _OutputAbsMax(_ChannelAbsMax):
-    pass
-
-
 @register_step
 @dataclass
 class MambaQuantSmooth(Step):
@@ -82,17 +68,14 @@ class MambaQuantSmooth(Step):
         mixers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Mamba1Mixer"}
         if not mixers:
             raise ValueError("mambaquant_smooth applies to Mamba1 mixers; this model has none")
-        stats: dict[str, Any] = {}
-        for n in mixers:
-            stats[f"{n}.in_proj"] = _OutputAbsMax()  # x | z
-            stats[f"{n}.out_proj"] = _ChannelAbsMax()  # y·SiLU(z)
-            stats[f"{n}.x_proj"] = _OutputAbsMax()  # dt_low | B | C
-        outputs = {k: v for k, v in stats.items() if isinstance(v, _OutputAbsMax)}
-        inputs = {k: v for k, v in stats.items() if not isinstance(v, _OutputAbsMax)}
+        # per-channel max|·| of in_proj's output (x | z), x_proj's output (dt_low | B | C) and out_proj's input
+        outputs = {f"{n}.{p}": ChannelAbsMaxObserver() for n in mixers for p in ("in_proj", "x_proj")}
+        inputs = {f"{n}.out_proj": ChannelAbsMaxObserver() for n in mixers}
         collect_stats(model, ctx.batches(self.kind), outputs, forward_fn=ctx.forward_fn, where="output",
                       desc="smoothing statistics", progress=ctx.progress)
         collect_stats(model, ctx.batches(self.kind), inputs, forward_fn=ctx.forward_fn,
                       desc="smoothing statistics", progress=ctx.progress)
+        stats = {**outputs, **inputs}
         for n, mixer in mixers.items():
             self._smooth_mixer(mixer, stats[f"{n}.in_proj"].amax, stats[f"{n}.out_proj"].amax,
                                stats[f"{n}.x_proj"].amax)
@@ -402,7 +385,9 @@ class MambaAdapter(FamilyAdapter):
         examples = (lm.build_last_token_task(docs, tok, data_cfg["task_examples"])
                     if data_cfg.get("task_examples", 0) > 0 else [])
         return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(d.id for d in docs),
-                         extra={"examples": examples})
+                         extra={"examples": examples, "tokenizer": tok,
+                                "lm_eval_tasks": list(data_cfg.get("lm_eval_tasks") or []),
+                                "lm_eval_limit": data_cfg.get("lm_eval_limit") or None})
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         return model(batch)
@@ -413,4 +398,9 @@ class MambaAdapter(FamilyAdapter):
         metrics = {"perplexity": lm.perplexity(model, windows, batch_size=bs)}
         examples = data.extra.get("examples") or []
         metrics["last_token_accuracy"] = lm.last_token_accuracy(model, examples) if examples else None
+        if data.extra.get("lm_eval_tasks"):
+            from ..eval.lm_eval_harness import run_lm_eval
+
+            metrics.update(run_lm_eval(model, data.extra["tokenizer"], data.extra["lm_eval_tasks"],
+                                       limit=data.extra.get("lm_eval_limit")))
         return metrics
