@@ -65,9 +65,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, family: st
     """Save a quantized model (safetensors + quantization_config.json), atomically."""
     adapter = _adapter(model, family)
     if model_config is None:
-        model_config = getattr(getattr(model, "config", None), "to_dict", lambda: None)()
-        if model_config is None:
-            raise ValueError("model_config is required for a model without a .config.to_dict()")
+        try:
+            model_config = adapter.model_config(model)  # asked now: a recipe may have untied weights
+        except AttributeError:
+            raise ValueError("model_config is required for a model without a .config.to_dict()") from None
     return save_checkpoint(model, directory, family=adapter.name, model_config=model_config,
                            recipe=getattr(model, "_archquant_recipe", None), metadata=metadata)
 

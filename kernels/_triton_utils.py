@@ -22,9 +22,11 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "INTERPRET_MODE",
     "interpreter_enabled",
     "check_launchable",
     "next_pow2",
+    "prepare_out",
     "OUT_DTYPES",
     "round_half_even",
     "quantize_int8_tile",
@@ -38,15 +40,14 @@ OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter.
+    """True when ``TRITON_INTERPRET`` is set now (Triton's truthy spellings).
 
-    Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so
-    the value at import time of the kernel modules is what counts.
+    Triton reads it when ``@triton.jit`` decorates a function, so for the kernels
+    here what counts is :data:`INTERPRET_MODE`, fixed when this module was imported.
     """
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
-_INTERPRET_AT_IMPORT = interpreter_enabled()
 
 
 def check_launchable(*tensors: torch.Tensor | None) -> None:
@@ -55,11 +56,33 @@ def check_launchable(*tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on the same device, got {sorted(map(str, devices))}")
     (device,) = devices
-    if device.type != "cuda" and not _INTERPRET_AT_IMPORT:
+    if device.type != "cuda" and not INTERPRET_MODE:
         raise RuntimeError(
             f"archquant.kernels: tensors on {device} need the Triton interpreter; set "
             "TRITON_INTERPRET=1 before importing triton / archquant.kernels, or use CUDA tensors"
         )
+
+
+def prepare_out(out, shape, dtype, device, name: str, *, contiguous: bool = False):
+    """``out`` checked against the expected shape/dtype/device, or a new empty tensor.
+
+    Kernels write through the tensor's strides, so views are fine unless
+    ``contiguous`` is required.  Tests pass sentinel-filled buffers here to catch
+    elements a kernel forgot to write.
+    """
+    shape = torch.Size(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != dtype:
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got "
+            f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}"
+        )
+    if out.device != torch.device(device):
+        raise ValueError(f"{name} is on {out.device}, expected {device}")
+    if contiguous and not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return out
 
 
 def next_pow2(n: int) -> int:
@@ -121,3 +144,8 @@ def round_to_dtype_code(y, CODE: tl.constexpr):
     elif CODE == 2:
         y = round_fp32_to_bf16(y)
     return y
+
+
+# Whether the kernels of this package were decorated in interpreter mode: that,
+# not the current value of the environment variable, decides how they run.
+INTERPRET_MODE = type(round_half_even).__name__ == "InterpretedFunction"

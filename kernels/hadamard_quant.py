@@ -74,6 +74,7 @@ from ._triton_utils import (
     OUT_DTYPES,
     check_launchable,
     next_pow2,
+    prepare_out,
     quantize_int8_tile,
     round_to_dtype_code,
 )
@@ -81,6 +82,7 @@ from .quantize import (
     INT8_QMAX,
     MIN_SCALE,
     _as_rows,
+    _rows_view,
     _static_scale,
     quantize_per_token_int8_reference,
     quantize_static_int8_reference,
@@ -257,24 +259,26 @@ def _hadamard_quant_kron_kernel(
         sgn = tl.load(sign_ptr + idx, mask=tile_mask, other=0.0)
     pid = tl.program_id(0)
     for i in range(ROWS_PER_PROG):
-        row = pid * ROWS_PER_PROG + i
-        valid = row < M
+        # Rows past the end are clamped to the last row instead of masked (scalar
+        # masks trip the interpreter): the tail program recomputes row M-1 and
+        # writes the very same bytes again, which is harmless.
+        row = tl.minimum(pid * ROWS_PER_PROG + i, M - 1)
         row64 = row.to(tl.int64)
         x = tl.load(x_ptr + row64 * stride_xm + idx * stride_xk,
-                    mask=tile_mask & valid, other=0.0).to(tl.float32)
+                    mask=tile_mask, other=0.0).to(tl.float32)
         if HAS_SIGNS:
             x = x * sgn
         t = tl.dot(lmat, x, input_precision=PRECISION)  # L^T X   (A_PAD, B_PAD)
         y = tl.dot(t, rmat, input_precision=PRECISION) * NORM  # (L^T X) R
         y = round_to_dtype_code(y, Y_ROUND)
         if STATIC:
-            scale = tl.load(s_ptr + row64 * stride_s, mask=valid, other=1.0).to(tl.float32)
+            scale = tl.load(s_ptr + row64 * stride_s).to(tl.float32)
         else:
             amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
             scale = tl.maximum(tl.div_rn(amax, QMAX * 1.0), MIN_SCALE)
-            tl.store(s_ptr + row64, scale, mask=valid)
+            tl.store(s_ptr + row64, scale)
         q = quantize_int8_tile(y, scale, QMAX)
-        tl.store(q_ptr + row64 * stride_qm + idx * stride_qk, q, mask=tile_mask & valid)
+        tl.store(q_ptr + row64 * stride_qm + idx * stride_qk, q, mask=tile_mask)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -289,8 +293,15 @@ def hadamard_quant_int8(
     round_to_input_dtype: bool = True,
     input_precision: str = "ieee",
     rows_per_program: int | None = None,
+    out: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes of ``x @ H_n`` (n = x.shape[-1]) and their scales, in one kernel."""
+    """int8 codes of ``x @ H_n`` (n = x.shape[-1]) and their scales, in one kernel.
+
+    ``out`` / ``out_scale`` (per-token mode only, contiguous): optional preallocated
+    results.  ``rows_per_program``: rows handled by one program of the factorised
+    kernel (default 1, or 4 for more than 1024 rows).
+    """
     x2 = _as_rows(x)
     m, n = x2.shape
     if input_precision not in _PRECISIONS:
@@ -303,17 +314,19 @@ def hadamard_quant_int8(
             raise ValueError(f"signs must have {n} elements, got {signs.numel()}")
     static = scale is not None
     if static:
+        if out_scale is not None:
+            raise ValueError("out_scale is only used with dynamic (per-token) scales")
         s, stride_s = _static_scale(scale, m, device)
+        out_scale = torch.as_tensor(scale, dtype=torch.float32, device=device)  # handed back as given
     else:
-        s, stride_s = torch.empty((m, 1), dtype=torch.float32, device=device), 1
-    check_launchable(x2, s, signs)
-    q = torch.empty((m, n), dtype=torch.int8, device=device)
-    if static:  # handed back as given (as fp32), like the reference
-        out_scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
-    else:
-        out_scale = s.reshape(*x.shape[:-1], 1)
+        out_scale = prepare_out(out_scale, (*x.shape[:-1], 1), torch.float32, device, "out_scale",
+                                contiguous=True)
+        s, stride_s = out_scale.view(m, 1), 1
+    q_full = prepare_out(out, x.shape, torch.int8, device, "out")
+    q = _rows_view(q_full, m, n, "out")
+    check_launchable(x2, s, signs, q)
     if m == 0:
-        return q.reshape(x.shape), out_scale
+        return q_full, out_scale
     left, right = _device_mats(plan, device)
     y_round = OUT_DTYPES[x.dtype] if round_to_input_dtype else 0
     norm = float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))  # what apply_hadamard uses
@@ -332,12 +345,14 @@ def hadamard_quant_int8(
         )
     else:
         rpp = rows_per_program or (1 if m <= 1024 else 4)
+        if not isinstance(rpp, int) or rpp < 1:
+            raise ValueError(f"rows_per_program must be a positive int, got {rows_per_program!r}")
         _hadamard_quant_kron_kernel[(triton.cdiv(m, rpp),)](
             x2, left, right, sign_arg, q, s, *strides,
             A=plan.a, B=plan.b, A_PAD=plan.a_pad, B_PAD=plan.b_pad, NORM=norm,
             ROWS_PER_PROG=rpp, num_warps=8 if plan.a_pad * plan.b_pad >= 8192 else 4, **common,
         )
-    return q.reshape(x.shape), out_scale
+    return q_full, out_scale
 
 
 def hadamard_quant_int8_reference(

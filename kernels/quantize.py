@@ -31,7 +31,7 @@ import triton.language as tl
 
 from archquant.core.formats import _INT_MIN_SCALE, QuantSpec, params_from_tensor, quantize
 
-from ._triton_utils import check_launchable, next_pow2, quantize_int8_tile
+from ._triton_utils import check_launchable, next_pow2, prepare_out, quantize_int8_tile
 
 __all__ = [
     "INT8_QMAX",
@@ -135,15 +135,33 @@ def _blocks(m: int, k: int, block_m: int | None, block_k: int | None) -> tuple[i
     return bm, bk
 
 
+def _rows_view(t: torch.Tensor, m: int, k: int, name: str) -> torch.Tensor:
+    try:
+        return t.view(m, k)
+    except RuntimeError:
+        raise ValueError(f"{name} must be viewable as ({m}, {k})") from None
+
+
 def quantize_per_token_int8(
-    x: torch.Tensor, *, block_m: int | None = None, block_k: int | None = None
+    x: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token symmetric int8: ``(codes int8 like x, scale fp32 x.shape[:-1]+(1,))``."""
+    """Dynamic per-token symmetric int8: ``(codes int8 like x, scale fp32 x.shape[:-1]+(1,))``.
+
+    ``out`` / ``out_scale`` (optional) are preallocated results (``out_scale``
+    contiguous), e.g. for CUDA graphs.
+    """
     x2 = _as_rows(x)
-    check_launchable(x2)
     m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q_full = prepare_out(out, x.shape, torch.int8, x.device, "out")
+    scale_full = prepare_out(out_scale, (*x.shape[:-1], 1), torch.float32, x.device, "out_scale",
+                             contiguous=True)
+    q, scale = _rows_view(q_full, m, k, "out"), scale_full.view(m, 1)
+    check_launchable(x2, q, scale)
     if m:
         bm, bk = _blocks(m, k, block_m, block_k)
         _per_token_int8_kernel[(triton.cdiv(m, bm),)](
@@ -152,7 +170,7 @@ def quantize_per_token_int8(
             QMAX=INT8_QMAX, MIN_SCALE=MIN_SCALE, BLOCK_M=bm, BLOCK_K=bk,
             num_warps=4, enable_fp_fusion=False,
         )
-    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+    return q_full, scale_full
 
 
 def _static_scale(scale, rows: int, device) -> tuple[torch.Tensor, int]:
@@ -166,14 +184,20 @@ def _static_scale(scale, rows: int, device) -> tuple[torch.Tensor, int]:
 
 
 def quantize_static_int8(
-    x: torch.Tensor, scale, *, block_m: int | None = None, block_k: int | None = None
+    x: torch.Tensor,
+    scale,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """Symmetric int8 codes of ``x`` for a given scale (per tensor, or one per token)."""
     x2 = _as_rows(x)
     m, k = x2.shape
     s, stride_s = _static_scale(scale, m, x.device)
-    check_launchable(x2, s)
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    q_full = prepare_out(out, x.shape, torch.int8, x.device, "out")
+    q = _rows_view(q_full, m, k, "out")
+    check_launchable(x2, s, q)
     if m:
         bm, bk = _blocks(m, k, block_m, block_k or min(next_pow2(k), 1024))
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
@@ -182,7 +206,7 @@ def quantize_static_int8(
             x2.stride(0), x2.stride(1), q.stride(0), q.stride(1), stride_s,
             QMAX=INT8_QMAX, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, enable_fp_fusion=False,
         )
-    return q.reshape(x.shape)
+    return q_full
 
 
 # --------------------------------------------------------------------------- references

@@ -14,7 +14,7 @@ API
 ``fp8_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16, fast_accum=True)``
     Same with ``torch.float8_e4m3fn`` operands (also e5m2) and an fp32 accumulator.
 
-``w8a8_gemm_reference`` is exact (int64 matmul on the host); ``fp8_gemm_reference``
+``w8a8_gemm_reference`` is exact (float64 matmul of integers); ``fp8_gemm_reference``
 dequantizes to fp32 and uses a float64 matmul, so only the kernel's fp32 summation
 order differs from it.
 
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import OUT_DTYPES, check_launchable, round_to_dtype_code
+from ._triton_utils import OUT_DTYPES, check_launchable, prepare_out, round_to_dtype_code
 
 __all__ = [
     "w8a8_gemm",
@@ -165,7 +165,7 @@ def _check_operands(a, b, dtypes, what):
         raise ValueError(f"{what}: K mismatch, a {tuple(a.shape)} vs b (N, K) {tuple(b.shape)}")
 
 
-def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_imprecise):
+def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_imprecise, out):
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)}, got {out_dtype}")
     m, k = a.shape
@@ -176,8 +176,8 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_impreci
         if bias.numel() != n:
             raise ValueError(f"bias must have {n} elements, got shape {tuple(bias.shape)}")
         bias = bias.reshape(-1)
-    check_launchable(a, b, a_s, b_s, bias)
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    out = prepare_out(out, (m, n), out_dtype, a.device, "out")
+    check_launchable(a, b, a_s, b_s, bias, out)
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -212,11 +212,15 @@ def w8a8_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float16,
     *,
+    out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``(a_q @ b_q.T) * a_scale * b_scale + bias`` with an int32 accumulator, as out_dtype."""
+    """``(a_q @ b_q.T) * a_scale * b_scale + bias`` with an int32 accumulator, as out_dtype.
+
+    ``out``: optional preallocated (M, N) result of ``out_dtype`` (any strides).
+    """
     _check_operands(a_q, b_q, (torch.int8,), "w8a8_gemm")
-    return _launch(a_q, b_q, a_scale, b_scale, bias, out_dtype, config, True, None)
+    return _launch(a_q, b_q, a_scale, b_scale, bias, out_dtype, config, True, None, out)
 
 
 def fp8_gemm(
@@ -228,6 +232,7 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     fast_accum: bool = True,
+    out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """FP8 x FP8 -> fp32 accumulate, same scaled epilogue as :func:`w8a8_gemm`.
@@ -243,7 +248,7 @@ def fp8_gemm(
     max_imprecise = None
     if not fast_accum:
         max_imprecise = _pick_config(a.shape[0], config)["BLOCK_K"]
-    return _launch(a, b, a_scale, b_scale, bias, out_dtype, config, False, max_imprecise)
+    return _launch(a, b, a_scale, b_scale, bias, out_dtype, config, False, max_imprecise, out)
 
 
 # --------------------------------------------------------------------------- references
@@ -261,8 +266,12 @@ def _epilogue_reference(acc, a_scale, b_scale, bias, out_dtype, m, n):
 
 
 def w8a8_gemm_reference(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float16):
-    """Exact integer product (int64 on the host), then the same fp32 epilogue."""
-    acc = a_q.to(torch.int64) @ b_q.to(torch.int64).T
+    """Exact integer product, then the same fp32 epilogue.
+
+    The product runs in float64, which is exact here (every partial sum is an
+    integer below 2**53) and, unlike int64 matmul, also available on CUDA.
+    """
+    acc = a_q.to(torch.float64) @ b_q.to(torch.float64).T
     return _epilogue_reference(acc, a_scale, b_scale, bias, out_dtype, a_q.shape[0], b_q.shape[0])
 
 

@@ -276,6 +276,7 @@ def mambaquant(o: RecipeOptions) -> Recipe:
         StateRotation(seed=seed),
         Quantize(weight=w, activation=act_spec(o, "tensor"), dynamic=True,
                  weight_observer=o.get("w_observer", "minmax"),
+                 optional_sites=["*.state_site"],
                  overrides={"*.state_site": {"activation": token}, "*.x_proj:output": {"activation": token}}),
     ])
 
@@ -348,7 +349,8 @@ class MambaAdapter(FamilyAdapter):
                 quantize=[f"{m}.{p}" for m in mixers for p in ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")],
                 act_inputs=[f"{m}.{p}" for m in mixers for p in ("in_proj", "out_proj")],
                 act_outputs=[f"{m}.{p}" for m in mixers for p in ("in_proj", "x_proj", "dt_proj")],
-                act_sites=[f"{m}.u_site" for m in mixers] + [f"{m}.state_site" for m in mixers],
+                act_sites=[f"{m}.u_site" for m in mixers],
+                optional_act_sites=[f"{m}.state_site" for m in mixers],  # Quamba keeps the state in fp32
                 linear_pairs=[LinearPair(f"{m}.x_proj", f"{m}.dt_proj", (0, cfg.dt_rank)) for m in mixers],
             )
         return ModelStructure(

@@ -103,6 +103,7 @@ class SmoothQuant(Step):
         stats = {g.linears[0]: ChannelAbsMaxObserver(axis=-1) for g in groups}
         collect_stats(model, ctx.batches(self.kind), stats, forward_fn=ctx.forward_fn,
                       desc="smoothing statistics", progress=ctx.progress)
+        _untie([get_submodule(model, n) for g in groups for n in g.linears])
         for g in groups:
             linears = [get_submodule(model, n) for n in g.linears]
             w_amax = torch.stack([lin.weight.detach().abs().amax(dim=0).float() for lin in linears]).amax(0)
@@ -252,6 +253,8 @@ class Quantize(Step):
     weight_observer_kwargs: dict = field(default_factory=dict)
     conv_weight: QuantSpec | None = None
     overrides: dict = field(default_factory=dict)
+    #: fnmatch patterns of the structure's ``optional_act_sites`` to quantize too
+    optional_sites: list[str] = field(default_factory=list)
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
@@ -308,7 +311,8 @@ class Quantize(Step):
             for name in s.act_outputs:
                 if name not in skip:
                     self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
-            for name in s.act_sites:
+            optional = [n for n in s.optional_act_sites if any(fnmatch.fnmatchcase(n, p) for p in self.optional_sites)]
+            for name in s.act_sites + optional:
                 site = get_submodule(model, name)
                 if not isinstance(site, ActSite):
                     raise TypeError(f"activation site {name!r} is a {type(site).__name__}, expected ActSite")

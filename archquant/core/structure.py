@@ -50,6 +50,8 @@ class ModelStructure:
         target (a family lists only the inputs not already quantized upstream).
     act_outputs: modules whose *output* gets an activation quantizer.
     act_sites: ``ActSite`` points inside the model code that get an activation quantizer.
+    optional_act_sites: ``ActSite`` points quantized only by recipes that ask for them
+        (``Quantize.optional_sites``), e.g. Mamba's SSM state at the h·C readout.
     linear_pairs: producer → consumer Linears with nothing non-linear in between.
     """
 
@@ -64,8 +66,11 @@ class ModelStructure:
     act_inputs: list[str] | None = None
     act_outputs: list[str] = field(default_factory=list)
     act_sites: list[str] = field(default_factory=list)
+    optional_act_sites: list[str] = field(default_factory=list)
     linear_pairs: list[LinearPair] = field(default_factory=list)
 
     def smoothing_groups(self) -> list[LinearGroup]:
-        """Groups where a smoothing scale can hide in a norm's weight."""
-        return [g for g in self.residual_readers if g.norm is not None]
+        """Groups where a smoothing scale can hide in a norm's weight and that feed a quantized
+        Linear (smoothing the LM head would only untie it from the embedding for nothing)."""
+        return [g for g in self.residual_readers
+                if g.norm is not None and any(n not in self.skip for n in g.linears)]

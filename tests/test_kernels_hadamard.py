@@ -1,0 +1,200 @@
+"""archquant.kernels.hadamard_quant: fused Hadamard + int8 quantization vs the core.
+
+Interpreter on CPU by default; ``TRITON_INTERPRET=0 pytest tests/test_kernels_*.py``
+on a CUDA machine runs everything on the GPU (plus the ``gpu``-marked tests).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from archquant.core.hadamard import factor_size, hadamard_matrix, random_signs  # noqa: E402
+from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
+from archquant.kernels.hadamard_quant import (  # noqa: E402
+    hadamard_plan,
+    hadamard_quant_int8,
+    hadamard_quant_int8_reference,
+)
+
+DEVICE = "cpu" if INTERPRET_MODE else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET_MODE and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA device",
+)
+needs_gpu = pytest.mark.skipif(
+    INTERPRET_MODE or not torch.cuda.is_available(),
+    reason="needs a CUDA device and TRITON_INTERPRET=0",
+)
+POISON_Q = -128
+
+# Powers of two (dense path and factorised), and K * 2^m for K = 12 (96, 1536),
+# 20 (20: 20 * 2^m with m >= 1 resolves to K = 40 in the core), 28 (448) and
+# 40 (160 = 40 * 4, 5120 = 40 * 128).
+SIZES = [1, 16, 20, 64, 96, 128, 160, 448, 1536, 2048, 5120]
+
+
+def activations(m, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g) * torch.rand(m, 1, generator=g).mul(5).add(0.01)
+    x[:, torch.randint(0, n, (max(1, n // 64),), generator=g)] *= 30  # outlier channels
+    return x.to(dtype).to(DEVICE)
+
+
+def rows_for(n):
+    return 17 if n <= 64 else 3  # dense path: two 16-row programs, the 2nd ragged
+
+
+def assert_codes_close(q, s, q_ref, s_ref):
+    """Codes equal except rare ±1 at rounding boundaries; scales equal up to an ulp."""
+    assert q.dtype == torch.int8 and q.shape == q_ref.shape
+    assert s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=4e-7, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max().item() <= 1
+    assert (diff > 0).sum().item() <= 1 + 1e-3 * q.numel()
+    deq, deq_ref = q.float() * s, q_ref.float() * s_ref
+    assert torch.all((deq - deq_ref).abs() <= s * 1.0001)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_plan_reproduces_core_matrix(n):
+    plan = hadamard_plan(n)
+    k, p = factor_size(n)
+    assert (plan.K, plan.pow2) == (k, p) and plan.a * plan.b == n
+    assert plan.a_pad >= 16 and plan.b_pad >= 16 or plan.dense
+    h = hadamard_matrix(n, normalized=False, dtype=torch.int8)
+    if plan.dense:
+        got = plan.right[:n, :n]
+    else:
+        lt, r = plan.left[: plan.a, : plan.a], plan.right[: plan.b, : plan.b]
+        got = torch.kron(lt.T.contiguous(), r)
+        assert torch.all(plan.left[plan.a:] == 0) and torch.all(plan.left[:, plan.a:] == 0)
+        assert torch.all(plan.right[plan.b:] == 0) and torch.all(plan.right[:, plan.b:] == 0)
+    assert torch.equal(got, h)
+
+
+def test_plan_shapes():
+    assert (hadamard_plan(1536).a, hadamard_plan(1536).b) == (24, 64)
+    assert (hadamard_plan(5120).a, hadamard_plan(5120).b) == (40, 128)
+    assert (hadamard_plan(4096).a, hadamard_plan(4096).b) == (64, 64)
+    assert hadamard_plan(64).dense and not hadamard_plan(128).dense
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("n", SIZES)
+def test_index_order_one_hot(n, transpose):
+    """e_j @ H_n is row j of H_n: every code must be exactly 127 * sign(H_n[j, i])."""
+    rows = sorted({0, n // 3, n // 2, n - 1})
+    x = torch.zeros(len(rows), n)
+    x[torch.arange(len(rows)), rows] = 2.0
+    q, s = hadamard_quant_int8(x.to(DEVICE), transpose=transpose)
+    h = hadamard_matrix(n, normalized=False)
+    h = h.T if transpose else h
+    assert torch.equal(q.cpu(), (127 * h[rows]).to(torch.int8))
+    expected_scale = (torch.tensor(2.0) * torch.tensor(1.0 / math.sqrt(n))) / 127
+    torch.testing.assert_close(s.cpu(), expected_scale.expand(len(rows), 1), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_core_reference(n, dtype):
+    m = rows_for(n)
+    x = activations(m, n, dtype=dtype, seed=n)
+    out = torch.full((m, n), POISON_Q, dtype=torch.int8, device=DEVICE)
+    out_scale = torch.full((m, 1), float("nan"), device=DEVICE)
+    q, s = hadamard_quant_int8(x, out=out, out_scale=out_scale)
+    assert q.data_ptr() == out.data_ptr() and s.data_ptr() == out_scale.data_ptr()
+    assert_codes_close(q, s, *hadamard_quant_int8_reference(x))
+
+
+@pytest.mark.parametrize("n", [20, 160, 1536])
+def test_float16_input(n):
+    x = activations(5, n, dtype=torch.float16, seed=1)
+    assert_codes_close(*hadamard_quant_int8(x), *hadamard_quant_int8_reference(x))
+
+
+@pytest.mark.parametrize("n", [48, 96, 1536, 5120])
+def test_signs_and_transpose(n):
+    x = activations(3, n, seed=2)
+    signs = random_signs(n, seed=7).to(DEVICE)
+    for transpose in (False, True):
+        got = hadamard_quant_int8(x, signs=signs, transpose=transpose)
+        ref = hadamard_quant_int8_reference(x, signs=signs, transpose=transpose)
+        assert_codes_close(*got, *ref)
+    # signs really act on the input: x @ diag(s) H == (x * s) @ H
+    q_signed, _ = hadamard_quant_int8(x, signs=signs)
+    q_manual, _ = hadamard_quant_int8(x * signs)
+    assert torch.equal(q_signed, q_manual)
+
+
+@pytest.mark.parametrize("n", [64, 160, 1536])
+def test_static_scale(n):
+    x = activations(7, n, seed=3)
+    _, s_ref = hadamard_quant_int8_reference(x)
+    for scale in (0.7 * s_ref.max().item(), s_ref * 0.8):  # both saturate some values
+        q, s = hadamard_quant_int8(x, scale, out=torch.full((7, n), POISON_Q, dtype=torch.int8,
+                                                             device=DEVICE))
+        q_ref, s_ref2 = hadamard_quant_int8_reference(x, scale)
+        assert torch.equal(s, s_ref2)
+        diff = (q.int() - q_ref.int()).abs()
+        assert diff.max().item() <= 1 and (diff > 0).sum().item() <= 1 + 1e-3 * q.numel()
+        assert q.abs().max().item() == 127
+
+
+def test_bf16_without_rounding_to_input_dtype():
+    x = activations(3, 1536, dtype=torch.bfloat16, seed=4)
+    got = hadamard_quant_int8(x, round_to_input_dtype=False)
+    ref = hadamard_quant_int8_reference(x, round_to_input_dtype=False)
+    assert_codes_close(*got, *ref)
+
+
+@pytest.mark.parametrize("n", [160, 2048])
+def test_rows_per_program_tail_and_precisions(n):
+    x = activations(7, n, seed=5)
+    ref = hadamard_quant_int8_reference(x)
+    out = torch.full((7, n), POISON_Q, dtype=torch.int8, device=DEVICE)
+    assert_codes_close(*hadamard_quant_int8(x, rows_per_program=3, out=out), *ref)
+    assert_codes_close(*hadamard_quant_int8(x, input_precision="tf32x3"), *ref)
+
+
+def test_leading_dims_noncontiguous_and_empty():
+    base = activations(6, 2 * 96, seed=6)
+    x = base[:, ::2]  # strided rows
+    assert_codes_close(*hadamard_quant_int8(x), *hadamard_quant_int8_reference(x))
+    x3 = base[:, :96].reshape(2, 3, 96)
+    q, s = hadamard_quant_int8(x3)
+    assert q.shape == (2, 3, 96) and s.shape == (2, 3, 1)
+    assert_codes_close(q, s, *hadamard_quant_int8_reference(x3))
+    q, s = hadamard_quant_int8(torch.zeros(0, 96, device=DEVICE))
+    assert q.shape == (0, 96) and s.shape == (0, 1)
+
+
+def test_unsupported_sizes_and_arguments():
+    with pytest.raises(ValueError):
+        hadamard_quant_int8(torch.zeros(2, 11008, device=DEVICE))  # 172 * 64: no H_172
+    with pytest.raises(ValueError):
+        hadamard_quant_int8(torch.zeros(1, 1 << 20, device=DEVICE))  # tile too large
+    x = activations(2, 64)
+    with pytest.raises(ValueError):
+        hadamard_quant_int8(x, signs=torch.ones(63, device=DEVICE))
+    with pytest.raises(ValueError):
+        hadamard_quant_int8(x, input_precision="bf16")
+    with pytest.raises(ValueError):
+        hadamard_quant_int8(x, 0.1, out_scale=torch.empty(2, 1, device=DEVICE))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", SIZES + [4096, 14336])
+def test_gpu_matches_core_reference(n, dtype, precision):
+    x = activations(1031, n, dtype=dtype, seed=n)  # > 1024 rows: 4 rows per program
+    out = torch.full((1031, n), POISON_Q, dtype=torch.int8, device=DEVICE)
+    q, s = hadamard_quant_int8(x, out=out, input_precision=precision)
+    assert_codes_close(q, s, *hadamard_quant_int8_reference(x))
