@@ -95,7 +95,7 @@ __all__ = [
     "hadamard_quant_int8_reference",
 ]
 
-_MIN_DOT = 16  # every dot dimension is padded to at least this (16-bit minimum K on NVIDIA)
+_MIN_DOT = 16  # dot dims padded to >= 16: above the NVIDIA minimum K (8 for fp32/tf32, 16 for 16-bit)
 _MAX_DENSE = 64  # dense single-dot path up to this padded size
 _MAX_TILE = 16384  # fp32 elements of one (A_pad, B_pad) row tile
 _MAX_SIDE = 256

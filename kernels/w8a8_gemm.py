@@ -51,12 +51,14 @@ __all__ = [
 
 _MIN_BLOCK_K_8BIT = 32  # NVIDIA min_dot_size K for 8-bit operands (Triton 3.9)
 
-# (max M, config).  Small M (decode): narrow M tiles, wide N; large M: 128x128.
+# (max M, config), first match wins.  Small M (decode): 16-row tiles; large M: 128x128
+# (a 128x256 fp32 epilogue tile could exceed shared memory during the layout
+# conversion, so it is avoided).  Untuned: no GPU was available when these were set.
 GEMM_CONFIGS: tuple[tuple[int, dict], ...] = (
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
     (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)),
-    (256, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
-    (1 << 62, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
+    (256, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)),
+    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)),
 )
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
