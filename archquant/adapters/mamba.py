@@ -30,7 +30,7 @@ from ..core.structure import LinearGroup, LinearPair, ModelStructure
 from ..corpus import hf_documents, stdlib_documents, text_file_documents
 from ..data import DataSplit
 from ..eval import lm
-from ..models.mamba import MambaConfig, MambaLM, ScaledSiLU
+from ..models.mamba import Mamba1Mixer, MambaConfig, MambaLM, ScaledSiLU
 from ..models.mamba_loading import load_mamba
 from .base import FamilyAdapter, register_adapter
 
@@ -65,7 +65,7 @@ class MambaQuantSmooth(Step):
     alpha: float = 0.5
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
-        mixers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Mamba1Mixer"}
+        mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mamba1Mixer)}
         if not mixers:
             raise ValueError("mambaquant_smooth applies to Mamba1 mixers; this model has none")
         # per-channel max|·| of in_proj's output (x | z), x_proj's output (dt_low | B | C) and out_proj's input
@@ -125,7 +125,7 @@ class StateRotation(Step):
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         for _, m in model.named_modules():
-            if type(m).__name__ != "Mamba1Mixer":
+            if not isinstance(m, Mamba1Mixer):
                 continue
             r, n = m.dt_rank, m.state_size
             transform = T.HadamardTransform(n, seed=self.seed)

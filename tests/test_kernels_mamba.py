@@ -1,0 +1,486 @@
+"""archquant.kernels.mamba_conv1d / mamba_scan: quantized Mamba1 kernels vs PyTorch references.
+
+Interpreter on CPU by default; ``TRITON_INTERPRET=0 pytest tests/test_kernels_mamba.py`` on a
+CUDA machine runs everything on the GPU (plus the ``gpu``-marked tests).
+"""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
+from archquant.kernels.mamba_conv1d import (  # noqa: E402
+    quant_causal_conv1d_silu,
+    quant_causal_conv1d_silu_reference,
+    quant_causal_conv1d_update,
+    quant_causal_conv1d_update_reference,
+)
+from archquant.kernels.mamba_scan import (  # noqa: E402
+    _softplus,
+    quant_selective_scan,
+    quant_selective_scan_reference,
+    quant_selective_state_update,
+    quant_selective_state_update_reference,
+)
+
+DEVICE = "cpu" if INTERPRET_MODE else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET_MODE and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA device",
+)
+needs_gpu = pytest.mark.skipif(
+    INTERPRET_MODE or not torch.cuda.is_available(),
+    reason="needs a CUDA device and TRITON_INTERPRET=0",
+)
+POISON_Q = -128  # never produced (restricted range [-127, 127])
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def codes(*shape, g):
+    return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).to(DEVICE)
+
+
+# =========================================================================== conv1d
+
+
+def conv_operands(b, d, l, k, seed=0, weight="int8_channel", bias=True):
+    g = gen(seed)
+    x_q = codes(b, d, l, g=g)
+    if weight == "int8_channel":
+        w, w_s = codes(d, k, g=g), (torch.rand(d, generator=g) * 0.01 + 1e-3).to(DEVICE)
+    elif weight == "int8_tensor":
+        w, w_s = codes(d, k, g=g), 0.004
+    else:  # float weight of this dtype, no scale
+        w, w_s = (torch.randn(d, k, generator=g) * 0.5).to(weight).to(DEVICE), None
+    b_ = (torch.randn(d, generator=g) * 0.5).to(DEVICE) if bias else None
+    return x_q, 0.02, w, w_s, b_, 0.015  # x_scale, out_scale: ~5% of the outputs saturate
+
+
+def conv_magnitude(x_q, x_scale, w, w_scale, bias, conv_state=None):
+    """sum_j |x w| + |bias| per output: bounds the fp32 error of the tap sum."""
+    from archquant.kernels.mamba_conv1d import _ref_weight
+
+    d = x_q.shape[1]
+    wf = _ref_weight(w, w_scale, d).abs()
+    x = x_q.float().abs() * x_scale
+    if conv_state is not None:
+        x = torch.cat([conv_state[..., 1:].float().abs() * x_scale, x], dim=-1)
+    else:
+        x = F.pad(x, (wf.shape[1] - 1, 0))
+    mag = F.conv1d(x, wf[:, None, :], groups=d)
+    return mag + (bias.abs().float()[:, None] if bias is not None else 0.0)
+
+
+def assert_codes_match(q, q_ref, silu_ref, mag, out_scale):
+    """Codes equal, except +-1 where silu / out_scale is within fp32 noise of a .5 tie."""
+    assert q.dtype == torch.int8 and q.shape == q_ref.shape
+    assert int(q.min()) >= -127  # also: no poisoned (-128) element left
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1
+    v = silu_ref.double() / out_scale
+    dist_to_tie = ((v.abs() - v.abs().floor()) - 0.5).abs()
+    band = 1e-6 * (mag.double() / out_scale + v.abs()) + 1e-9
+    assert bool((dist_to_tie[diff == 1] <= band[diff == 1]).all())
+    return int((diff == 1).sum())
+
+
+@pytest.mark.parametrize("weight", ["int8_channel", "int8_tensor", torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 37, 45, 4), (3, 20, 7, 3), (1, 16, 33, 2)])
+def test_conv_matches_reference(shape, weight):
+    b, d, l, k = shape
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, weight=weight, bias=d != 16)
+    out = torch.full((b, d, l), POISON_Q, dtype=torch.int8, device=DEVICE)
+    q = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, out=out, block_d=16, block_l=16)
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, os_, return_float=True)
+    assert q.data_ptr() == out.data_ptr()
+    assert_codes_match(q, q_ref, y_ref, conv_magnitude(x_q, xs, w, ws, bias), os_)
+
+
+def test_conv_default_blocks_strided_layout_and_saturation():
+    b, d, l, k = 2, 70, 100, 4
+    x_q, xs, w, ws, bias, _ = conv_operands(b, d, l, k, seed=1)
+    x_bld = x_q.transpose(1, 2).contiguous()  # the model's (b, l, d) memory layout
+    x_view = x_bld.transpose(1, 2)
+    assert not x_view.is_contiguous()
+    os_ = 0.002  # most outputs saturate at +-127
+    out_big = torch.full((b, d, 2 * l), POISON_Q, dtype=torch.int8, device=DEVICE)
+    q = quant_causal_conv1d_silu(x_view, xs, w[:, None, :], ws, bias, os_, out=out_big[..., ::2])
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, os_, return_float=True)
+    assert_codes_match(q, q_ref, y_ref, conv_magnitude(x_q, xs, w, ws, bias), os_)
+    assert (q == 127).float().mean() > 0.3
+    assert bool((out_big[..., 1::2] == POISON_Q).all())  # untouched
+
+
+def test_conv_mismatches_are_rare():
+    x_q, xs, w, ws, bias, os_ = conv_operands(4, 64, 128, 4, seed=2)
+    q = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_)
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, os_, return_float=True)
+    n_diff = assert_codes_match(q, q_ref, y_ref, conv_magnitude(x_q, xs, w, ws, bias), os_)
+    assert n_diff <= 8  # of 32768 codes (interpreter: 1 in 786k on similar data)
+
+
+@pytest.mark.parametrize("k", [4, 3])
+def test_conv_update_token_by_token_equals_prefill(k):
+    b, d, l = 2, 37, 11
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, seed=3)
+    g = gen(4)
+    init = codes(b, d, k, g=g)
+
+    st_full = init.clone()
+    q_full = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, st_full, block_d=16, block_l=16)
+    # the state holds the last k inputs of history ++ x
+    assert torch.equal(st_full, torch.cat([init, x_q], dim=-1)[..., -k:])
+
+    st_tok, st_ref = init.clone(), init.clone()
+    for t in range(l):
+        out = torch.full((b, d), POISON_Q, dtype=torch.int8, device=DEVICE)
+        q_t = quant_causal_conv1d_update(x_q[:, :, t], st_tok, xs, w, ws, bias, os_, out=out, block_d=16)
+        assert torch.equal(q_t, q_full[:, :, t])  # same fp32 ops, same order: bit exact
+        q_r, y_r = quant_causal_conv1d_update_reference(x_q[:, :, t], st_ref, xs, w, ws, bias, os_,
+                                                         return_float=True)
+        assert torch.equal(st_tok, st_ref)
+        mag = conv_magnitude(x_q[:, :, t:t + 1], xs, w, ws, bias, st_ref)[..., 0]
+        assert_codes_match(q_t, q_r, y_r, mag, os_)
+    assert torch.equal(st_tok, st_full)
+
+    # With a state, prefill == reference with the same history.
+    st_ref = init.clone()
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, os_, st_ref, return_float=True)
+    assert torch.equal(st_ref, st_full)
+    assert_codes_match(q_full, q_ref, y_ref, conv_magnitude(x_q, xs, w, ws, bias, init), os_)
+
+
+def test_conv_zero_state_and_chunked_prefill():
+    b, d, l, k = 2, 20, 23, 4
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, seed=5)
+    q_nostate = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, block_l=16)
+    st = torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE)
+    assert torch.equal(quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, st, block_l=16), q_nostate)
+    # chunks shorter than k - 1 exercise state columns that survive a prefill
+    st = torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE)
+    parts, t0 = [], 0
+    for t1 in (2, 3, 20, 23):
+        parts.append(quant_causal_conv1d_silu(x_q[..., t0:t1], xs, w, ws, bias, os_, st, block_l=16))
+        t0 = t1
+    assert torch.equal(torch.cat(parts, dim=-1), q_nostate)
+    assert torch.equal(st, x_q[..., -k:])
+
+
+def test_conv_state_strided_view():
+    b, d, l, k = 2, 24, 6, 4
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, seed=6)
+    cache = torch.zeros(b, k, d + 3, dtype=torch.int8, device=DEVICE)
+    st = cache[..., :d].transpose(1, 2)  # (b, d, k), non-contiguous
+    st_ref = torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE)
+    q = quant_causal_conv1d_silu(x_q[..., :4], xs, w, ws, bias, os_, st)
+    quant_causal_conv1d_silu_reference(x_q[..., :4], xs, w, ws, bias, os_, st_ref)
+    assert torch.equal(st, st_ref)
+    for t in range(4, l):
+        q = quant_causal_conv1d_update(x_q[:, :, t], st, xs, w, ws, bias, os_)
+        quant_causal_conv1d_update_reference(x_q[:, :, t], st_ref, xs, w, ws, bias, os_)
+        assert torch.equal(st, st_ref)
+    assert q.shape == (b, d)
+    assert bool((cache[..., d:] == 0).all())
+
+
+def test_conv_argument_checks():
+    x_q, xs, w, ws, bias, os_ = conv_operands(2, 8, 5, 4)
+    with pytest.raises(TypeError):
+        quant_causal_conv1d_silu(x_q.float(), xs, w, ws, bias, os_)
+    with pytest.raises(ValueError):
+        quant_causal_conv1d_silu(x_q, xs, w, None, bias, os_)  # int8 weight without scale
+    with pytest.raises(ValueError):
+        quant_causal_conv1d_silu(x_q, xs, w[:4], ws, bias, os_)
+    with pytest.raises(ValueError):
+        quant_causal_conv1d_silu(x_q, torch.ones(2), w, ws, bias, os_)  # per-tensor only
+    with pytest.raises(ValueError):
+        quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, torch.zeros(2, 8, 3, dtype=torch.int8))
+    with pytest.raises(ValueError):
+        quant_causal_conv1d_update(x_q[..., 0], torch.zeros(2, 8, 4), xs, w, ws, bias, os_)
+    assert quant_causal_conv1d_silu(x_q[..., :0], xs, w, ws, bias, os_).shape == (2, 8, 0)
+
+
+# =========================================================================== selective scan
+
+
+def scan_operands(b, d, n, l, seed=0, *, dt_bias=True, D=True, z=True):
+    g = gen(seed)
+    u_q, dt_q = codes(b, d, l, g=g), codes(b, d, l, g=g)
+    B_q, C_q = codes(b, n, l, g=g), codes(b, n, l, g=g)
+    z_q = codes(b, d, l, g=g) if z else None
+    A = (-torch.exp(torch.randn(d, n, generator=g))).to(DEVICE)
+    Dv = torch.randn(d, generator=g).to(DEVICE) if D else None
+    dtb = (torch.randn(d, generator=g) - 3.0).to(DEVICE) if dt_bias else None
+    # (u, u_s, dt, dt_s, dt_bias, A, B, B_s, C, C_s, D, z, z_s)
+    return [u_q, 0.02, dt_q, 0.01, dtb, A, B_q, 0.02, C_q, 0.03, Dv, z_q, 0.03 if z else None]
+
+
+def assert_scan_close(y, y_ref, rel=1e-5):
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    assert not torch.isnan(y).any()
+    yf, rf = y.double(), y_ref.double()
+    tol = rel * rf.abs().max() + ULP[y.dtype] * rf.abs() + 1e-30
+    assert bool(((yf - rf).abs() <= tol).all()), float((yf - rf).abs().max())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 37, 16, 45), (3, 20, 5, 9)])
+def test_scan_matches_reference(shape, out_dtype):
+    ops = scan_operands(*shape)
+    b, d, n, l = shape
+    out = torch.full((b, d, l), float("nan"), dtype=out_dtype, device=DEVICE)
+    y, h = quant_selective_scan(*ops, out_dtype=out_dtype, return_state=True, out=out, block_d=16)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=out_dtype, return_state=True)
+    assert y.data_ptr() == out.data_ptr()
+    assert_scan_close(y, y_ref)
+    assert_scan_close(h, h_ref)
+
+
+@pytest.mark.parametrize("variant", ["no_D", "no_z", "no_dt_bias", "h0", "no_softplus"])
+def test_scan_options(variant):
+    b, d, n, l = 2, 24, 8, 13
+    ops = scan_operands(b, d, n, l, seed=1, D=variant != "no_D", z=variant != "no_z",
+                        dt_bias=variant != "no_dt_bias")
+    kw = {}
+    if variant == "h0":
+        kw["h0"] = torch.randn(b, d, n, generator=gen(2)).to(DEVICE)
+    if variant == "no_softplus":
+        ops[2], ops[3], ops[4] = ops[2].abs(), 1e-3, None  # dt = code * 1e-3 in [0, 0.127]
+        kw["dt_softplus"] = False
+    y, h = quant_selective_scan(*ops, out_dtype=torch.float32, return_state=True, block_d=16, **kw)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=torch.float32, return_state=True, **kw)
+    assert_scan_close(y, y_ref)
+    assert_scan_close(h, h_ref)
+
+
+def test_scan_model_layout_views_and_default_block():
+    # (b, l, d) activations and B, C as column slices of one x_proj-like output
+    b, d, n, l, r = 2, 40, 16, 20, 3
+    g = gen(3)
+    u_bld, dt_bld, z_bld = (codes(b, l, d, g=g) for _ in range(3))
+    xproj = codes(b, l, r + 2 * n, g=g)
+    B_v, C_v = xproj[..., r:r + n].transpose(1, 2), xproj[..., r + n:].transpose(1, 2)
+    ops = scan_operands(b, d, n, l, seed=4)
+    ops[0], ops[2], ops[11] = u_bld.transpose(1, 2), dt_bld.transpose(1, 2), z_bld.transpose(1, 2)
+    ops[6], ops[8] = B_v, C_v
+    y = quant_selective_scan(*ops, out_dtype=torch.float16)
+    assert y.stride() == ops[0].stride()  # laid out like u: (b, l, d) memory
+    ref_ops = [o.contiguous() if isinstance(o, torch.Tensor) else o for o in ops]
+    assert_scan_close(y, quant_selective_scan_reference(*ref_ops, out_dtype=torch.float16))
+
+
+@triton.jit
+def _softplus_test_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+    tl.store(y_ptr + offs, _softplus(x), mask=offs < N)
+
+
+def test_softplus_matches_torch():
+    x = torch.cat([torch.linspace(-100, 100, 2001), torch.tensor([19.999, 20.0, 20.001, -17.0, -30.0]),
+                   torch.randn(500) * 3]).to(DEVICE)
+    y = torch.empty_like(x)
+    _softplus_test_kernel[(triton.cdiv(x.numel(), 512),)](x, y, x.numel(), BLOCK=512, enable_fp_fusion=False)
+    ref = F.softplus(x.double())
+    # interpreter: numpy exp/log (< 1 ulp) + the log1p correction; GPU: ex2.approx of the
+    # rounded product x * log2(e) has ~|x| * 2^-24 relative error, and subnormals may flush
+    rel, floor = (4e-7, 1e-45) if INTERPRET_MODE else (4e-6, 1e-37)
+    assert bool(((y.double() - ref).abs() <= rel * ref.abs() + floor).all())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_state_update_token_by_token_equals_scan(out_dtype):
+    b, d, n, l = 2, 37, 16, 12
+    ops = scan_operands(b, d, n, l, seed=5)
+    h0 = torch.randn(b, d, n, generator=gen(6)).to(DEVICE)
+    y_full, h_full = quant_selective_scan(*ops, out_dtype=out_dtype, h0=h0, return_state=True, block_d=16)
+    u, us, dt, dts, dtb, A, B, Bs, C, Cs, D, z, zs = ops
+    st, st_ref = h0.clone(), h0.clone()
+    for t in range(l):
+        step = (u[..., t], us, dt[..., t], dts, dtb, A, B[..., t], Bs, C[..., t], Cs, D, z[..., t], zs)
+        out = torch.full((b, d), float("nan"), dtype=out_dtype, device=DEVICE)
+        y_t = quant_selective_state_update(st, *step, out_dtype=out_dtype, out=out, block_d=16)
+        y_r = quant_selective_state_update_reference(st_ref, *step, out_dtype=out_dtype)
+        assert_scan_close(y_t, y_r)
+        assert_scan_close(st, st_ref)
+        if INTERPRET_MODE:
+            assert torch.equal(y_t, y_full[..., t])  # same jit step function, same tiles
+        else:
+            assert_scan_close(y_t, y_full[..., t], rel=1e-6)
+    if INTERPRET_MODE:
+        assert torch.equal(st, h_full)
+    else:
+        assert_scan_close(st, h_full, rel=1e-6)
+
+
+def test_scan_chunked_prefill_with_state():
+    b, d, n, l = 1, 20, 4, 17
+    ops = scan_operands(b, d, n, l, seed=7)
+    y_full, h_full = quant_selective_scan(*ops, out_dtype=torch.float32, return_state=True, block_d=16)
+    cut = lambda o, s: o[..., s] if isinstance(o, torch.Tensor) and o.dim() == 3 else o  # noqa: E731
+    y1, h1 = quant_selective_scan(*[cut(o, slice(0, 6)) for o in ops], out_dtype=torch.float32,
+                                  return_state=True, block_d=16)
+    y2, h2 = quant_selective_scan(*[cut(o, slice(6, l)) for o in ops], out_dtype=torch.float32,
+                                  h0=h1, return_state=True, block_d=16)
+    assert torch.equal(torch.cat([y1, y2], dim=-1), y_full)
+    assert torch.equal(h2, h_full)
+
+
+def test_scan_argument_checks():
+    ops = scan_operands(2, 8, 4, 5)
+    with pytest.raises(ValueError):
+        quant_selective_scan(*ops, out_dtype=torch.int8)
+    bad = list(ops)
+    bad[6] = ops[6][:, :3]
+    with pytest.raises(ValueError):
+        quant_selective_scan(*bad)
+    bad = list(ops)
+    bad[1] = torch.ones(8)
+    with pytest.raises(ValueError):
+        quant_selective_scan(*bad)
+    with pytest.raises(ValueError):
+        quant_selective_scan(*ops, h0=torch.zeros(2, 8, 3))
+    y, h = quant_selective_scan(*[o[..., :0] if isinstance(o, torch.Tensor) and o.dim() == 3 else o
+                                  for o in ops], return_state=True)
+    assert y.shape == (2, 8, 0) and torch.equal(h, torch.zeros(2, 8, 4, device=DEVICE))
+
+
+# =========================================================================== GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_conv_large():
+    b, d, l, k = 2, 1536, 1000, 4
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, seed=10)
+    st = torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE)
+    q = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, os_, st)
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, os_, return_float=True)
+    n_diff = assert_codes_match(q, q_ref, y_ref, conv_magnitude(x_q, xs, w, ws, bias), os_)
+    assert n_diff <= 1e-4 * q.numel()
+    assert torch.equal(st, x_q[..., -k:])
+    g = gen(11)
+    for _ in range(8):
+        x_t = codes(b, d, g=g)
+        st_before, st_ref = st.clone(), st.clone()
+        q_t = quant_causal_conv1d_update(x_t, st, xs, w, ws, bias, os_)
+        q_r, y_r = quant_causal_conv1d_update_reference(x_t, st_ref, xs, w, ws, bias, os_, return_float=True)
+        assert torch.equal(st, st_ref)
+        mag = conv_magnitude(x_t[..., None], xs, w, ws, bias, st_before)[..., 0]
+        assert_codes_match(q_t, q_r, y_r, mag, os_)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_scan_large(out_dtype):
+    b, d, n, l = 2, 1536, 16, 512
+    ops = scan_operands(b, d, n, l, seed=12)
+    y, h = quant_selective_scan(*ops, out_dtype=out_dtype, return_state=True)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=out_dtype, return_state=True)
+    assert_scan_close(y, y_ref, rel=1e-4)  # GPU exp/log are approximate (a few ulp)
+    assert_scan_close(h, h_ref, rel=1e-4)
+    st, st_ref = h.clone(), h.clone()
+    u, us, dt, dts, dtb, A, B, Bs, C, Cs, D, z, zs = ops
+    step = (u[..., 0], us, dt[..., 0], dts, dtb, A, B[..., 0], Bs, C[..., 0], Cs, D, z[..., 0], zs)
+    y_t = quant_selective_state_update(st, *step, out_dtype=out_dtype)
+    y_r = quant_selective_state_update_reference(st_ref, *step, out_dtype=out_dtype)
+    assert_scan_close(y_t, y_r, rel=1e-4)
+    assert_scan_close(st, st_ref, rel=1e-4)
+
+
+# =========================================================================== sm_90 AOT compile (CPU)
+
+# The interpreter never compiles a kernel.  Triton can compile for a GPU target without a GPU
+# (its wheel bundles ptxas), which catches what only the NVIDIA backend checks: dot sizes,
+# type/layout errors, register spills.  Run in a subprocess because this process decorated
+# the kernels in interpreter mode.
+AOT_HELPER = r'''
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = triton.compiler.make_backend(TARGET)
+
+
+def aot(kernel, consts, ptr_types=None, ones=(), num_warps=4, num_stages=3):
+    """Compile for sm_90 with the launch-time specialisations (args == 1 -> constexpr)."""
+    sig, cx = {}, {}
+    for nm in kernel.arg_names:
+        if nm in consts:
+            sig[nm], cx[nm] = "constexpr", consts[nm]
+        elif nm in ones:
+            sig[nm], cx[nm] = "constexpr", 1
+        elif nm.endswith("_ptr"):
+            sig[nm] = "*" + (ptr_types or {}).get(nm, "fp32")
+        else:
+            sig[nm] = "i32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=cx)
+    opts = BACKEND.parse_options(dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False))
+    k = triton.compile(src, target=TARGET, options=opts.__dict__)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    stack = 0
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"STACK:(\d+)", out)
+        stack = int(m.group(1)) if m else 0
+    assert stack == 0, f"{kernel.__name__} {consts}: {stack} bytes of register spills"
+    return k
+'''
+
+
+def run_aot(tmp_path, body):
+    script = tmp_path / "aot_check.py"
+    script.write_text(AOT_HELPER + body + "\nprint('AOT_OK')\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="0")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
+        pytest.skip("no ptxas for the sm_90 AOT compile")
+    assert res.returncode == 0 and "AOT_OK" in res.stdout, res.stderr[-3000:]
+
+
+MAMBA_AOT_BODY = r'''
+from archquant.kernels import mamba_conv1d as C, mamba_scan as S
+
+i8 = {n: "i8" for n in ("x_ptr", "w_ptr", "st_ptr", "y_ptr", "u_ptr", "dt_ptr", "z_ptr", "b_ptr", "c_ptr")}
+for has_state in (False, True):
+    aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=has_state, QMAX=127, BLOCK_D=32, BLOCK_L=32),
+        i8, ones=("s_xl", "s_wk", "s_ws", "s_sk", "s_yl"))
+aot(C._conv1d_silu_kernel, dict(KW=3, HAS_BIAS=False, HAS_STATE=True, QMAX=127, BLOCK_D=16, BLOCK_L=16),
+    dict(i8, w_ptr="fp32"))  # generic strides, fp32 weight
+aot(C._conv_state_write_kernel, dict(KW=4, KW_PAD=4, BLOCK_D=32), i8, ones=("s_xl", "s_sk"))
+aot(C._conv1d_update_kernel, dict(KW=4, KW_PAD=4, HAS_BIAS=True, QMAX=127, BLOCK_D=64), i8,
+    ones=("s_xd", "s_wk", "s_sk", "s_yd"))
+for out_code, y_ty in ((0, "fp32"), (1, "fp16"), (2, "bf16")):
+    aot(S._selective_scan_kernel,
+        dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_H0=True, STORE_STATE=True,
+             OUT_CODE=out_code, BLOCK_D=32 if out_code else 16, BLOCK_N=16),
+        dict(i8, y_ptr=y_ty), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_hn", "s_yd", "s_on"))
+    aot(S._state_update_kernel,
+        dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, OUT_CODE=out_code, BLOCK_D=16, BLOCK_N=16),
+        dict(i8, y_ptr=y_ty), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_sn", "s_yd"))
+aot(S._selective_scan_kernel,
+    dict(HAS_D=False, HAS_Z=False, HAS_DT_BIAS=False, DT_SOFTPLUS=False, HAS_H0=False, STORE_STATE=False,
+         OUT_CODE=1, BLOCK_D=32, BLOCK_N=2), dict(i8, y_ptr="fp16"))  # n = 1, generic strides
+'''
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    run_aot(tmp_path, MAMBA_AOT_BODY)
