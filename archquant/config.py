@@ -64,6 +64,7 @@ class RunConfig:
     save: bool = True
     #: reload the saved checkpoint and check that it reproduces the quantized metrics
     verify_reload: bool = True
+    #: "real": also convert a copy of the quantized model to int8 kernels and evaluate it
     backend: str = "fake"
     seed: int = 0
     progress: bool = True
@@ -71,7 +72,7 @@ class RunConfig:
 
 ALLOWED = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "backend": ("fake",),
+    "backend": ("fake", "real"),
     "recipe.w_granularity": ("tensor", "channel", "group"),
     "recipe.a_granularity": ("tensor", "token"),
     "recipe.rotation": ROTATION_KINDS,

@@ -80,14 +80,21 @@ def render_markdown(report: dict) -> str:
     ]
     def row(label: str, metrics: dict, size, seconds) -> str:
         return (f"| {label} | " + " | ".join(f"{_fmt(metrics[n])} ({_rel(metrics[n], fp[n])})" for n in names)
-                + f" | {size} | {_fmt(seconds)} s |")
+                + f" | {size} | {'–' if seconds is None else f'{_fmt(seconds)} s'} |")
 
     for name, c in (report.get("compare") or {}).items():
         lines.append(row(name, c["metrics"], f"{_mb(c['bytes'])} (in memory)", c["seconds"]))
     ckpt = report.get("checkpoint") or {}
     qname = report["method"]["name"]
     lines.append(row(f"**{qname}**", q, _mb(ckpt.get("bytes")), report["timings"].get(f"quantize ({qname})")))
+    real = report.get("real")
+    if real:  # backend=real: the same model on int8 kernels
+        lines.append(row(f"{qname} (real int8)", real["metrics"], f"{_mb(real['bytes'])} (in memory)", None))
     lines.append("")
+    if real:
+        lines.append(f"Real int8 backend: {real['converted']} Linears on int8 kernels, {len(real['kept'])} quantized "
+                     f"modules kept fake-quant; evaluation {_fmt(real['eval_seconds']['fake'])} s fake-quant, "
+                     f"{_fmt(real['eval_seconds']['real'])} s real.")
     if report.get("reload") is not None:
         ok = "identical" if report["reload"]["identical"] else "DIFFERENT"
         lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded: metrics {ok}.")

@@ -2,9 +2,9 @@
 
 Stages: load model → load calibration and evaluation data (checked disjoint) → quantize
 (the recipe calibrates what it needs) → evaluate FP and quantized → save → verify the saved
-checkpoint reloads to the same metrics → report. The runner only wires stages together and
-turns user mistakes into one-line errors (exit code 2); the algorithms live in the core and
-the family adapters.
+checkpoint reloads to the same metrics → (``backend=real``: evaluate a copy running on int8
+kernels) → report. The runner only wires stages together and turns user mistakes into
+one-line errors (exit code 2); the algorithms live in the core and the family adapters.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .core.calibration import NonFiniteActivationError
 from .core.recipe import Recipe, apply_recipe
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
+from .real import convert_to_real
 from .report import environment, model_size_bytes, write_reports
 
 EXIT_USAGE = 2
@@ -98,6 +99,16 @@ def run(cfg: RunConfig, log=print) -> dict:
                 reloaded_metrics = adapter.evaluate(load_quantized(checkpoint_dir), evaluation)
                 reload = {"metrics": reloaded_metrics, "identical": reloaded_metrics == q_metrics}
 
+    real = None
+    if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; a copy runs in int8
+        with timer.stage("convert to real", log):
+            rmodel = convert_to_real(copy.deepcopy(qmodel))
+        with timer.stage("evaluate real", log):
+            real_metrics = adapter.evaluate(rmodel, evaluation)
+        real = {**rmodel._archquant_real, "metrics": real_metrics, "bytes": model_size_bytes(rmodel),
+                "eval_seconds": {"fake": timer.times[f"evaluate {recipe.name}"], "real": timer.times["evaluate real"]}}
+        del rmodel
+
     report = {
         "config": cfg_dict,
         "family": adapter.name,
@@ -105,7 +116,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         "method": recipe.to_dict(),
         "data": {"calibration": calib.description, "calibration_items": len(calib.item_ids),
                  "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids)},
-        "metrics": {"fp": fp_metrics, "quantized": q_metrics},
+        "metrics": {"fp": fp_metrics, "quantized": q_metrics, **({"real": real["metrics"]} if real else {})},
+        "real": real,
         "compare": compared,
         "headline_metric": next(iter(adapter.metrics), None),
         "lower_is_better": adapter.metrics,

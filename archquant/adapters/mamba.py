@@ -259,20 +259,40 @@ def quamba(o: RecipeOptions) -> Recipe:
     return Recipe("quamba", steps)
 
 
+KLT_SITES = ("residual", "dt", "out")
+
+
+def klt_sites(o: RecipeOptions) -> set[str]:
+    """Sites with a KLT-enhanced rotation. ``rotation=klt_hadamard`` (or unset) keeps the paper's
+    default, all of R1/R5/R2; ``rotation=random_hadamard`` turns the KLT off everywhere unless
+    ``klt_sites`` names sites."""
+    if o.klt_sites is not None:
+        sites = {s.strip() for s in o.klt_sites.split(",") if s.strip()}
+        bad = sorted(sites - set(KLT_SITES))
+        if bad:
+            raise ValueError(f"config key 'recipe.klt_sites' has value {bad[0]!r}: allowed values are "
+                             f"{', '.join(KLT_SITES)} (comma-separated)")
+        return sites
+    return set(KLT_SITES) if o.get("rotation", "klt_hadamard") == "klt_hadamard" else set()
+
+
 def mambaquant(o: RecipeOptions) -> Recipe:
     """MambaQuant: smooth-fused scales, KLT-enhanced rotations R1 (residual), R5 (dt path), R2 (out_proj
     input, online), random Hadamard R4 on the state dimension; per-channel asymmetric weights;
     dynamic per-tensor activations, the h·C inputs per token."""
     seed = o.get("rotation_seed", 0)
+    klt = klt_sites(o)
+    base = "random_hadamard" if o.rotation in (None, "klt_hadamard") else o.rotation
+    rot = {site: "klt_hadamard" if site in klt else base for site in KLT_SITES}
     w = weight_spec(o, "channel")
     w = QuantSpec(format=w.format, bits=w.bits, symmetric=o.get("w_symmetric", False), granularity=w.granularity,
                   axis=0, group_size=w.group_size).validate()
     token = act_spec(o, "token").to_dict()
     return Recipe("mambaquant", [
         MambaQuantSmooth(alpha=o.get("alpha", 0.5)),
-        RotateResidual(rotation=o.get("rotation", "klt_hadamard"), seed=seed),
-        RotatePairs(rotation=o.get("rotation", "klt_hadamard"), seed=seed),
-        OnlineHadamard(seed=seed, klt=o.get("rotation", "klt_hadamard") == "klt_hadamard"),
+        RotateResidual(rotation=rot["residual"], seed=seed),
+        RotatePairs(rotation=rot["dt"], seed=seed),
+        OnlineHadamard(seed=seed, klt=rot["out"] == "klt_hadamard"),
         StateRotation(seed=seed),
         Quantize(weight=w, activation=act_spec(o, "tensor"), dynamic=True,
                  weight_observer=o.get("w_observer", "minmax"),

@@ -33,6 +33,9 @@ class RecipeOptions:
     alpha: float | None = None
     rotation: str | None = None
     rotation_seed: int | None = None
+    #: MambaQuant: comma-separated sites whose rotation is KLT-enhanced (K·H) rather than a plain
+    #: random Hadamard: "residual" (R1), "dt" (R5), "out" (R2); the paper's default is all three
+    klt_sites: str | None = None
 
     def get(self, name: str, default):
         value = getattr(self, name)

@@ -1,0 +1,177 @@
+"""The "real" backend: run frozen fake-quant int8 Linears with int8 arithmetic.
+
+The fake-quant model stays the interchange format (checkpoints, evaluation of accuracy);
+``convert_to_real`` turns a quantized model into one whose eligible ``QuantLinear``s compute
+with int8 codes (``kernels/cpu_int8.py`` on the CPU, the Triton ``w8a8_gemm`` on CUDA):
+
+    model = aq.load_quantized("out/ckpt")
+    convert_to_real(model)            # in place; returns the model
+    model._archquant_real             # {"converted": n, "kept": [(name, reason), ...]}
+
+Eligible: weight int8 symmetric, per tensor or per output channel, frozen; input quantizer
+int8 symmetric, dynamic per token / per tensor or static per tensor (frozen), or none
+(weight-only). Anything else (4-bit, fp8, asymmetric, groups, …) keeps its fake-quant module,
+and the summary says why. A real module gives the fake one's outputs up to fp32 summation
+order (the int8 products are exact; see ``tests/test_cpu_int8.py`` for the tolerances).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core.formats import QuantSpec
+from .core.modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
+from .core.recipe import set_submodule
+from .kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_weight_only_linear,
+                               quantize_per_tensor_int8_torch, quantize_per_token_int8_torch,
+                               quantize_static_int8_torch)
+
+__all__ = ["RealQuantLinear", "convert_to_real", "real_eligibility"]
+
+
+def _is_int8_symmetric(spec: QuantSpec) -> bool:
+    return spec.format == "int" and spec.bits == 8 and spec.symmetric
+
+
+def _spec_name(spec: QuantSpec) -> str:
+    fmt = f"int{spec.bits}" if spec.format == "int" else spec.format
+    return f"{fmt}{'' if spec.symmetric else ' asymmetric'} {spec.granularity}"
+
+
+def _act_kind(q: ActQuantizer) -> str | None:
+    """How a real module quantizes this input, or None if it cannot."""
+    if not _is_int8_symmetric(q.spec) or q.mode != "quantize":
+        return None
+    if q.dynamic:
+        return {"token": "dynamic_token", "tensor": "dynamic_tensor"}.get(q.spec.granularity)
+    if q.spec.granularity == "tensor" and "scale" in q.params.as_dict():
+        return "static_tensor"
+    return None
+
+
+def real_eligibility(module: nn.Module) -> str | None:
+    """None if ``module`` can become a :class:`RealQuantLinear`, else the reason it cannot."""
+    if not isinstance(module, QuantLinear):
+        return f"{type(module).__name__}: no real kernel, stays fake-quant"
+    spec = module.weight_spec
+    if spec is None:
+        return "weight not quantized"
+    if not module.frozen:
+        return "weight not frozen"
+    if not _is_int8_symmetric(spec):
+        return f"weight {_spec_name(spec)}: only symmetric int8 weights run on int8 kernels"
+    if spec.granularity not in ("tensor", "channel") or (spec.granularity == "channel" and spec.axis % 2 != 0):
+        return f"weight granularity {spec.granularity!r} (axis {spec.axis}): needs per tensor or per output channel"
+    q = module.input_quantizer
+    if q is not None and _act_kind(q) is None:
+        kind = "dynamic" if q.dynamic else f"static (mode {q.mode})"
+        return f"input {_spec_name(q.spec)} {kind}: needs symmetric int8, dynamic per token/tensor or static per tensor"
+    return None
+
+
+class RealQuantLinear(nn.Module):
+    """int8 twin of a frozen ``QuantLinear``: y = Q_out(int8_linear(Q_in(T(x)), W_q)).
+
+    Holds the int8 codes (``weight_q``, (N, K)) and fp32 scale (``weight_scale``, 1 or N
+    values) as buffers, reuses the fake module's online transform and quantizers (their
+    specs and frozen static scales), and computes in int8: W8A8 through ``int8_linear``,
+    weight-only through ``int8_weight_only_linear``. The output quantizer, if any, is
+    applied as in the fake module (fake-quant of the result; for int8 quantizers through
+    ``fake_quantize_int8_torch``, the same values in fewer tensor ops).
+    """
+
+    def __init__(self, qlinear: QuantLinear) -> None:
+        super().__init__()
+        reason = real_eligibility(qlinear)
+        if reason is not None:
+            raise ValueError(f"cannot convert to a real int8 Linear: {reason}")
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.register_buffer("weight_q", qlinear.weight_codes.detach().contiguous())
+        scale = qlinear.weight_params.as_dict()["scale"].detach().to(torch.float32).reshape(-1)
+        self.register_buffer("weight_scale", scale.clone())
+        self.register_buffer("bias", None if qlinear.bias is None else qlinear.bias.detach().clone())
+        self.input_transform = qlinear.input_transform
+        self.input_quantizer = qlinear.input_quantizer
+        self.output_quantizer = qlinear.output_quantizer
+        self.act_kind = "weight_only" if qlinear.input_quantizer is None else _act_kind(qlinear.input_quantizer)
+        # int8 output quantizers take a shorter, bit-identical fake-quant (others run their module)
+        self.out_kind = None if qlinear.output_quantizer is None else _act_kind(qlinear.output_quantizer)
+        self._packed: Int8Weight | None = None
+
+    @classmethod
+    def from_quant_linear(cls, qlinear: QuantLinear) -> "RealQuantLinear":
+        return cls(qlinear)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None  # packings follow the buffers (device/dtype moves)
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def packed(self) -> Int8Weight:
+        if self._packed is None:
+            self._packed = Int8Weight(self.weight_q, self.weight_scale)
+        return self._packed
+
+    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x2.is_cuda:  # Triton kernels, same codes as the torch versions
+            from .kernels.quantize import quantize_per_token_int8, quantize_static_int8
+
+            if self.act_kind == "dynamic_token":
+                return quantize_per_token_int8(x2)
+            if self.act_kind == "static_tensor":
+                scale = self.input_quantizer.params.as_dict()["scale"]
+                return quantize_static_int8(x2, scale), scale
+        if self.act_kind == "dynamic_token":
+            return quantize_per_token_int8_torch(x2)
+        if self.act_kind == "dynamic_tensor":
+            return quantize_per_tensor_int8_torch(x2)
+        scale = self.input_quantizer.params.as_dict()["scale"]
+        return quantize_static_int8_torch(x2, scale), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_kind == "weight_only":
+            y = int8_weight_only_linear(x2, self.packed, bias=self.bias)
+        else:
+            x_q, x_scale = self._quantize_input(x2)
+            y = int8_linear(x_q, self.packed, x_scale, bias=self.bias, out_dtype=x.dtype)
+        y = y.reshape(*lead, self.out_features)
+        if self.output_quantizer is None:
+            return y
+        if self.out_kind is None:
+            return self.output_quantizer(y)
+        scale = self.output_quantizer.params.as_dict()["scale"] if self.out_kind == "static_tensor" else None
+        return fake_quantize_int8_torch(y, scale, per_token=self.out_kind == "dynamic_token")
+
+    def extra_repr(self) -> str:
+        w = "per-channel" if self.weight_scale.numel() > 1 else "per-tensor"
+        return f"in={self.in_features}, out={self.out_features}, weight=int8/{w}, input={self.act_kind}"
+
+
+def convert_to_real(model: nn.Module) -> nn.Module:
+    """Swap every eligible ``QuantLinear`` of ``model`` for a :class:`RealQuantLinear`, in place.
+
+    Returns ``model`` (or the new module, if ``model`` is itself a QuantLinear);
+    ``model._archquant_real`` holds the summary ``{"converted": n,
+    "kept": [(name, reason), ...]}`` (kept: quantized modules left as fake-quant).
+    """
+    converted, kept = 0, []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            reason = real_eligibility(module)
+            if reason is None:
+                real = RealQuantLinear(module)
+                if not name:  # the model is itself a QuantLinear
+                    real._archquant_real = {"converted": 1, "kept": []}
+                    return real
+                set_submodule(model, name, real)
+                converted += 1
+                continue
+            kept.append((name, reason))
+        elif isinstance(module, (QuantConv1d, QuantMatmul)):
+            kept.append((name, real_eligibility(module)))
+    model._archquant_real = {"converted": converted, "kept": kept}
+    return model

@@ -1,0 +1,437 @@
+"""CPU int8 backend: kernels/cpu_int8.py (int8 GEMM paths, weight-only paths, activation
+quantization) and archquant/real.py (RealQuantLinear, convert_to_real, runner backend=real).
+
+Tolerances, and why:
+* int8 x int8 paths (``int_mm``, ``fbgemm``): bit-identical to the exact reference (int64
+  product, then the same fp32 epilogue), because the int32 accumulator is exact and the
+  epilogue does the same fp32 operations in the same order.
+* ``split3`` weight-only: the activation is represented to amax·2^-24.9, about fp32
+  resolution, so it is compared to a float64 reference at 1e-5 · max|y|.
+* RealQuantLinear vs its fake-quant twin (fp32): both multiply the same integer codes; only
+  the fake module's fp32 summation differs, so max|Δ| <= 1e-4 · max|y|.
+* whole models: a last-ulp difference can move an activation that sits on a rounding
+  boundary of a *later* quantizer by one code (with per-token dynamic output quantizers a
+  1-ulp change of a token's amax moves its whole grid). Measured on the tiny Mamba1: static
+  recipes (quamba) 3e-7 · max|logits|; rtn_dynamic 2e-3 (one code of layer 0's in_proj
+  output quantizer flipped, then carried along the sequence by the scan). So logits must
+  satisfy ||real - fake|| <= 1e-2 · ||fake|| and <= 0.1 · ||fake - FP||: the backend's
+  difference is an order of magnitude below the quantization error itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import archquant as aq
+from archquant.core.formats import QuantSpec
+from archquant.core.modules import ActQuantizer, QuantConv1d, QuantLinear
+from archquant.core.transforms import HadamardTransform
+from archquant.kernels import cpu_int8 as K
+from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_only_path, fbgemm_available,
+                                        int8_linear, int8_linear_reference, int8_weight_only_linear,
+                                        int8_weight_only_linear_reference, quantize_per_tensor_int8_torch,
+                                        quantize_per_token_int8_torch, quantize_static_int8_torch)
+from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
+from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
+from archquant.models.toy import ToyConfig, init_toy_model, toy_task
+from archquant.real import RealQuantLinear, convert_to_real, real_eligibility
+from archquant.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else [])
+MODEL_TOL = 1e-2  # whole-model logits, relative Frobenius error (see the module docstring)
+LINEAR_TOL = 1e-4  # one RealQuantLinear vs its fake twin, fp32, relative to max|y|
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny shapes: OpenMP hand-offs on a busy 2-core box would dominate; results do not change."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _codes(*shape, seed=0):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel_max(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _assert_model_close(real, fake, fp):
+    err = ((real - fake).norm() / fake.norm()).item()
+    quant_err = ((fake - fp).norm() / fake.norm()).item()
+    assert err <= MODEL_TOL and err <= 0.1 * quant_err, (err, quant_err)
+
+
+# ----------------------------------------------------------------------------------------
+# int8 x int8
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CPU_PATHS + [None])
+@pytest.mark.parametrize("m", [1, 3, 17, 33])
+@pytest.mark.parametrize("k,n", [(17, 9), (40, 33), (1, 5), (100, 24), (64, 1)])
+def test_int8_linear_is_exact_for_odd_shapes(path, m, k, n):
+    x_q, w_q = _codes(m, k, seed=m), _codes(n, k, seed=k + n)
+    g = torch.Generator().manual_seed(1)
+    x_s, w_s, bias = torch.rand(m, 1, generator=g) + 0.01, torch.rand(n, generator=g) + 0.01, torch.randn(n, generator=g)
+    for b in (None, bias):
+        y = int8_linear(x_q, w_q, x_s, w_s, bias=b, path=path)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert torch.equal(y, int8_linear_reference(x_q, w_q, x_s, w_s, bias=b))
+    # the integer part alone, against int64 (scales 1, no bias)
+    acc = int8_linear(x_q, w_q, 1.0, torch.ones(n), path=path)
+    assert torch.equal(acc, (x_q.long() @ w_q.long().T).float())
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_epilogue_matches_the_triton_kernels_reference(path):
+    """Same epilogue as kernels/w8a8_gemm (fp32, (acc·a)·b + bias, one rounding), incl. bf16/fp16 out."""
+    from archquant.kernels.w8a8_gemm import w8a8_gemm_reference
+
+    x_q, w_q = _codes(5, 72), _codes(19, 72, seed=3)
+    bias = torch.randn(19)
+    for x_s, w_s in [(torch.rand(5, 1) * 1e-2, torch.rand(19) * 1e-2), (torch.tensor(0.03), torch.tensor(0.002)),
+                     (0.5, torch.rand(19))]:
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            y = int8_linear(x_q, w_q, x_s, w_s, bias=bias, out_dtype=out_dtype, path=path)
+            ref = w8a8_gemm_reference(x_q, w_q, x_s, w_s, bias=bias, out_dtype=out_dtype)
+            assert y.dtype == out_dtype and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_accumulator_beyond_fp32_integers_rounds_like_the_reference(path):
+    """|acc| up to 127²·3000 > 2²⁴: the int32 sum is exact and its fp32 cast rounds as the reference's."""
+    k = 3000
+    x_q = torch.full((2, k), 127, dtype=torch.int8)
+    x_q[1, ::2] = -127
+    w_q = torch.cat([torch.full((1, k), 127, dtype=torch.int8), torch.full((1, k), -127, dtype=torch.int8),
+                     _codes(3, k)])
+    w_q[2, 7] = 126  # makes the sum odd, so the fp32 cast has to round
+    y = int8_linear(x_q, w_q, 1.0, torch.ones(5), path=path)
+    assert torch.equal(y, (x_q.long() @ w_q.long().T).float())
+
+
+def test_path_choice():
+    fb = "fbgemm" if fbgemm_available() else "int_mm"
+    assert choose_path(1, 5120, 2560) == "int_mm" and choose_path(1, 2560, 10240) == fb
+    assert choose_path(4, 5120, 2560) == fb and choose_path(4, 1536, 768) == "int_mm"
+    assert choose_path(K.FBGEMM_MAX_M + 1, 5120, 2560) == "int_mm"
+    assert choose_path(1024, 5120, 2560) == "int_mm"
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm not usable here")
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_gemv_path_equals_its_reference(m):
+    """The decode (small-M) path: fbgemm's prepacked int8 GEMM, with a packed weight reused across calls."""
+    w = Int8Weight(_codes(2560, 512, seed=5), torch.rand(2560) * 1e-3)
+    for seed in range(2):
+        x_q = _codes(m, 512, seed=seed)
+        x_s = torch.rand(m, 1) * 0.1
+        y = int8_linear(x_q, w, x_s, path="fbgemm")
+        assert torch.equal(y, int8_linear_reference(x_q, w, x_s))
+    assert "fbgemm" in w._cache  # packed once, reused
+
+
+def test_int8_linear_input_checks():
+    w = _codes(4, 8)
+    with pytest.raises(ValueError, match="need w_scale"):
+        int8_linear(_codes(2, 8), w, 1.0)
+    with pytest.raises(ValueError, match="K mismatch"):
+        int8_linear(_codes(2, 9), w, 1.0, 1.0)
+    with pytest.raises(TypeError, match="int8"):
+        int8_linear(torch.zeros(2, 8), w, 1.0, 1.0)
+    with pytest.raises(ValueError, match="x_scale must have 1 or 2"):
+        int8_linear(_codes(2, 8), w, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="unknown CPU int8 path"):
+        int8_linear(_codes(2, 8), w, 1.0, 1.0, path="mkl")
+    assert int8_linear(_codes(0, 8), w, torch.ones(0), 1.0).shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------------------
+# activation quantization (torch versions) vs the core
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_quantizers_match_the_core_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 33, generator=g) * torch.logspace(-3, 2, 33)).to(dtype)
+    x[0, 0] = 0.0  # an all-zero token: clamped scale
+    q, s = quantize_per_token_int8_torch(x)
+    q_ref, s_ref = quantize_per_token_int8_reference(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and s.shape == (3, 7, 1)
+    for scale in (torch.tensor(0.37), torch.rand(3, 7, 1) + 0.1):
+        assert torch.equal(quantize_static_int8_torch(x, scale), quantize_static_int8_reference(x, scale))
+    spec = QuantSpec(bits=8, granularity="tensor")
+    q, s = quantize_per_tensor_int8_torch(x)
+    params = aq.core.formats.params_from_tensor(x, spec)
+    assert torch.equal(s, params["scale"]) and torch.equal(q, aq.core.formats.quantize(x, spec, params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_int8_torch_matches_the_core(dtype):
+    from archquant.core.formats import fake_quantize
+
+    x = (torch.randn(4, 9, 40, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    token, tensor = QuantSpec(bits=8, granularity="token"), QuantSpec(bits=8, granularity="tensor")
+    assert torch.equal(K.fake_quantize_int8_torch(x), fake_quantize(x, token))
+    assert torch.equal(K.fake_quantize_int8_torch(x, per_token=False), fake_quantize(x, tensor))
+    s = torch.tensor(0.021)
+    assert torch.equal(K.fake_quantize_int8_torch(x, s), fake_quantize(x, tensor, {"scale": s}))
+
+
+def test_ties_round_half_to_even_and_clamp():
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 127.5, 300.0, -300.0]])
+    q = quantize_static_int8_torch(x, 1.0)
+    assert q.tolist() == [[0, 2, 2, 0, -2, 126, 127, 127, -127]]
+    assert torch.equal(q, quantize_static_int8_reference(x, 1.0))
+
+
+# ----------------------------------------------------------------------------------------
+# weight-only
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 17, 9), (3, 100, 24), (17, 48, 33), (33, 64, 7)])
+def test_weight_only_paths(m, k, n):
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # uneven channels
+    w = Int8Weight(_codes(n, k, seed=n), torch.rand(n, generator=g) * 1e-2)
+    bias = torch.randn(n, generator=g)
+    ref = int8_weight_only_linear_reference(x, w, bias=bias)
+    # split3: x to ~2^-25·amax, products exact, fp32 combination
+    y = int8_weight_only_linear(x, w, bias=bias, path="split3")
+    assert y.dtype == torch.float32 and _rel_max(y, ref) <= 1e-5
+    # dequant: the fake-quant module's arithmetic (dequantize in fp32, F.linear)
+    y = int8_weight_only_linear(x, w, bias=bias, path="dequant")
+    assert torch.equal(y, torch.nn.functional.linear(x, w.dequantized(torch.float32), bias))
+    # int8pack (bf16): K is padded to a multiple of 16 (unpadded, torch's op is wrong for these K)
+    y = int8_weight_only_linear(x.bfloat16(), w, bias=bias, path="int8pack")
+    assert y.dtype == torch.bfloat16 and _rel_max(y, ref) <= 2e-2
+
+
+def test_weight_only_choice():
+    assert choose_weight_only_path(1, 5120, 2560, torch.float32) == "split3"
+    assert choose_weight_only_path(512, 1536, 80, torch.float32) == "dequant"
+    assert choose_weight_only_path(1, 5120, 2560, torch.bfloat16) == "int8pack"
+
+
+# ----------------------------------------------------------------------------------------
+# RealQuantLinear vs its fake-quant twin
+# ----------------------------------------------------------------------------------------
+
+
+def _quant_linear(act: str | None, hadamard: bool, w_gran: str = "channel", k: int = 64, n: int = 48,
+                  seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g))
+    inq = None
+    if act == "token":
+        inq = ActQuantizer(QuantSpec(bits=8, granularity="token"), dynamic=True)
+    elif act == "tensor_dynamic":
+        inq = ActQuantizer(QuantSpec(bits=8, granularity="tensor"), dynamic=True)
+    elif act == "static":
+        inq = ActQuantizer(QuantSpec(bits=8, granularity="tensor"))
+    q = QuantLinear.from_float(lin, weight_spec=QuantSpec(bits=8, granularity=w_gran), input_quantizer=inq,
+                               input_transform=HadamardTransform(k, seed=3) if hadamard else None)
+    q.freeze_weight()
+    if act == "static":
+        inq.mode = "calibrate"
+        q(torch.randn(64, k, generator=g) * 2)
+        inq.freeze()
+    return q
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+@pytest.mark.parametrize("act", ["token", "static", "tensor_dynamic", None])
+@pytest.mark.parametrize("w_gran", ["channel", "tensor"])
+def test_real_linear_matches_fake_twin(act, hadamard, w_gran):
+    fake = _quant_linear(act, hadamard, w_gran)
+    real = RealQuantLinear(fake)
+    assert real.weight_q.dtype == torch.int8
+    for m in (1, 5, 40):  # decode-sized and prefill-sized inputs, 3-D
+        x = torch.randn(2, m, 64, generator=torch.Generator().manual_seed(m)) * 2
+        with torch.no_grad():
+            y_fake, y_real = fake(x), real(x)
+        assert y_real.shape == y_fake.shape == (2, m, 48)
+        assert (y_real - y_fake).abs().max() <= LINEAR_TOL * y_fake.abs().max()
+
+
+@pytest.mark.parametrize("out", ["token", "static"])
+@pytest.mark.parametrize("act", ["token", None])
+def test_real_linear_output_quantizer(act, out):
+    """Output fake-quant on top: same grid as the fake twin; an output that the fp32 summation
+    order moves across a rounding boundary may land one step (= its scale) away, nothing more."""
+    fake = _quant_linear(act, False)
+    fake.output_quantizer = ActQuantizer(QuantSpec(bits=8, granularity="token" if out == "token" else "tensor"),
+                                         dynamic=out == "token")
+    x = torch.randn(3, 30, 64, generator=torch.Generator().manual_seed(4)) * 2
+    if out == "static":
+        fake.output_quantizer.mode = "calibrate"
+        fake(x)
+        fake.output_quantizer.freeze()
+    real = RealQuantLinear(fake)
+    assert real.out_kind == ("dynamic_token" if out == "token" else "static_tensor")
+    with torch.no_grad():
+        y_fake, y_real = fake(x), real(x)
+    step = (y_fake.abs().amax(-1, keepdim=True) if out == "token" else y_fake.abs().amax()) / 127
+    diff = (y_real - y_fake).abs()
+    assert (diff <= 1.001 * step).all()
+    assert (diff > 1e-4 * step).float().mean() <= 0.01
+
+
+def test_real_linear_weight_only_big_layer_uses_split3_and_matches():
+    fake = _quant_linear(None, False, k=1024, n=1024)
+    real = RealQuantLinear(fake)
+    x = torch.randn(3, 1024)
+    with torch.no_grad():
+        assert (real(x) - fake(x)).abs().max() <= LINEAR_TOL * fake(x).abs().max()
+    assert choose_weight_only_path(3, 1024, 1024, torch.float32) == "split3"
+
+
+def test_real_linear_bf16_activations():
+    fake = _quant_linear("token", True)
+    real = RealQuantLinear(fake)
+    x = torch.randn(4, 64).bfloat16()
+    y_real = real(x)
+    assert y_real.dtype == torch.bfloat16
+    # the fake module computes in bf16; the real one accumulates exactly and rounds once
+    assert _rel_max(y_real, fake(x.float())) <= 1e-2
+
+
+def test_eligibility_reasons():
+    w4 = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=4, granularity="channel"))
+    asym = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8, symmetric=False))
+    group = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8, granularity="group", group_size=16))
+    fp8_act = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8),
+                                     input_quantizer=ActQuantizer(QuantSpec(format="fp8_e4m3"), dynamic=True))
+    for m in (w4, asym, group, fp8_act):
+        m.freeze_weight()
+    assert "int4" in real_eligibility(w4)
+    assert "asymmetric" in real_eligibility(asym)
+    assert "granularity 'group'" in real_eligibility(group)
+    assert "fp8_e4m3" in real_eligibility(fp8_act)
+    assert "not frozen" in real_eligibility(QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8)))
+    with pytest.raises(ValueError, match="cannot convert"):
+        RealQuantLinear(w4)
+
+    model = nn.Sequential(_quant_linear("token", False), nn.ReLU(), w4)
+    model[2] = QuantLinear.from_float(nn.Linear(48, 8), weight_spec=QuantSpec(bits=4, granularity="channel"))
+    model[2].freeze_weight()
+    out = convert_to_real(model)
+    assert out is model and isinstance(model[0], RealQuantLinear) and isinstance(model[2], QuantLinear)
+    assert model._archquant_real["converted"] == 1
+    assert [name for name, _ in model._archquant_real["kept"]] == ["2"]
+
+
+# ----------------------------------------------------------------------------------------
+# whole models
+# ----------------------------------------------------------------------------------------
+
+
+def _toy():
+    cfg = ToyConfig(hidden_size=64, intermediate_size=128, num_layers=2, seed=0)
+    x, _ = toy_task(cfg, 320, split_seed=123)
+    return init_toy_model(cfg), list(x[:256].split(64)), x[256:]
+
+
+@pytest.mark.parametrize("recipe", ["rtn_dynamic", "hadamard_static", "smoothquant"])
+def test_convert_toy_model(recipe):
+    model, calib, x = _toy()
+    with torch.no_grad():
+        fp = model(x)
+    aq.quantize_(model, recipe, calib_data=calib, family="toy", progress=False)
+    with torch.no_grad():
+        fake = model(x)
+        convert_to_real(model)
+        real = model(x)
+    summary = model._archquant_real
+    assert summary["converted"] == 4 and summary["kept"] == []  # up/down_proj per layer
+    _assert_model_close(real, fake, fp)
+
+
+def _mamba(seed: int = 0) -> MambaLM:
+    model = MambaLM(MambaConfig(arch="mamba1", vocab_size=256, hidden_size=64, num_layers=2))
+    init_mamba_weights(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("recipe", ["rtn_dynamic", "quamba"])
+def test_convert_tiny_mamba1(recipe):
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 256, (4, 64), generator=g) for _ in range(2)]
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(7))
+    model = _mamba()
+    with torch.no_grad():
+        fp = model(ids)
+    aq.quantize_(model, recipe, calib_data=calib if recipe != "rtn_dynamic" else None, family="mamba", progress=False)
+    with torch.no_grad():
+        fake = model(ids)
+        convert_to_real(model)
+        real = model(ids)
+    summary = model._archquant_real
+    # per layer: in_proj, x_proj, dt_proj (weight-only), out_proj (Hadamard input for quamba) on int8
+    assert summary["converted"] == 8
+    assert {reason.split(":")[0] for _, reason in summary["kept"]} == {"QuantConv1d"}
+    mixer = model.backbone.layers[0].mixer
+    assert isinstance(mixer.in_proj, RealQuantLinear) and mixer.x_proj.act_kind == "weight_only"
+    if recipe == "quamba":
+        assert mixer.out_proj.input_transform is not None and mixer.out_proj.act_kind == "static_tensor"
+    assert isinstance(mixer.conv1d, QuantConv1d)
+    _assert_model_close(real, fake, fp)
+
+
+# ----------------------------------------------------------------------------------------
+# runner
+# ----------------------------------------------------------------------------------------
+
+
+def test_runner_backend_real_reports_real_metrics(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text((ROOT / "configs" / "toy_w8a8.yaml").read_text())
+    out_dir = tmp_path / "out"
+    code = main([str(cfg), "model.options.train_steps=20", "calibration.num_samples=64", "evaluation.num_samples=256",
+                 "progress=false", f"output_dir={out_dir}", "backend=real"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["metrics"]) == {"fp", "quantized", "real"}
+    real, q = report["metrics"]["real"], report["metrics"]["quantized"]
+    assert set(real) == set(q) and abs(real["cross_entropy"] - q["cross_entropy"]) <= 1e-3 * abs(q["cross_entropy"])
+    assert report["real"]["converted"] == 4 and set(report["real"]["eval_seconds"]) == {"fake", "real"}
+    assert {"convert to real", "evaluate real"} <= set(report["timings"])
+    assert "(real int8)" in (out_dir / "report.md").read_text()
+    # the checkpoint is still the fake-quant interchange format
+    assert report["reload"]["identical"] is True
+    assert isinstance(aq.load_quantized(out_dir / "checkpoint").layers[0].up_proj, QuantLinear)
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA branch (runs only where a GPU is present)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_linear_on_cuda_matches_cpu():
+    fake = _quant_linear("token", True)
+    real = RealQuantLinear(fake)
+    x = torch.randn(33, 64)
+    y_cpu = real(x)
+    y_cuda = real.cuda()(x.cuda())
+    assert (y_cuda.cpu() - y_cpu).abs().max() <= 1e-5 * y_cpu.abs().max()
