@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Triton kernels run through the interpreter on machines without a GPU. The variable is read
+# when a kernel is decorated, so it must be set before any test module imports a kernel.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
 
 from archquant.models.toy import ToyConfig, init_toy_model, toy_task
 
