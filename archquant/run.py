@@ -68,8 +68,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         fp_metrics = adapter.evaluate(model, evaluation)
     fp_size = model_size_bytes(model)
 
-    def quantize(recipe: Recipe):
-        qmodel = copy.deepcopy(model)
+    def quantize(recipe: Recipe, fp_model):
+        qmodel = copy.deepcopy(fp_model)
         with timer.stage(f"quantize ({recipe.name})", log):
             steps = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
                                  forward_fn=adapter.forward, progress=cfg.progress)
@@ -80,11 +80,11 @@ def run(cfg: RunConfig, log=print) -> dict:
     compared = {}
     for name in cfg.compare:  # baselines first, so the saved model is the last one in memory
         other = resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter)
-        cmodel, cmetrics, _ = quantize(other)
+        cmodel, cmetrics, _ = quantize(other, model)
         compared[name] = {"metrics": cmetrics, "bytes": model_size_bytes(cmodel), "method": other.to_dict(),
                           "seconds": timer.times[f"quantize ({name})"]}
         del cmodel
-    qmodel, q_metrics, step_times = quantize(recipe)
+    qmodel, q_metrics, step_times = quantize(recipe, model)
     del model
 
     checkpoint_dir, ckpt_bytes, reload = None, None, None

@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_model:
         print(flush=True)
-        title = (f"## Mamba1 model, hidden 768 (mamba-130m widths), 2 layers, random weights, batch 1: "
-                 f"FP32 vs W8A8 real (rtn_dynamic + convert_to_real)")
+        title = ("## Mamba1 model, hidden 768 (mamba-130m widths), 2 layers, random weights, batch 1: "
+                 "FP32 vs W8A8 real (rtn_dynamic + convert_to_real)")
         print(title, "", *_model_header(), sep="\n", flush=True)
         rows = bench_model(768, 2, prefill, repeats, budget)
         lines += [title, "", *_model_header()]

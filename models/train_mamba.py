@@ -17,7 +17,6 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
+from kernel_testing import DEVICE, needs_gpu, requires_backend  # noqa: E402
 from archquant.kernels.quantize import quantize_per_token_int8  # noqa: E402
 from archquant.kernels.w8a8_gemm import (  # noqa: E402
     fp8_gemm,
@@ -20,15 +20,7 @@ from archquant.kernels.w8a8_gemm import (  # noqa: E402
     w8a8_gemm_reference,
 )
 
-DEVICE = "cpu" if INTERPRET_MODE else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET_MODE and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA device",
-)
-needs_gpu = pytest.mark.skipif(
-    INTERPRET_MODE or not torch.cuda.is_available(),
-    reason="needs a CUDA device and TRITON_INTERPRET=0",
-)
+pytestmark = requires_backend
 OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SMALL_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=2, num_stages=2)
 

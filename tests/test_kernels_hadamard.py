@@ -14,22 +14,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from archquant.core.hadamard import factor_size, hadamard_matrix, random_signs  # noqa: E402
-from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
+from kernel_testing import DEVICE, needs_gpu, requires_backend  # noqa: E402
 from archquant.kernels.hadamard_quant import (  # noqa: E402
     hadamard_plan,
     hadamard_quant_int8,
     hadamard_quant_int8_reference,
 )
 
-DEVICE = "cpu" if INTERPRET_MODE else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET_MODE and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA device",
-)
-needs_gpu = pytest.mark.skipif(
-    INTERPRET_MODE or not torch.cuda.is_available(),
-    reason="needs a CUDA device and TRITON_INTERPRET=0",
-)
+pytestmark = requires_backend
 POISON_Q = -128
 
 # Powers of two (dense path and factorised), and K * 2^m for K = 12 (96, 1536),

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from archquant.core import formats as F  # noqa: E402
-from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
+from kernel_testing import DEVICE, needs_gpu, requires_backend  # noqa: E402
 from archquant.kernels.quantize import (  # noqa: E402
     quantize_per_token_int8,
     quantize_per_token_int8_reference,
@@ -22,15 +22,7 @@ from archquant.kernels.quantize import (  # noqa: E402
     quantize_static_int8_reference,
 )
 
-DEVICE = "cpu" if INTERPRET_MODE else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET_MODE and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 (set before importing triton) or a CUDA device",
-)
-needs_gpu = pytest.mark.skipif(
-    INTERPRET_MODE or not torch.cuda.is_available(),
-    reason="needs a CUDA device and TRITON_INTERPRET=0",
-)
+pytestmark = requires_backend
 POISON_Q = -128  # never produced: the symmetric range is restricted to [-127, 127]
 
 

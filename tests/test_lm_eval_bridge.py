@@ -2,7 +2,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from archquant.eval.lm import ByteTokenizer
 from archquant.eval.lm_eval_harness import greedy_generate, loglikelihoods, rolling_loglikelihood

@@ -19,7 +19,6 @@ from archquant.core import hadamard
 from archquant.core.modules import QuantLinear
 from archquant.core.recipe import (OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
                                    apply_recipe)
-from archquant.core.serialization import CheckpointError
 from archquant.core.transforms import ROTATION_KINDS, HadamardTransform, MatrixTransform
 from archquant.models.mamba import MambaConfig, MambaLM, ScaledSiLU, init_mamba_weights
 from archquant.models.mamba_loading import save_mamba_hf
