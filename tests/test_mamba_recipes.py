@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import archquant as aq
+from archquant.core.modules import unpack_nibbles
 from archquant import RecipeOptions
 from archquant.adapters import get_adapter
 from archquant.adapters.mamba import MambaQuantSmooth, StateRotation, mambaquant, quamba2_groups
@@ -288,7 +289,10 @@ def test_mambaquant_w4_runs():
     assert rel_err(q8, fp) < rel_err(q4, fp) < 0.3
     in_proj = model.get_submodule(f"{L0}.in_proj")
     assert in_proj.weight_spec.bits == 4 and not in_proj.weight_spec.symmetric
-    assert in_proj.weight_codes.dtype == torch.uint8 and int(in_proj.weight_codes.max()) <= 15
+    # 4-bit codes are stored two per byte: half the elements, each nibble a code in [0, 15]
+    assert in_proj.weight_packed and in_proj.weight_codes.dtype == torch.uint8
+    assert in_proj.weight_codes.numel() * 2 == in_proj.in_features * in_proj.out_features
+    assert int(unpack_nibbles(in_proj.weight_codes, signed=False).max()) <= 15
     assert "zero_point" in in_proj.weight_params.as_dict()
 
 

@@ -94,3 +94,29 @@ def test_empty_calibration_data_is_an_error():
     model = nn.Sequential(QuantLinear.from_float(nn.Linear(4, 4), input_quantizer=ActQuantizer(A8)))
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, [], progress=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_weights_are_packed_two_per_byte_and_unchanged(symmetric):
+    from archquant.core.modules import pack_nibbles, unpack_nibbles
+
+    lo, hi = (-7, 8) if symmetric else (0, 16)
+    codes = torch.randint(lo, hi, (5, 6), dtype=torch.int8 if symmetric else torch.uint8)
+    packed = pack_nibbles(codes, symmetric)
+    assert packed.shape == (5, 3) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed, symmetric), codes)
+    # element 2i in the low nibble, 2i+1 in the high one, signed codes offset by +8
+    assert int(packed[0, 0]) == (int(codes[0, 0]) + (8 if symmetric else 0)) | ((int(codes[0, 1]) + (8 if symmetric else 0)) << 4)
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity="group", group_size=16)
+    q = QuantLinear.from_float(lin, weight_spec=spec)
+    x = torch.randn(3, 32)
+    before = q(x)
+    q.freeze()
+    assert q.weight_packed and q.weight_codes.numel() == 32 * 8 // 2
+    assert torch.equal(q(x), before)
+    rebuilt = module_from_config(q.to_config())
+    rebuilt.load_state_dict(q.state_dict())
+    assert torch.equal(rebuilt(x), before)

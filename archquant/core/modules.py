@@ -109,6 +109,24 @@ class ActQuantizer(nn.Module):
         return f"{self.spec.format}{self.spec.bits if self.spec.format == 'int' else ''} {self.spec.granularity} {kind} mode={self.mode}"
 
 
+def _packable(spec: QuantSpec, shape: tuple[int, ...]) -> bool:
+    """Integer codes of ≤ 4 bits are stored two per byte (when the last axis is even)."""
+    return spec.format == "int" and spec.bits <= 4 and len(shape) > 0 and shape[-1] % 2 == 0
+
+
+def pack_nibbles(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Two 4-bit codes per uint8 along the last axis: element 2i in the low nibble, 2i+1 in the
+    high one; signed codes are stored offset by +8 (compressed-tensors' int4 layout)."""
+    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    u = torch.stack([lo, hi], dim=-1).flatten(-2)
+    return (u.to(torch.int16) - 8).to(torch.int8) if signed else u
+
+
 class _QuantWeightMixin:
     """Shared weight handling: float weight until frozen, then codes + format parameters."""
 
@@ -123,6 +141,7 @@ class _QuantWeightMixin:
         self.weight_params = _ParamBuffers()
         self.weight_shape = tuple(weight.shape)
         self.frozen = False
+        self.weight_packed = False  # 4-bit codes stored two per byte once frozen
 
     def _weight_params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         obs = build_observer(self.weight_observer, self.weight_spec, **self.weight_observer_kwargs)
@@ -134,8 +153,10 @@ class _QuantWeightMixin:
         if self.weight_spec is None:
             return self.weight
         if self.frozen:
-            return formats.dequantize(self.weight_codes, self.weight_spec, self.weight_params.as_dict(),
-                                      dtype=self.weight_dtype)
+            codes = self.weight_codes
+            if self.weight_packed:
+                codes = unpack_nibbles(codes, self.weight_spec.symmetric)
+            return formats.dequantize(codes, self.weight_spec, self.weight_params.as_dict(), dtype=self.weight_dtype)
         return formats.fake_quantize(self.weight, self.weight_spec, self._weight_params(self.weight))
 
     def freeze_weight(self) -> None:
@@ -144,7 +165,11 @@ class _QuantWeightMixin:
         w = self.weight.detach()
         params = self._weight_params(w)
         self.weight_params.set(params)
-        self.register_buffer("weight_codes", formats.quantize(w, self.weight_spec, params))
+        codes = formats.quantize(w, self.weight_spec, params)
+        self.weight_packed = _packable(self.weight_spec, tuple(codes.shape))
+        if self.weight_packed:
+            codes = pack_nibbles(codes, self.weight_spec.symmetric)
+        self.register_buffer("weight_codes", codes)
         self.weight_dtype = w.dtype
         del self.weight
         self.frozen = True
@@ -167,7 +192,8 @@ class _QuantWeightMixin:
     def _weight_config(self) -> dict:
         return {"weight": None if self.weight_spec is None else {
             "spec": self.weight_spec.to_dict(), "observer": self.weight_observer,
-            "observer_kwargs": self.weight_observer_kwargs}}
+            "observer_kwargs": self.weight_observer_kwargs,
+            "packing": "int4x2" if self.weight_packed else None}}
 
 
 def _maybe(q: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +254,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
                 weight_observer=(wcfg or {}).get("observer", "minmax"),
                 weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
         m._prepare_frozen(dtype)
+        m.weight_packed = (wcfg or {}).get("packing") == "int4x2"
         return m
 
     def extra_repr(self) -> str:
@@ -280,6 +307,7 @@ class QuantConv1d(_QuantWeightMixin, nn.Module):
                 weight_observer=(wcfg or {}).get("observer", "minmax"),
                 weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
         m._prepare_frozen(dtype)
+        m.weight_packed = (wcfg or {}).get("packing") == "int4x2"
         return m
 
 
