@@ -28,6 +28,8 @@ from torch import nn
 
 from archquant.core.modules import ActSite, register_module_type
 
+from .layers import RMSNorm
+
 
 @dataclass
 class MambaConfig:
@@ -84,19 +86,6 @@ class MambaConfig:
         if "time_step_limit" in d:
             d["time_step_limit"] = tuple(float("inf") if x is None else float(x) for x in d["time_step_limit"])
         return cls(**d)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class GatedRMSNorm(nn.Module):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import RMSNorm
+
 
 @dataclass
 class ToyConfig:
@@ -41,22 +43,10 @@ class ToyConfig:
         return cls(**d)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
-
-
 class ToyBlock(nn.Module):
     def __init__(self, cfg: ToyConfig) -> None:
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size)
+        self.norm = RMSNorm(cfg.hidden_size, eps=1e-6)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
@@ -70,7 +60,7 @@ class ToyResMLP(nn.Module):
         self.config = cfg
         self.embed = nn.Linear(cfg.in_features, cfg.hidden_size)
         self.layers = nn.ModuleList(ToyBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_f = RMSNorm(cfg.hidden_size)
+        self.norm_f = RMSNorm(cfg.hidden_size, eps=1e-6)
         self.head = nn.Linear(cfg.hidden_size, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

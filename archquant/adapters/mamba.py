@@ -12,6 +12,7 @@ Mamba2: in_proj (input, output) → conv+SiLU → xbc_site (x | B | C; Quamba2's
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -161,8 +162,9 @@ class Quamba2Quantize(Quantize):
                                     mixer.state_size, self.head_groups, self.channel_groups)
             overrides[name] = {"observer": "grouped_minmax", "observer_kwargs": {"groups": groups},
                                "activation": spec.to_dict(), "dynamic": False}
-        self.overrides = overrides
-        super().apply(model, ctx)
+        # the groups are data-derived: apply them through a copy, so the recipe object keeps
+        # describing the method (and its dict stays small) rather than one calibration's result
+        Quantize.apply(dataclasses.replace(self, overrides=overrides), model, ctx)
 
 
 class _MeanAbs:
