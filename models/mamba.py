@@ -128,6 +128,78 @@ class ScaledSiLU(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Inference cache (recurrent decoding)
+# ----------------------------------------------------------------------------------------
+
+
+class MambaLayerState:
+    """One layer's recurrent state: what a mixer needs to continue a sequence.
+
+    ``conv_state`` (b, channels, k): the last k conv inputs, newest last (mamba_ssm's
+    ``Mamba.step`` layout; zeros before the first token = the conv's zero padding).
+    ``ssm_state``: Mamba1 (b, d, n), Mamba2 (b, heads, head_dim, n), fp32.
+    Both are None until the first forward with this state; after that they are updated in
+    place (the same tensors for the whole sequence, which is what CUDA-graph decoding needs).
+    A real-quant mixer keeps its own kinds of tensors here (int8 conv codes); a state belongs
+    to the model that filled it.
+    """
+
+    __slots__ = ("conv_state", "ssm_state")
+
+    def __init__(self) -> None:
+        self.conv_state: torch.Tensor | None = None
+        self.ssm_state: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.ssm_state is None
+
+    def store(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        """Keep the new states, in place when tensors of the same shape are already held."""
+        for name, new in (("conv_state", conv_state), ("ssm_state", ssm_state)):
+            old = getattr(self, name)
+            if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+                old.copy_(new)
+            else:
+                setattr(self, name, new.detach().clone())
+
+
+class MambaCache:
+    """Recurrent state of a whole model for incremental decoding::
+
+        cache = MambaCache(model.config.num_layers)
+        logits = model(prompt_ids, cache=cache)         # prefill: fills the states
+        logits = model(next_id[:, None], cache=cache)   # one step: updates them in place
+
+    Feeding a sequence in pieces gives the logits of feeding it whole (up to fp32 rounding).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [MambaLayerState() for _ in range(num_layers)]
+        self.seqlen_offset = 0  # tokens consumed so far
+
+
+def causal_conv_with_state(conv: nn.Module, x: torch.Tensor,
+                           state: MambaLayerState | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv of x (b, c, l), continuing from ``state.conv_state`` if given.
+
+    ``conv`` is the layer's ``nn.Conv1d`` (padding k-1) or its quantized twin: with a state, the
+    last k-1 cached inputs are prepended, so output t sees inputs t-k+1..t across calls.
+    Returns the conv output (b, c, l) and, with a state, the new conv window (b, c, k) for the
+    caller to store (None without a state).
+    """
+    l = x.shape[-1]
+    if state is None:
+        return conv(x)[..., :l], None
+    k = conv.kernel_size[0] if isinstance(conv.kernel_size, tuple) else conv.kernel_size
+    hist = (x.new_zeros(x.shape[0], x.shape[1], k) if state.conv_state is None
+            else state.conv_state.to(x.dtype))
+    xx = torch.cat([hist[..., 1:], x], dim=-1)  # (b, c, k-1+l)
+    y = conv(xx)[..., k - 1:k - 1 + l]
+    return y, xx[..., -k:]
+
+
+# ----------------------------------------------------------------------------------------
 # Scans (PyTorch references; fp32 state)
 # ----------------------------------------------------------------------------------------
 
@@ -245,6 +317,22 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return (y, final) if return_state else y
 
 
+def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor | None, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Mamba2 recurrence step (decode): x (b, h, p), dt (b, h), B, C (b, g, n), h (b, h, p, n)
+    fp32. Returns (y (b, h, p) in x's dtype, the new state); ``h`` itself is not modified."""
+    nh, g = x.shape[1], B.shape[1]
+    xf, dtf = x.float(), dt.float()
+    Bh = B.float().repeat_interleave(nh // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(nh // g, dim=1)
+    dA = torch.exp(dtf * A.float())[..., None, None]
+    h = h.float() * dA + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", h, Ch)
+    if D is not None:
+        y = y + xf * D.float()[:, None]
+    return y.to(x.dtype), h
+
+
 def ssd_scan_reference(x, dt, A, B, C, D=None):
     """Token-by-token recurrence of ``ssd_scan`` (for tests)."""
     b, l, nh, p = x.shape
@@ -300,14 +388,17 @@ class Mamba1Mixer(nn.Module):
 
         return readout
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        l = hidden.shape[1]
+    def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = self.conv1d(x.transpose(1, 2))[..., :l].transpose(1, 2)
-        u = self.u_site(F.silu(x))
+        x, window = causal_conv_with_state(self.conv1d, x.transpose(1, 2), state)
+        u = self.u_site(F.silu(x.transpose(1, 2)))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).float())
-        y = selective_scan(u, dt, -torch.exp(self.A_log.float()), B, C, self.D, state_fn=self._state_readout())
+        h0 = None if state is None else state.ssm_state
+        y, h = selective_scan(u, dt, -torch.exp(self.A_log.float()), B, C, self.D, h0=h0,
+                              return_state=True, state_fn=self._state_readout())
+        if state is not None:
+            state.store(window, h)
         y = y * self.gate_act(z)
         return self.out_proj(y)
 
@@ -330,20 +421,31 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
         self.xbc_site = ActSite()  # x | B | C after conv + SiLU: the scan's inputs
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         b, l, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :l].transpose(1, 2))
-        xbc = self.xbc_site(xbc)
+        xbc, window = causal_conv_with_state(self.conv1d, xbc.transpose(1, 2), state)
+        xbc = self.xbc_site(F.silu(xbc.transpose(1, 2)))
         gn = self.n_groups * self.state_size
         x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         lo, hi = self.time_step_limit
         if lo > 0.0 or math.isfinite(hi):
             dt = dt.clamp(lo, hi)
-        y = ssd_scan(x.reshape(b, l, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
-                     B.reshape(b, l, self.n_groups, self.state_size), C.reshape(b, l, self.n_groups, self.state_size),
-                     self.chunk_size, D=self.D)
+        x = x.reshape(b, l, self.num_heads, self.head_dim)
+        B = B.reshape(b, l, self.n_groups, self.state_size)
+        C = C.reshape(b, l, self.n_groups, self.state_size)
+        A = -torch.exp(self.A_log.float())
+        h0 = None if state is None else state.ssm_state
+        if state is not None and l == 1:  # decode: one recurrence step, no chunk padding
+            y, h = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+                            h0 if h0 is not None else x.new_zeros(b, self.num_heads, self.head_dim,
+                                                                  self.state_size, dtype=torch.float32))
+            y = y.unsqueeze(1)
+        else:
+            y, h = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, h0=h0, return_state=True)
+        if state is not None:
+            state.store(window, h)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
 
@@ -360,9 +462,10 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mixer = Mamba1Mixer(cfg) if cfg.arch == "mamba1" else Mamba2Mixer(cfg)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)))
+        normed = self.norm(hidden.to(self.norm.weight.dtype))
+        out = self.mixer(normed) if state is None else self.mixer(normed, state)
         return (residual + out).to(residual.dtype)
 
 
@@ -373,10 +476,14 @@ class MambaBackbone(nn.Module):
         self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_f = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
-        for layer in self.layers:
-            h = layer(h)
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.layers)}")
+        for i, layer in enumerate(self.layers):
+            h = layer(h) if cache is None else layer(h, cache.layers[i])
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
         return self.norm_f(h.to(self.norm_f.weight.dtype))
 
 
@@ -391,9 +498,28 @@ class MambaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(input_ids)
+    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """Logits (b, l, vocab). With a ``MambaCache`` the sequence continues from (and updates)
+        its recurrent state: prefill with the prompt, then feed one token at a time."""
+        h = self.backbone(input_ids, cache)
         return self.lm_head(h.to(self.lm_head.weight.dtype))
+
+    def new_cache(self) -> MambaCache:
+        return MambaCache(self.config.num_layers)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with the recurrent cache: one prefill, then one-token steps.
+    Returns the generated ids (b, max_new_tokens). Works for FP, fake-quant and real-quant models."""
+    cache = MambaCache(model.config.num_layers)
+    logits = model(input_ids, cache=cache)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = model(nxt, cache=cache)
+    return torch.cat(out, dim=1) if out else input_ids.new_empty(input_ids.shape[0], 0)
 
 
 def init_mamba_weights(model: MambaLM, seed: int = 0) -> MambaLM:

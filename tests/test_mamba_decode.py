@@ -1,0 +1,105 @@
+"""Recurrent decoding (``MambaCache``): feeding a sequence in pieces equals feeding it whole."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import archquant as aq
+from archquant.models.mamba import MambaCache, MambaConfig, MambaLM, greedy_generate, init_mamba_weights
+
+from conftest import rel_err
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(arch: str, seed: int = 0, **kw) -> MambaLM:
+    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=64, num_layers=2, state_size=8)
+    if arch == "mamba2":
+        base.update(head_dim=16, n_groups=2, chunk_size=8)
+    base.update(kw)
+    model = init_mamba_weights(MambaLM(MambaConfig(**base)), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # perturb everything (biases, norms, A_log, D) so no term hides
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+IDS = torch.randint(0, VOCAB, (3, 29), generator=torch.Generator().manual_seed(5))
+
+
+def _pieces(model, ids, splits) -> torch.Tensor:
+    cache = model.new_cache()
+    out, start = [], 0
+    with torch.no_grad():
+        for end in list(splits) + [ids.shape[1]]:
+            out.append(model(ids[:, start:end], cache=cache))
+            start = end
+    assert cache.seqlen_offset == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("splits", [[1], [12], [5, 6, 7], list(range(1, 29)), [20, 21, 22]],
+                         ids=["1+rest", "prefill12", "chunks", "token_by_token", "prefill+steps"])
+def test_incremental_logits_equal_full_forward(arch, splits):
+    model = _model(arch)
+    with torch.no_grad():
+        full = model(IDS)
+    assert rel_err(_pieces(model, IDS, splits), full) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_decode_updates_state_tensors_in_place(arch):
+    """CUDA-graph decoding replays fixed buffers: after the prefill, steps must reuse the tensors."""
+    model = _model(arch)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(IDS[:, :10], cache=cache)
+        ptrs = [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers]
+        before = [s.ssm_state.clone() for s in cache.layers]
+        model(IDS[:, 10:11], cache=cache)
+    assert [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers] == ptrs
+    assert all(not torch.equal(b, s.ssm_state) for b, s in zip(before, cache.layers))
+    assert cache.layers[0].conv_state.shape[-1] == model.config.conv_kernel
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_greedy_generate_matches_uncached_argmax(arch):
+    model = _model(arch)
+    prompt = IDS[:, :7]
+    got = greedy_generate(model, prompt, 6)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq[:, 7:])
+
+
+def test_cache_layer_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="cache has 3 layers, the model 2"):
+        _model("mamba1")(IDS, cache=MambaCache(3))
+
+
+@pytest.mark.parametrize("arch,preset", [("mamba1", "quamba"), ("mamba1", "static_minmax"),
+                                         ("mamba1", "rtn_dynamic"), ("mamba2", "quamba2")])
+def test_fake_quant_models_decode_like_their_full_forward(arch, preset):
+    """Static per-tensor and per-token quantizers do not depend on where a token sits, so a
+    quantized model's cached decode equals its full forward (per-tensor *dynamic* scales, as in
+    MambaQuant, legitimately differ). Not bit for bit: a matmul over 1 row and over 29 rows may
+    round the last fp32 bit differently, which can move a value across a rounding boundary (one
+    int8 step, ~4e-4 relative in the logits here); a broken cache is off by O(1)."""
+    model = _model(arch)
+    calib = [torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    aq.quantize_(model, preset, calib_data=calib, family="mamba", progress=False)
+    with torch.no_grad():
+        full = model(IDS)
+    assert rel_err(_pieces(model, IDS, [9] + list(range(10, 29))), full) < 3e-3
