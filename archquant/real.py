@@ -6,7 +6,16 @@ with int8 codes (``kernels/cpu_int8.py`` on the CPU, the Triton ``w8a8_gemm`` on
 
     model = aq.load_quantized("out/ckpt")
     convert_to_real(model)            # in place; returns the model
-    model._archquant_real             # {"converted": n, "kept": [(name, reason), ...]}
+    model._archquant_real             # {"converted": n, "kept": [(name, reason), ...], "kernels": ...}
+
+Kernels (``kernels=``): ``"auto"`` runs CUDA tensors on the Triton kernels (``kernels/``) and CPU
+tensors on torch's CPU int8 operators (``kernels/cpu_int8.py``); ``"triton"`` runs the Triton
+kernels everywhere, which on a CPU means Triton's interpreter (``TRITON_INTERPRET=1`` set before
+anything imports Triton): slow, but the very code that runs on the GPU, so the CUDA path can be
+checked against the fake-quant twin on a machine without one.
+
+Family adapters add converters for whole blocks (``register_real_converter``): the Mamba adapter
+turns a Quamba-quantized Mamba1 mixer into one whose conv1d and selective scan run on int8 codes.
 
 Eligible: weight int8 symmetric, per tensor or per output channel, frozen; input quantizer
 int8 symmetric, dynamic per token / per tensor or static per tensor (frozen), or none
@@ -16,17 +25,45 @@ order (the int8 products are exact; see ``tests/test_cpu_int8.py`` for the toler
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .core.formats import QuantSpec
 from .core.modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
-from .core.recipe import set_submodule
+from .core.recipe import get_submodule, set_submodule
+from .core.transforms import HadamardTransform
 from .kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_weight_only_linear,
                                quantize_per_tensor_int8_torch, quantize_per_token_int8_torch,
                                quantize_static_int8_torch)
 
-__all__ = ["RealQuantLinear", "convert_to_real", "real_eligibility"]
+__all__ = ["KERNELS", "RealQuantLinear", "convert_to_real", "real_eligibility", "register_real_converter",
+           "use_triton", "check_kernels"]
+
+KERNELS = ("auto", "triton")
+
+
+def check_kernels(kernels: str) -> str:
+    """Validate a ``kernels=`` choice; "triton" on a machine without CUDA needs the interpreter."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} not allowed: one of {', '.join(KERNELS)}")
+    if kernels == "triton" and not torch.cuda.is_available():
+        from .kernels._triton_utils import INTERPRET_MODE
+
+        if not INTERPRET_MODE:
+            raise ValueError("kernels='triton' without CUDA needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                             "before starting Python")
+    return kernels
+
+
+def use_triton(kernels: str, x: torch.Tensor) -> bool:
+    """Whether a real module runs ``x`` on the Triton kernels (CUDA, or forced)."""
+    return x.is_cuda or kernels == "triton"
+
+
+def _static_scale(q: ActQuantizer) -> torch.Tensor:
+    return q.params.as_dict()["scale"]
 
 
 def _is_int8_symmetric(spec: QuantSpec) -> bool:
@@ -80,11 +117,12 @@ class RealQuantLinear(nn.Module):
     ``fake_quantize_int8_torch``, the same values in fewer tensor ops).
     """
 
-    def __init__(self, qlinear: QuantLinear) -> None:
+    def __init__(self, qlinear: QuantLinear, kernels: str = "auto") -> None:
         super().__init__()
         reason = real_eligibility(qlinear)
         if reason is not None:
             raise ValueError(f"cannot convert to a real int8 Linear: {reason}")
+        self.kernels = check_kernels(kernels)
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
         self.register_buffer("weight_q", qlinear.weight_codes.detach().contiguous())
         scale = qlinear.weight_params.as_dict()["scale"].detach().to(torch.float32).reshape(-1)
@@ -99,8 +137,8 @@ class RealQuantLinear(nn.Module):
         self._packed: Int8Weight | None = None
 
     @classmethod
-    def from_quant_linear(cls, qlinear: QuantLinear) -> "RealQuantLinear":
-        return cls(qlinear)
+    def from_quant_linear(cls, qlinear: QuantLinear, kernels: str = "auto") -> "RealQuantLinear":
+        return cls(qlinear, kernels)
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = None  # packings follow the buffers (device/dtype moves)
@@ -112,60 +150,126 @@ class RealQuantLinear(nn.Module):
             self._packed = Int8Weight(self.weight_q, self.weight_scale)
         return self._packed
 
-    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x2.is_cuda:  # Triton kernels, same codes as the torch versions
+    def _fused_hadamard(self) -> HadamardTransform | None:
+        """The online Hadamard the Triton path fuses with the quantization, if it can."""
+        t = self.input_transform
+        if (isinstance(t, HadamardTransform) and t.block is None and t.size == self.in_features
+                and self.act_kind in ("dynamic_token", "static_tensor")):
+            return t
+        return None
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes and scale of the rows x2 (M, K): online transform, then the input quantizer.
+
+        On the Triton path an online Hadamard and the quantization run as one kernel
+        (``kernels/hadamard_quant.py``, the same matrices as the offline fusion)."""
+        if use_triton(self.kernels, x2):
             from .kernels.quantize import quantize_per_token_int8, quantize_static_int8
 
+            had = self._fused_hadamard()
+            if had is not None:
+                from .kernels.hadamard_quant import hadamard_quant_int8
+
+                scale = _static_scale(self.input_quantizer) if self.act_kind == "static_tensor" else None
+                return hadamard_quant_int8(x2, scale, signs=had.signs)
+            if self.input_transform is not None:
+                x2 = self.input_transform(x2)
             if self.act_kind == "dynamic_token":
                 return quantize_per_token_int8(x2)
             if self.act_kind == "static_tensor":
-                scale = self.input_quantizer.params.as_dict()["scale"]
+                scale = _static_scale(self.input_quantizer)
                 return quantize_static_int8(x2, scale), scale
+            return quantize_per_tensor_int8_torch(x2)
+        if self.input_transform is not None:
+            x2 = self.input_transform(x2)
         if self.act_kind == "dynamic_token":
             return quantize_per_token_int8_torch(x2)
         if self.act_kind == "dynamic_tensor":
             return quantize_per_tensor_int8_torch(x2)
-        scale = self.input_quantizer.params.as_dict()["scale"]
+        scale = _static_scale(self.input_quantizer)
         return quantize_static_int8_torch(x2, scale), scale
 
+    def matmul_codes(self, x_q: torch.Tensor, x_scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(x_q @ W_q.T) * x_scale * w_scale + bias`` for int8 rows x_q (M, K): the GEMM alone,
+        for callers that already hold codes (e.g. a Mamba mixer's x_proj input)."""
+        path = "triton" if use_triton(self.kernels, x_q) else None
+        return int8_linear(x_q, self.packed, x_scale, bias=self.bias, out_dtype=out_dtype, path=path)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         if self.act_kind == "weight_only":
+            if self.input_transform is not None:
+                x2 = self.input_transform(x2)
             y = int8_weight_only_linear(x2, self.packed, bias=self.bias)
         else:
-            x_q, x_scale = self._quantize_input(x2)
-            y = int8_linear(x_q, self.packed, x_scale, bias=self.bias, out_dtype=x.dtype)
+            x_q, x_scale = self.quantize_input(x2)
+            y = self.matmul_codes(x_q, x_scale, x.dtype)
         y = y.reshape(*lead, self.out_features)
         if self.output_quantizer is None:
             return y
         if self.out_kind is None:
             return self.output_quantizer(y)
-        scale = self.output_quantizer.params.as_dict()["scale"] if self.out_kind == "static_tensor" else None
+        scale = _static_scale(self.output_quantizer) if self.out_kind == "static_tensor" else None
         return fake_quantize_int8_torch(y, scale, per_token=self.out_kind == "dynamic_token")
 
     def extra_repr(self) -> str:
         w = "per-channel" if self.weight_scale.numel() > 1 else "per-tensor"
-        return f"in={self.in_features}, out={self.out_features}, weight=int8/{w}, input={self.act_kind}"
+        return (f"in={self.in_features}, out={self.out_features}, weight=int8/{w}, input={self.act_kind}, "
+                f"kernels={self.kernels}")
 
 
-def convert_to_real(model: nn.Module) -> nn.Module:
-    """Swap every eligible ``QuantLinear`` of ``model`` for a :class:`RealQuantLinear`, in place.
+#: (module type, converter): converter(module, kernels) returns the real module, or a string
+#: saying why this module stays as it is (its Linears are then converted one by one)
+_CONVERTERS: list[tuple[type, Callable[[nn.Module, str], "nn.Module | str"]]] = []
 
-    Returns ``model`` (or the new module, if ``model`` is itself a QuantLinear);
-    ``model._archquant_real`` holds the summary ``{"converted": n,
-    "kept": [(name, reason), ...]}`` (kept: quantized modules left as fake-quant).
+
+def register_real_converter(module_type: type):
+    """Decorator for a family's block converter (e.g. a whole Mamba mixer onto int8 kernels)."""
+    def deco(fn):
+        _CONVERTERS.append((module_type, fn))
+        return fn
+    return deco
+
+
+def _block_converter(module: nn.Module):
+    for module_type, fn in _CONVERTERS:
+        if isinstance(module, module_type):
+            return fn
+    return None
+
+
+def convert_to_real(model: nn.Module, kernels: str = "auto") -> nn.Module:
+    """Swap the eligible quantized modules of ``model`` for real int8 ones, in place.
+
+    Registered block converters go first (a converted block takes its Linears with it); then
+    every remaining eligible ``QuantLinear`` becomes a :class:`RealQuantLinear`. Returns
+    ``model`` (or the new module, if ``model`` is itself a QuantLinear);
+    ``model._archquant_real`` holds the summary ``{"converted": n, "blocks": [names],
+    "kept": [(name, reason), ...], "kernels": kernels}`` (kept: quantized modules left as
+    fake-quant, and blocks whose inner ops could not go real).
     """
-    converted, kept = 0, []
+    check_kernels(kernels)
+    converted, kept, blocks = 0, [], []
+    for name, module in list(model.named_modules()):
+        fn = _block_converter(module)
+        if fn is None or not name:
+            continue
+        if any(name.startswith(b + ".") for b in blocks):
+            continue
+        result = fn(module, kernels)
+        if isinstance(result, str):
+            kept.append((name, result))
+            continue
+        set_submodule(model, name, result)
+        blocks.append(name)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             reason = real_eligibility(module)
             if reason is None:
-                real = RealQuantLinear(module)
+                real = RealQuantLinear(module, kernels)
                 if not name:  # the model is itself a QuantLinear
-                    real._archquant_real = {"converted": 1, "kept": []}
+                    real._archquant_real = {"converted": 1, "blocks": [], "kept": [], "kernels": kernels}
                     return real
                 set_submodule(model, name, real)
                 converted += 1
@@ -173,5 +277,6 @@ def convert_to_real(model: nn.Module) -> nn.Module:
             kept.append((name, reason))
         elif isinstance(module, (QuantConv1d, QuantMatmul)):
             kept.append((name, real_eligibility(module)))
-    model._archquant_real = {"converted": converted, "kept": kept}
+    converted += sum(isinstance(m, RealQuantLinear) for b in blocks for m in get_submodule(model, b).modules())
+    model._archquant_real = {"converted": converted, "blocks": blocks, "kept": kept, "kernels": kernels}
     return model

@@ -38,6 +38,7 @@ from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_o
 from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
 from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
 from archquant.models.toy import ToyConfig, init_toy_model, toy_task
+from archquant.adapters.mamba_real import RealQuantMamba1Mixer
 from archquant.real import RealQuantLinear, convert_to_real, real_eligibility
 from archquant.run import main
 
@@ -385,14 +386,21 @@ def test_convert_tiny_mamba1(recipe):
         convert_to_real(model)
         real = model(ids)
     summary = model._archquant_real
-    # per layer: in_proj, x_proj, dt_proj (weight-only), out_proj (Hadamard input for quamba) on int8
+    # per layer: in_proj, x_proj, dt_proj, out_proj (Hadamard input for quamba) on int8
     assert summary["converted"] == 8
-    assert {reason.split(":")[0] for _, reason in summary["kept"]} == {"QuantConv1d"}
-    mixer = model.backbone.layers[0].mixer
-    assert isinstance(mixer.in_proj, RealQuantLinear) and mixer.x_proj.act_kind == "weight_only"
-    if recipe == "quamba":
+    if recipe == "quamba":  # whole mixers on int8 kernels (conv1d and scan included)
+        assert summary["blocks"] == [f"backbone.layers.{i}.mixer" for i in range(2)] and summary["kept"] == []
+        mixer = model.backbone.layers[0].mixer
+        assert isinstance(mixer, RealQuantMamba1Mixer) and mixer.conv_weight.dtype == torch.int8
         assert mixer.out_proj.input_transform is not None and mixer.out_proj.act_kind == "static_tensor"
-    assert isinstance(mixer.conv1d, QuantConv1d)
+    else:  # dynamic scales: the mixer stays, its Linears go real one by one
+        assert summary["blocks"] == []
+        reasons = {reason for _, reason in summary["kept"]}
+        assert "in_proj output needs a static per-tensor int8 quantizer (Quamba)" in reasons
+        assert {reason.split(":")[0] for reason in reasons} >= {"QuantConv1d"}
+        mixer = model.backbone.layers[0].mixer
+        assert isinstance(mixer.in_proj, RealQuantLinear) and mixer.x_proj.act_kind == "weight_only"
+        assert isinstance(mixer.conv1d, QuantConv1d)
     _assert_model_close(real, fake, fp)
 
 

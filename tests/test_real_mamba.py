@@ -1,0 +1,247 @@
+"""Real-quant Mamba: the whole Quamba mixer on int8 kernels (archquant/adapters/mamba_real.py),
+RealQuantLinear on the Triton kernels (``kernels="triton"``: the interpreter on a CPU, the GPU
+path itself on CUDA), and recurrent decoding of a real model.
+
+Tolerances: the real mixer multiplies the same integer codes as its fake-quant twin and
+requantizes with the same static scales, so the two differ only where an fp32 summation order
+moves a value across a rounding boundary (one code). Measured on these tiny models: logits
+within 2e-8 relative (CPU torch path and Triton interpreter alike). Asserted: 1e-4 relative,
+an order below any quantization error (~1e-2 here).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import archquant as aq
+from archquant.adapters.mamba_real import RealQuantMamba1Mixer, real_mixer_eligibility
+from archquant.core.formats import QuantSpec
+from archquant.core.modules import ActQuantizer, QuantLinear
+from archquant.core.transforms import HadamardTransform
+from archquant.models.mamba import MambaConfig, MambaLM, greedy_generate, init_mamba_weights
+from archquant.real import RealQuantLinear, check_kernels, convert_to_real
+
+from conftest import rel_err
+from kernel_testing import DEVICE, requires_backend
+
+VOCAB = 256
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mamba(arch: str = "mamba1", seed: int = 0, **kw) -> MambaLM:
+    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=64, num_layers=2, state_size=16)
+    if arch == "mamba2":
+        base.update(head_dim=16, n_groups=2, chunk_size=16)
+    base.update(kw)
+    model = init_mamba_weights(MambaLM(MambaConfig(**base)), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+CALIB = [torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+
+
+def _quantized(preset: str = "quamba", arch: str = "mamba1", **kw) -> MambaLM:
+    model = _mamba(arch, **kw)
+    aq.quantize_(model, preset, calib_data=CALIB, family="mamba", progress=False)
+    return model
+
+
+_QUAMBA = _quantized()
+
+
+def _logits(model, ids=IDS, cache=None):
+    with torch.no_grad():
+        return model(ids.to(model.lm_head.weight.device), cache=cache)
+
+
+# ----------------------------------------------------------------------------------------
+# the real mixer on the CPU path
+# ----------------------------------------------------------------------------------------
+
+
+def test_quamba_mixers_become_int8_mixers_and_match_the_fake_twin():
+    fake = _logits(_QUAMBA)
+    real = convert_to_real(copy.deepcopy(_QUAMBA))
+    summary = real._archquant_real
+    assert summary["blocks"] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    assert summary["kept"] == [] and summary["converted"] == 8 and summary["kernels"] == "auto"
+    mixer = real.backbone.layers[0].mixer
+    assert isinstance(mixer, RealQuantMamba1Mixer)
+    # int8 storage: every weight of the mixer, including the conv taps
+    assert mixer.conv_weight.dtype == torch.int8
+    assert all(getattr(mixer, p).weight_q.dtype == torch.int8 for p in ("in_proj", "x_proj", "dt_proj", "out_proj"))
+    assert not any(p.is_floating_point() and p.dim() == 2 and p.numel() > 64 * 16
+                   for n, p in mixer.named_buffers() if n != "A")
+    got = _logits(real)
+    assert rel_err(got, fake) < TOL
+    assert rel_err(fake, _logits(_mamba())) > 100 * TOL  # the tolerance is far below the quantization error
+
+
+def test_real_mixer_uses_the_fake_models_static_scales():
+    real = convert_to_real(copy.deepcopy(_QUAMBA))
+    fake_mixer, real_mixer = _QUAMBA.backbone.layers[1].mixer, real.backbone.layers[1].mixer
+    scale = lambda q: q.params.as_dict()["scale"].reshape(1)  # noqa: E731
+    assert torch.equal(real_mixer.u_scale, scale(fake_mixer.u_site.quantizer))
+    assert torch.equal(real_mixer.xz_scale, scale(fake_mixer.in_proj.output_quantizer))
+    assert torch.equal(real_mixer.dbc_scale, scale(fake_mixer.x_proj.output_quantizer))
+    assert torch.equal(real_mixer.dt_scale, scale(fake_mixer.dt_proj.output_quantizer))
+    assert torch.equal(real_mixer.A, -torch.exp(fake_mixer.A_log.float()))
+
+
+@pytest.mark.parametrize("splits", [[1], [10], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]],
+                         ids=["1+rest", "prefill+chunk", "prefill+steps"])
+def test_real_model_decodes_like_its_full_forward(splits):
+    real = convert_to_real(copy.deepcopy(_QUAMBA))
+    full = _logits(real)
+    cache, out, start = real.new_cache(), [], 0
+    for end in splits + [IDS.shape[1]]:
+        out.append(_logits(real, IDS[:, start:end], cache))
+        start = end
+    assert rel_err(torch.cat(out, 1), full) < TOL
+    state = cache.layers[0]
+    assert state.conv_state.dtype == torch.int8 and state.ssm_state.dtype == torch.float32
+
+
+def test_real_decode_keeps_state_tensors_in_place():
+    real = convert_to_real(copy.deepcopy(_QUAMBA))
+    cache = real.new_cache()
+    _logits(real, IDS[:, :6], cache)
+    ptrs = [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers]
+    _logits(real, IDS[:, 6:7], cache)
+    assert [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers] == ptrs
+
+
+def test_greedy_generation_real_equals_fake():
+    real = convert_to_real(copy.deepcopy(_QUAMBA))
+    prompt = IDS[:, :8]
+    assert torch.equal(greedy_generate(real, prompt, 8), greedy_generate(_QUAMBA, prompt, 8))
+
+
+def test_mambaquant_mixer_stays_and_says_why():
+    model = _quantized("mambaquant")
+    convert_to_real(model)
+    kept = dict(model._archquant_real["kept"])
+    assert model._archquant_real["blocks"] == []
+    assert "rotated or quantized" in kept["backbone.layers.0.mixer"]
+    assert not isinstance(model.backbone.layers[0].mixer, RealQuantMamba1Mixer)
+
+
+def test_mamba2_mixers_keep_fp_scan_with_real_linears():
+    model = _quantized("quamba2", arch="mamba2")
+    fake = _logits(model)
+    convert_to_real(model)
+    assert model._archquant_real["blocks"] == [] and model._archquant_real["converted"] == 4
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, RealQuantLinear)
+    assert rel_err(_logits(model), fake) < TOL
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda m: setattr(m.u_site.quantizer, "dynamic", True), "u (the SSM input) needs a static"),
+    (lambda m: setattr(m.x_proj, "output_quantizer", None), "x_proj output needs a static per-tensor int8"),
+    (lambda m: setattr(m, "gate_act", torch.nn.GELU()), "gate GELU"),
+    (lambda m: setattr(m, "state_rotation", torch.nn.Identity()), "rotated or quantized"),
+    (lambda m: setattr(m.out_proj, "input_quantizer", None), "in_proj and out_proj need quantized inputs"),
+])
+def test_ineligible_mixers_name_the_reason(mutate, reason):
+    mixer = copy.deepcopy(_QUAMBA.backbone.layers[0].mixer)
+    assert real_mixer_eligibility(mixer) is None
+    mutate(mixer)
+    assert reason in real_mixer_eligibility(mixer)
+    with pytest.raises(ValueError, match="cannot convert the Mamba mixer"):
+        RealQuantMamba1Mixer(mixer)
+
+
+def test_unknown_kernels_choice_is_an_error():
+    with pytest.raises(ValueError, match="kernels='cuda' not allowed: one of auto, triton"):
+        check_kernels("cuda")
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        convert_to_real(copy.deepcopy(_QUAMBA), kernels="cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# the Triton path (interpreter on a CPU, the GPU itself on CUDA)
+# ----------------------------------------------------------------------------------------
+
+
+@requires_backend
+def test_triton_real_mamba_matches_fake_and_cpu_path():
+    ids = IDS[:1, :12]  # the interpreter runs every program instance in Python: keep it short
+    fake = _logits(copy.deepcopy(_QUAMBA).to(DEVICE), ids)
+    real = convert_to_real(copy.deepcopy(_QUAMBA), kernels="triton").to(DEVICE)
+    assert real._archquant_real["kernels"] == "triton"
+    got = _logits(real, ids)
+    assert rel_err(got.cpu(), fake.cpu()) < TOL
+    cache = real.new_cache()
+    inc = torch.cat([_logits(real, ids[:, :8], cache)] + [_logits(real, ids[:, t:t + 1], cache)
+                                                         for t in range(8, 12)], 1)
+    assert rel_err(inc.cpu(), got.cpu()) < TOL
+
+
+@requires_backend
+def test_triton_real_mamba_calls_the_kernels(monkeypatch):
+    """The Triton path really runs the int8 conv, scan and fused Hadamard kernels."""
+    from archquant.kernels import hadamard_quant, mamba_conv1d, mamba_scan
+    calls = []
+    for mod, name in ((mamba_conv1d, "quant_causal_conv1d_silu"), (mamba_conv1d, "quant_causal_conv1d_update"),
+                      (mamba_scan, "quant_selective_scan"), (mamba_scan, "quant_selective_state_update"),
+                      (hadamard_quant, "hadamard_quant_int8")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    real = convert_to_real(copy.deepcopy(_QUAMBA), kernels="triton").to(DEVICE)
+    cache = real.new_cache()
+    _logits(real, IDS[:1, :5], cache)
+    _logits(real, IDS[:1, 5:6], cache)
+    assert sorted(set(calls)) == ["hadamard_quant_int8", "quant_causal_conv1d_silu", "quant_causal_conv1d_update",
+                                  "quant_selective_scan", "quant_selective_state_update"]
+
+
+def _qlinear(k: int, n: int, act: str, transform=None, seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    dynamic = act == "dynamic_token"
+    q = ActQuantizer(QuantSpec(bits=8, granularity="token" if dynamic else "tensor"), dynamic=dynamic)
+    if not dynamic:
+        q.params.set({"scale": torch.tensor(0.02)})
+        q.mode = "quantize"
+    m = QuantLinear.from_float(lin, weight_spec=QuantSpec(bits=8, granularity="channel"), input_quantizer=q,
+                               input_transform=transform)
+    if transform is not None:  # keep the FP function: fold the inverse rotation into the weight
+        with torch.no_grad():
+            m.weight.copy_(m.weight @ transform.matrix().float())
+    m.freeze()
+    return m
+
+
+@requires_backend
+@pytest.mark.parametrize("act", ["dynamic_token", "static_tensor"])
+@pytest.mark.parametrize("transform", [None, "hadamard", "hadamard_signs"])
+@pytest.mark.parametrize("k", [96, 128])
+def test_triton_real_linear_matches_fake(act, transform, k):
+    t = {None: None, "hadamard": HadamardTransform(k), "hadamard_signs": HadamardTransform(k, seed=3)}[transform]
+    fake = _qlinear(k, 40, act, t)
+    x = torch.randn(2, 7, k, generator=torch.Generator().manual_seed(1))
+    want = fake(x)
+    real = RealQuantLinear(fake, kernels="triton").to(DEVICE)
+    got = real(x.to(DEVICE)).cpu()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    if transform is not None:
+        assert real._fused_hadamard() is not None  # one kernel: rotate + quantize
