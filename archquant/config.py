@@ -66,6 +66,9 @@ class RunConfig:
     verify_reload: bool = True
     #: "real": also convert a copy of the quantized model to int8 kernels and evaluate it
     backend: str = "fake"
+    #: kernels of the real backend: "auto" (Triton on CUDA, torch's int8 CPU ops on a CPU) or
+    #: "triton" (the Triton kernels everywhere; on a CPU through TRITON_INTERPRET=1, slow)
+    real_kernels: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -73,6 +76,7 @@ class RunConfig:
 ALLOWED = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "backend": ("fake", "real"),
+    "real_kernels": ("auto", "triton"),
     "recipe.w_granularity": ("tensor", "channel", "group"),
     "recipe.a_granularity": ("tensor", "token"),
     "recipe.rotation": ROTATION_KINDS,

@@ -25,7 +25,7 @@ from .core.calibration import NonFiniteActivationError
 from .core.recipe import Recipe, apply_recipe
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
-from .real import convert_to_real
+from .real import check_kernels, convert_to_real
 from .report import environment, model_size_bytes, write_reports
 
 EXIT_USAGE = 2
@@ -53,6 +53,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Run the whole job for a validated config; returns the report dict."""
     torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.family)
+    if cfg.backend == "real":
+        check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
     timer = Timer()
     out = Path(cfg.output_dir)
     cfg_dict = to_dict(cfg)
@@ -102,7 +104,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     real = None
     if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; a copy runs in int8
         with timer.stage("convert to real", log):
-            rmodel = convert_to_real(copy.deepcopy(qmodel))
+            rmodel = convert_to_real(copy.deepcopy(qmodel), kernels=cfg.real_kernels)
         with timer.stage("evaluate real", log):
             real_metrics = adapter.evaluate(rmodel, evaluation)
         real = {**rmodel._archquant_real, "metrics": real_metrics, "bytes": model_size_bytes(rmodel),

@@ -56,6 +56,7 @@ BAD = [
     (["recipe.a_observer=histogram"], "'recipe.a_observer' has value 'histogram'"),
     (["model.dtype=float64"], "'model.dtype' has value 'float64'"),
     (["backend=cuda"], "'backend' has value 'cuda'"),
+    (["backend=real", "real_kernels=cuda"], "'real_kernels' has value 'cuda': allowed values are auto, triton"),
     (["model.options.hidden_size=wide"], "'model.options.hidden_size' must be an integer"),
     (["model.options.hiden_size=8"], "unknown config key 'model.options.hiden_size'"),
     (["model.path=/no/such/model"], "file not found for 'model.path': /no/such/model"),
