@@ -1,34 +1,46 @@
-"""Quantized Mamba1 selective scan (Quamba-style int8 inputs, fp32 state): Triton + references.
+"""Mamba1 selective scan, quantized (Quamba-style int8 inputs) or float, fp32 state: Triton + references.
 
 API
 ---
 ``quant_selective_scan(u_q, u_scale, dt_q, dt_scale, dt_bias, A, B_q, B_scale, C_q, C_scale,
 D, z_q, z_scale, out_dtype=torch.float16, h0=None, return_state=False) -> y | (y, h_last)``
     Prefill.  Layout (mamba_ssm's ``selective_scan_fn``): ``u_q``, ``dt_q``, ``z_q``
-    int8 (b, d, l); ``B_q``, ``C_q`` int8 (b, n, l).  Any strides: our model's
+    (b, d, l); ``B_q``, ``C_q`` (b, n, l).  Each of these five is, independently,
+    int8 codes (its scale required) or a float16 / bfloat16 / float32 tensor (its
+    scale ``None`` = 1.0, no multiply, or a value to multiply by): all-float inputs
+    with ``None`` scales make this the unquantized (FP16 baseline) scan, the same
+    kernel and arithmetic as the int8 path.  Any other dtype, or an int8 input
+    with a ``None`` scale, is a ``ValueError``.  Any strides: our model's
     natural (b, l, d) / (b, l, n) tensors (e.g. column slices of the in_proj / x_proj
     outputs) are passed as ``.transpose(1, 2)`` views without a copy, and that memory
     layout (channels contiguous) is also the fast one for this kernel, whose loop
     over l loads one time step (BLOCK_D channels, n states) at a time.
-    Scales: per-tensor static (a float or a one-element tensor).  ``dt_bias`` (d,)
+    Scales: per-tensor static (a float or a one-element tensor, or None for a
+    float input).  ``dt_bias`` (d,)
     float or None; ``A`` (d, n) fp32 (already ``-exp(A_log)``); ``D`` (d,) float or
     None; ``z_q`` may be None (no gate).  ``h0``: optional initial state (b, d, n)
     fp32.  Returns ``y`` (b, d, l) of ``out_dtype`` (fp16/bf16/fp32; laid out like
     ``u_q``, i.e. ``torch.empty_like``), and with ``return_state=True`` also the
     final state (b, d, n) fp32.
-    Per step (all fp32): ``u = u_q * u_scale``, ``dt = softplus(dt_q * dt_scale +
+    Per step (all fp32; every input is cast to fp32 right after its load): ``u =
+    u_q * u_scale``, ``dt = softplus(dt_q * dt_scale +
     dt_bias)`` (skipped with ``dt_softplus=False``), ``h = h * exp(dt * A) + (dt *
     u) * B``, ``y = sum_n h * C + D * u``, ``y = y * SiLU(z)``; one rounding to
     ``out_dtype`` at the end (nearest even).
 ``quant_selective_state_update(state, u_q, u_scale, dt_q, dt_scale, dt_bias, A, B_q, B_scale,
 C_q, C_scale, D, z_q, z_scale, out_dtype=torch.float16) -> y (b, d)``
     Decode, one token: ``state`` (b, d, n) fp32 updated in place; ``u_q``, ``dt_q``,
-    ``z_q`` int8 (b, d); ``B_q``, ``C_q`` int8 (b, n).  The per-step code is the same
+    ``z_q`` (b, d); ``B_q``, ``C_q`` (b, n); int8 or float with the same rules as the
+    prefill.  The per-step code is the same
     jit function as in the prefill kernel, so token-by-token updates reproduce the
     prefill outputs and final state (bit for bit in the interpreter; on a GPU the
     ``sum_n`` reduction may be ordered differently, i.e. within fp32 rounding).
 
-``*_reference`` dequantize (``codes * scale`` in fp32), apply ``F.softplus`` and call
+``selective_scan_triton`` / ``selective_state_update_triton`` are aliases of the two
+functions, the names to use where the inputs are float (the FP16 baseline).
+
+``*_reference`` dequantize (``codes * scale`` in fp32; a float input with scale None is
+just cast to fp32), apply ``F.softplus`` and call
 :func:`archquant.models.mamba.selective_scan` (our fp32 Mamba1 recurrence), then
 ``y * F.silu(z)``.  The kernel performs the same operations in the same order except
 the ``sum_n`` (``bmm`` in the reference), ``exp``/``log``/SiLU (backend ulps) and
@@ -36,7 +48,9 @@ softplus's ``log1p`` (see below): fp32 outputs agree to ~1e-6 relative (tests: 1
 outputs to one ulp of the output dtype.
 
 Scales may be Python floats or one-element tensors; for decode / CUDA graphs pass
-one-element fp32 tensors on the device (no host->device copy per call).
+one-element fp32 tensors on the device (no host->device copy per call).  A ``None``
+scale (float input) costs nothing: no tensor is made, and the kernel skips that multiply
+(the ``SCALED`` constexpr bit mask: u 1, dt 2, B 4, C 8, z 16).
 
 Softplus is torch's (beta 1, threshold 20): ``v`` for ``v > 20``, else ``log1p(exp(v))``,
 with ``log1p(e) = log(1 + e) * (e / ((1 + e) - 1))`` (exact-correction formula, no
@@ -52,6 +66,11 @@ decode kernel loads a state tile, does one step, then ``tl.debug_barrier()`` and
 stores it.  This is the simple form: the sequential loop is latency-bound (a few
 small shared-memory layout conversions per step on sm_90), well behind a chunked /
 associative-scan kernel like mamba_ssm's for long prefills.
+
+Input dtypes are launch-time specialisations of the same kernels (one compile per
+dtype combination).  Every load is cast to fp32 at once (``tl.load(...).to(tl.float32)``),
+so bf16 inputs also run under the interpreter (which has no bf16 arithmetic but converts
+loaded bf16 to fp32 correctly; the tests check bf16 inputs against the reference).
 """
 
 from __future__ import annotations
@@ -70,6 +89,8 @@ __all__ = [
     "quant_selective_scan_reference",
     "quant_selective_state_update",
     "quant_selective_state_update_reference",
+    "selective_scan_triton",
+    "selective_state_update_triton",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,24 +111,39 @@ def _softplus(v):
 
 
 @triton.jit
+def _load_scaled(p, mask, scale, SCALED: tl.constexpr):
+    """Load (int8 codes or fp16/bf16/fp32 values), cast to fp32 at once (the interpreter
+    has no bf16 arithmetic), then ``* scale`` unless the input has no scale (``SCALED``
+    False: the multiply by 1.0 is skipped, and ``scale`` is a placeholder)."""
+    x = tl.load(p, mask=mask, other=0).to(tl.float32)
+    if SCALED:
+        x = x * scale
+    return x
+
+
+@triton.jit
 def _load_step(
     p_u, p_dt, p_z, p_b, p_c,
     mask_d, mask_n, u_scale, dt_scale, dt_bias, B_scale, C_scale, z_scale,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """Dequantized inputs of time step t (fp32): u, dt (softplus'ed), z, B, C."""
-    u = tl.load(p_u, mask=mask_d, other=0).to(tl.float32) * u_scale
-    dt = tl.load(p_dt, mask=mask_d, other=0).to(tl.float32) * dt_scale
+    """Dequantized inputs of time step t (fp32): u, dt (softplus'ed), z, B, C.
+
+    ``SCALED``: bit mask of the inputs that have a scale (``_SCALE_BITS``: u 1, dt 2,
+    B 4, C 8, z 16).
+    """
+    u = _load_scaled(p_u, mask_d, u_scale, (SCALED & 1) != 0)
+    dt = _load_scaled(p_dt, mask_d, dt_scale, (SCALED & 2) != 0)
     if HAS_DT_BIAS:
         dt = dt + dt_bias
     if DT_SOFTPLUS:
         dt = _softplus(dt)
     if HAS_Z:
-        z = tl.load(p_z, mask=mask_d, other=0).to(tl.float32) * z_scale
+        z = _load_scaled(p_z, mask_d, z_scale, (SCALED & 16) != 0)
     else:
         z = u
-    bv = tl.load(p_b, mask=mask_n, other=0).to(tl.float32) * B_scale
-    cv = tl.load(p_c, mask=mask_n, other=0).to(tl.float32) * C_scale
+    bv = _load_scaled(p_b, mask_n, B_scale, (SCALED & 4) != 0)
+    cv = _load_scaled(p_c, mask_n, C_scale, (SCALED & 8) != 0)
     return u, dt, z, bv, cv
 
 
@@ -144,8 +180,19 @@ def _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
 
 
 @triton.jit
-def _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr):
-    return (tl.load(us_ptr), tl.load(dts_ptr), tl.load(bs_ptr), tl.load(cs_ptr), tl.load(zs_ptr))
+def _load_scale(s_ptr, SCALED: tl.constexpr):
+    s = 1.0  # placeholder, never used: the pointer may be a dummy
+    if SCALED:
+        s = tl.load(s_ptr)
+    return s
+
+
+@triton.jit
+def _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED: tl.constexpr):
+    """The per-tensor scales of u, dt, B, C, z (loaded once, outside the time loop)."""
+    return (_load_scale(us_ptr, (SCALED & 1) != 0), _load_scale(dts_ptr, (SCALED & 2) != 0),
+            _load_scale(bs_ptr, (SCALED & 4) != 0), _load_scale(cs_ptr, (SCALED & 8) != 0),
+            _load_scale(zs_ptr, (SCALED & 16) != 0))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -161,7 +208,7 @@ def _selective_scan_kernel(
     s_ad, s_an, s_hb, s_hd, s_hn, s_yb, s_yd, s_yl, s_ob, s_od, s_on,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATE: tl.constexpr,
-    OUT_CODE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUT_CODE: tl.constexpr, SCALED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -174,7 +221,7 @@ def _selective_scan_kernel(
     d64 = offs_d.to(tl.int64)
     n64 = offs_n.to(tl.int64)
 
-    u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr)
+    u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED)
     A, Dv, dt_bias = _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
                                   HAS_D, HAS_DT_BIAS, BLOCK_D)
     if HAS_H0:
@@ -194,7 +241,7 @@ def _selective_scan_kernel(
         u, dt, z, bv, cv = _load_step(
             p_u, p_dt, p_z, p_b, p_c,
             mask_d, mask_n, u_scale, dt_scale, dt_bias, B_scale, C_scale, z_scale,
-            HAS_DT_BIAS, DT_SOFTPLUS, HAS_Z)
+            HAS_DT_BIAS, DT_SOFTPLUS, HAS_Z, SCALED)
         h, y = _ssm_step(h, u, dt, z, bv, cv, A, Dv, HAS_D, HAS_Z)
         y = round_to_dtype_code(y, OUT_CODE)
         tl.store(p_y, y.to(y_ptr.dtype.element_ty), mask=mask_d)
@@ -216,7 +263,7 @@ def _state_update_kernel(
     s_ub, s_ud, s_dtb, s_dtd, s_zb, s_zd, s_bb, s_bn, s_cb, s_cn,
     s_ad, s_an, s_sb, s_sd, s_sn, s_yb, s_yd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, OUT_CODE: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, OUT_CODE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -230,7 +277,7 @@ def _state_update_kernel(
     d64 = offs_d.to(tl.int64)
     n64 = offs_n.to(tl.int64)
 
-    u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr)
+    u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED)
     A, Dv, dt_bias = _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
                                   HAS_D, HAS_DT_BIAS, BLOCK_D)
     st_ptrs = st_ptr + pid_b * s_sb + d64 * s_sd + n64 * s_sn
@@ -240,7 +287,7 @@ def _state_update_kernel(
         z_ptr + pid_b * s_zb + d64 * s_zd, b_ptr + pid_b * s_bb + n64 * s_bn,
         c_ptr + pid_b * s_cb + n64 * s_cn,
         mask_d, mask_n, u_scale, dt_scale, dt_bias, B_scale, C_scale, z_scale,
-        HAS_DT_BIAS, DT_SOFTPLUS, HAS_Z)
+        HAS_DT_BIAS, DT_SOFTPLUS, HAS_Z, SCALED)
     h, y = _ssm_step(h, u, dt, z, bv, cv, A, Dv, HAS_D, HAS_Z)
     y = round_to_dtype_code(y, OUT_CODE)
     tl.store(y_ptr + pid_b * s_yb + d64 * s_yd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
@@ -251,18 +298,65 @@ def _state_update_kernel(
 # --------------------------------------------------------------------------- host side
 
 
-def _scale(scale, name, device) -> torch.Tensor:
+# Bits of the kernels' ``SCALED`` constexpr: which of u, dt, B, C, z are multiplied by a scale.
+_SCALE_BITS = {"u_q": 1, "dt_q": 2, "B_q": 4, "C_q": 8, "z_q": 16}
+_INPUT_DTYPES_TEXT = "int8 (codes, with a scale) or float16/bfloat16/float32"
+
+
+def _scale(scale, name, device, t=None, t_name=None) -> torch.Tensor | None:
+    """One-element fp32 scale tensor; ``None`` (= 1.0, no multiply) allowed when the input
+    ``t`` (named ``t_name``) is a float tensor, an error for int8 codes."""
+    if scale is None and t is not None:
+        if t.dtype == torch.int8:
+            raise ValueError(f"{name} is required for int8 {t_name} (got None); "
+                             f"None (no scale) is only allowed for float inputs")
+        return None
     s = torch.as_tensor(scale, device=device)
     if not s.is_floating_point() or s.numel() != 1:
         raise ValueError(f"{name} must be one float (per-tensor scale), got {scale!r}")
     return s.to(torch.float32).reshape(1).contiguous()
 
 
+def _check_input_dtype(t, name):
+    if isinstance(t, torch.Tensor) and t.dtype != torch.int8 and t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be {_INPUT_DTYPES_TEXT}, got {t.dtype}")
+
+
+def _rank_error(t, name, dims):
+    """The error for a non-tensor / wrong-rank activation (int8 wording as before)."""
+    _check_input_dtype(t, name)
+    kind = "int8" if getattr(t, "dtype", torch.int8) == torch.int8 else "int8 or float"
+    return ValueError(f"{name} must be an {kind} tensor {dims}")
+
+
 def _codes(t, name, shape):
+    """int8 codes, or a float16/bfloat16/float32 tensor, of this shape (any strides)."""
+    _check_input_dtype(t, name)
+    if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES:
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+        return t
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must be an int8 tensor of shape {tuple(shape)}, got "
                          f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
     return t
+
+
+def _scales(device, inputs):
+    """Scale tensors of (u, dt, B, C, z) (None where a float input has none, and for an
+    absent z) and the ``SCALED`` bit mask.  ``inputs``: (tensor | None, scale, name, scale name)."""
+    out, mask = [], 0
+    for t, sc, nm, snm in inputs:
+        st = _scale(sc, snm, device, t, nm) if t is not None else None
+        if st is not None:
+            mask |= _SCALE_BITS[nm]
+        out.append(st)
+    return out, mask
+
+
+def _scale_ptrs(scales, dummy):
+    """Kernel arguments: a dummy fp32 tensor (never read) where there is no scale."""
+    return [s if s is not None else dummy for s in scales]
 
 
 def _vector(t, name, d):
@@ -306,7 +400,7 @@ def quant_selective_scan(
     """Quantized selective scan over a whole sequence (see the module docstring)."""
     _check_out_dtype(out_dtype)
     if not isinstance(u_q, torch.Tensor) or u_q.dim() != 3:
-        raise ValueError("u_q must be an int8 tensor (b, d, l)")
+        raise _rank_error(u_q, "u_q", "(b, d, l)")
     b, d, l = u_q.shape
     _codes(u_q, "u_q", (b, d, l))
     _codes(dt_q, "dt_q", (b, d, l))
@@ -318,9 +412,9 @@ def quant_selective_scan(
         _codes(z_q, "z_q", (b, d, l))
     dev = u_q.device
     dt_bias, D = _vector(dt_bias, "dt_bias", d), _vector(D, "D", d)
-    scales = [_scale(s, nm, dev)
-              for s, nm in ((u_scale, "u_scale"), (dt_scale, "dt_scale"), (B_scale, "B_scale"),
-                            (C_scale, "C_scale"), (z_scale if z_q is not None else 1.0, "z_scale"))]
+    scales, scaled = _scales(dev, ((u_q, u_scale, "u_q", "u_scale"), (dt_q, dt_scale, "dt_q", "dt_scale"),
+                                   (B_q, B_scale, "B_q", "B_scale"), (C_q, C_scale, "C_q", "C_scale"),
+                                   (z_q, z_scale, "z_q", "z_scale")))
     if h0 is not None:
         if not isinstance(h0, torch.Tensor) or tuple(h0.shape) != (b, d, n) or h0.dtype != torch.float32:
             raise ValueError(f"h0 must be a float32 tensor of shape {(b, d, n)}")
@@ -334,19 +428,19 @@ def quant_selective_scan(
         bd = _block_d(block_d, b, d)
         bn = max(2, next_pow2(n))
         zt = z_q if z_q is not None else u_q
-        dummy = scales[0]
+        dummy = A  # fp32, never read (its HAS_*/SCALED flag is off)
         hs = h0.stride() if h0 is not None else (0, 0, 0)
         os_ = h_last.stride() if h_last is not None else (0, 0, 0)
         _selective_scan_kernel[(b, triton.cdiv(d, bd))](
             u_q, dt_q, zt, B_q, C_q, A, D if D is not None else dummy,
             dt_bias if dt_bias is not None else dummy, h0 if h0 is not None else dummy, y,
-            h_last if h_last is not None else dummy, *scales,
+            h_last if h_last is not None else dummy, *_scale_ptrs(scales, dummy),
             d, n, l,
             *u_q.stride(), *dt_q.stride(), *zt.stride(), *B_q.stride(), *C_q.stride(),
             *A.stride(), *hs, *y.stride(), *os_,
             HAS_D=D is not None, HAS_Z=z_q is not None, HAS_DT_BIAS=dt_bias is not None,
             DT_SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, STORE_STATE=return_state,
-            OUT_CODE=OUT_DTYPES[out_dtype], BLOCK_D=bd, BLOCK_N=bn,
+            OUT_CODE=OUT_DTYPES[out_dtype], SCALED=scaled, BLOCK_D=bd, BLOCK_N=bn,
             num_warps=4, enable_fp_fusion=False,
         )
     elif return_state:
@@ -365,7 +459,7 @@ def quant_selective_state_update(
     """One decode step: ``state`` (b, d, n) fp32 updated in place, returns y (b, d)."""
     _check_out_dtype(out_dtype)
     if not isinstance(u_q, torch.Tensor) or u_q.dim() != 2:
-        raise ValueError("u_q must be an int8 tensor (b, d)")
+        raise _rank_error(u_q, "u_q", "(b, d)")
     b, d = u_q.shape
     _codes(u_q, "u_q", (b, d))
     _codes(dt_q, "dt_q", (b, d))
@@ -380,33 +474,43 @@ def quant_selective_state_update(
         _codes(z_q, "z_q", (b, d))
     dev = u_q.device
     dt_bias, D = _vector(dt_bias, "dt_bias", d), _vector(D, "D", d)
-    scales = [_scale(s, nm, dev)
-              for s, nm in ((u_scale, "u_scale"), (dt_scale, "dt_scale"), (B_scale, "B_scale"),
-                            (C_scale, "C_scale"), (z_scale if z_q is not None else 1.0, "z_scale"))]
+    scales, scaled = _scales(dev, ((u_q, u_scale, "u_q", "u_scale"), (dt_q, dt_scale, "dt_q", "dt_scale"),
+                                   (B_q, B_scale, "B_q", "B_scale"), (C_q, C_scale, "C_q", "C_scale"),
+                                   (z_q, z_scale, "z_q", "z_scale")))
     y = prepare_out(out, (b, d), out_dtype, dev, "out")
     check_launchable(state, u_q, dt_q, A, B_q, C_q, z_q, dt_bias, D, y, *scales)
     if b and d:
         bd = _block_d(block_d, b, d)
         bn = max(2, next_pow2(n))
         zt = z_q if z_q is not None else u_q
-        dummy = scales[0]
+        dummy = A  # fp32, never read (its HAS_*/SCALED flag is off)
         _state_update_kernel[(b, triton.cdiv(d, bd))](
             u_q, dt_q, zt, B_q, C_q, A, D if D is not None else dummy,
-            dt_bias if dt_bias is not None else dummy, state, y, *scales,
+            dt_bias if dt_bias is not None else dummy, state, y, *_scale_ptrs(scales, dummy),
             d, n,
             *u_q.stride(), *dt_q.stride(), *zt.stride(), *B_q.stride(), *C_q.stride(),
             *A.stride(), *state.stride(), *y.stride(),
             HAS_D=D is not None, HAS_Z=z_q is not None, HAS_DT_BIAS=dt_bias is not None,
-            DT_SOFTPLUS=dt_softplus, OUT_CODE=OUT_DTYPES[out_dtype], BLOCK_D=bd, BLOCK_N=bn,
+            DT_SOFTPLUS=dt_softplus, OUT_CODE=OUT_DTYPES[out_dtype], SCALED=scaled, BLOCK_D=bd, BLOCK_N=bn,
             num_warps=4, enable_fp_fusion=False,
         )
     return y
+
+
+#: Plain names for the float (unquantized, e.g. FP16 baseline) use of the same kernels.
+selective_scan_triton = quant_selective_scan
+selective_state_update_triton = quant_selective_state_update
 
 
 # --------------------------------------------------------------------------- references
 
 
 def _deq(codes, scale):
+    """fp32 ``codes * scale``; a float input with scale None is just cast to fp32."""
+    if scale is None:
+        if codes.dtype == torch.int8:
+            raise ValueError("int8 codes need a scale (got None)")
+        return codes.to(torch.float32)
     return codes.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
 
 

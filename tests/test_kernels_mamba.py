@@ -348,6 +348,180 @@ def test_scan_argument_checks():
     assert y.shape == (2, 8, 0) and torch.equal(h, torch.zeros(2, 8, 4, device=DEVICE))
 
 
+# =========================================================================== selective scan, float inputs
+# The same kernels serve the unquantized (FP16 baseline) model: u, dt, B, C, z may each be
+# float16 / bfloat16 / float32, with scale None (= 1.0) or a value.
+
+FLOAT_IN = [torch.float16, torch.bfloat16, torch.float32]
+INPUT_POS = {"u": (0, 1), "dt": (2, 3), "B": (6, 7), "C": (8, 9), "z": (11, 12)}
+
+
+def floatify(ops, dtype, which=tuple(INPUT_POS), keep_scale=False):
+    """Inputs ``which`` as ``dtype`` tensors: the dequantized values with scale None, or
+    (``keep_scale``) the codes themselves (exact in every float dtype) with their scale."""
+    ops = list(ops)
+    for name in which:
+        i, j = INPUT_POS[name]
+        if ops[i] is None:
+            continue
+        if keep_scale:
+            ops[i] = ops[i].to(dtype)
+        else:
+            ops[i], ops[j] = (ops[i].float() * ops[j]).to(dtype), None
+    return ops
+
+
+def bld(t):
+    """Same values, the model's (b, l, d) memory layout: a ``.transpose(1, 2)`` view."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def test_float_aliases():
+    import archquant.kernels.mamba_scan as S
+
+    assert S.selective_scan_triton is quant_selective_scan
+    assert S.selective_state_update_triton is quant_selective_state_update
+    assert {"selective_scan_triton", "selective_state_update_triton"} <= set(S.__all__)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", FLOAT_IN)
+def test_scan_float_inputs_match_reference(in_dtype, out_dtype):
+    b, d, n, l = 2, 37, 5, 19
+    ops = floatify(scan_operands(b, d, n, l, seed=20), in_dtype)
+    for i in (0, 2, 6, 8, 11):  # (b, l, d) / (b, l, n) memory, passed as views
+        ops[i] = bld(ops[i])
+        assert not ops[i].is_contiguous() and ops[i].dtype == in_dtype
+    h0 = torch.randn(b, d, n, generator=gen(21)).to(DEVICE)
+    y, h = quant_selective_scan(*ops, out_dtype=out_dtype, h0=h0, return_state=True)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=out_dtype, h0=h0, return_state=True)
+    assert y.stride() == ops[0].stride()  # laid out like u
+    assert_scan_close(y, y_ref)
+    assert_scan_close(h, h_ref)
+
+
+@pytest.mark.parametrize("in_dtype", FLOAT_IN)
+def test_scan_float_codes_with_scales_equal_int8(in_dtype):
+    # float tensors holding the int8 codes, with the same scales: the same fp32 values
+    # and operations, so the outputs are bit-identical to the int8 path
+    b, d, n, l = 2, 20, 16, 9
+    ops = scan_operands(b, d, n, l, seed=22)
+    f_ops = floatify(ops, in_dtype, keep_scale=True)
+    y_i, h_i = quant_selective_scan(*ops, out_dtype=torch.float32, return_state=True, block_d=16)
+    y_f, h_f = quant_selective_scan(*f_ops, out_dtype=torch.float32, return_state=True, block_d=16)
+    assert torch.equal(y_f, y_i) and torch.equal(h_f, h_i)
+    step = [o[..., 3] if isinstance(o, torch.Tensor) and o.dim() == 3 else o for o in ops]
+    f_step = [o[..., 3] if isinstance(o, torch.Tensor) and o.dim() == 3 else o for o in f_ops]
+    st_i, st_f = h_i.clone(), h_i.clone()
+    assert torch.equal(quant_selective_state_update(st_f, *f_step, out_dtype=torch.float32),
+                       quant_selective_state_update(st_i, *step, out_dtype=torch.float32))
+    assert torch.equal(st_f, st_i)
+
+
+@pytest.mark.parametrize("mix", ["u_z_int8", "bf16_with_scale"])
+def test_scan_mixed_int8_and_float_inputs(mix):
+    b, d, n, l = 2, 24, 16, 11
+    ops = scan_operands(b, d, n, l, seed=23)
+    if mix == "u_z_int8":  # dt, B, C fp16 without scale; u, z int8 codes
+        ops = floatify(ops, torch.float16, which=("dt", "B", "C"))
+    else:  # u, C bf16 with a scale (not 1), the rest int8
+        ops = floatify(ops, torch.bfloat16, which=("u", "C"))
+        ops[0], ops[1] = (ops[0].float() * 4.0).to(torch.bfloat16), 0.25
+        ops[8], ops[9] = ops[8].to(torch.bfloat16), 0.03
+    y, h = quant_selective_scan(*ops, out_dtype=torch.float32, return_state=True, block_d=16)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=torch.float32, return_state=True)
+    assert_scan_close(y, y_ref)
+    assert_scan_close(h, h_ref)
+
+
+@pytest.mark.parametrize("variant", ["no_z", "no_softplus"])
+def test_scan_float_options(variant):
+    b, d, n, l = 2, 24, 5, 10
+    ops = floatify(scan_operands(b, d, n, l, seed=24, z=variant != "no_z"), torch.float16)
+    kw = {}
+    if variant == "no_softplus":
+        ops[2], ops[4] = ops[2].abs(), None  # dt in [0, 1.27]
+        kw["dt_softplus"] = False
+    assert ops[12] is None
+    y, h = quant_selective_scan(*ops, out_dtype=torch.float32, return_state=True, block_d=16, **kw)
+    y_ref, h_ref = quant_selective_scan_reference(*ops, out_dtype=torch.float32, return_state=True, **kw)
+    assert_scan_close(y, y_ref)
+    assert_scan_close(h, h_ref)
+    st, st_ref = h.clone(), h.clone()
+    step = [o[..., 0] if isinstance(o, torch.Tensor) and o.dim() == 3 else o for o in ops]
+    y_t = quant_selective_state_update(st, *step, out_dtype=torch.float32, block_d=16, **kw)
+    assert_scan_close(y_t, quant_selective_state_update_reference(st_ref, *step, out_dtype=torch.float32, **kw))
+    assert_scan_close(st, st_ref)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.float32)])
+def test_state_update_float_token_by_token_equals_scan(in_dtype, out_dtype):
+    b, d, n, l = 2, 37, 16, 8
+    ops = floatify(scan_operands(b, d, n, l, seed=25), in_dtype)
+    h0 = torch.randn(b, d, n, generator=gen(26)).to(DEVICE)
+    y_full, h_full = quant_selective_scan(*ops, out_dtype=out_dtype, h0=h0, return_state=True, block_d=16)
+    st, st_ref = h0.clone(), h0.clone()
+    for t in range(l):
+        step = [o[..., t] if isinstance(o, torch.Tensor) and o.dim() == 3 else o for o in ops]
+        out = torch.full((b, d), float("nan"), dtype=out_dtype, device=DEVICE)
+        y_t = quant_selective_state_update(st, *step, out_dtype=out_dtype, out=out, block_d=16)
+        assert y_t.data_ptr() == out.data_ptr()
+        assert_scan_close(y_t, quant_selective_state_update_reference(st_ref, *step, out_dtype=out_dtype))
+        assert_scan_close(st, st_ref)
+        if INTERPRET_MODE:
+            assert torch.equal(y_t, y_full[..., t])
+        else:
+            assert_scan_close(y_t, y_full[..., t], rel=1e-6)
+    if INTERPRET_MODE:
+        assert torch.equal(st, h_full)
+    else:
+        assert_scan_close(st, h_full, rel=1e-6)
+
+
+def test_scan_float_argument_checks():
+    b, d, n, l = 2, 8, 4, 5
+    ops = scan_operands(b, d, n, l)
+    f_ops = floatify(ops, torch.float16)
+    step = lambda o: [x[..., 0] if isinstance(x, torch.Tensor) and x.dim() == 3 else x for x in o]  # noqa: E731
+    st = torch.zeros(b, d, n, device=DEVICE)
+    for pos, name, dtype in ((0, "u_q", torch.int32), (6, "B_q", torch.float64), (11, "z_q", torch.uint8)):
+        bad = list(f_ops)
+        bad[pos] = bad[pos].to(dtype)
+        with pytest.raises(ValueError, match=f"{name} must be int8 .*float16/bfloat16/float32, got {dtype}"):
+            quant_selective_scan(*bad)
+        with pytest.raises(ValueError, match=f"{name} must be int8"):
+            quant_selective_state_update(st, *step(bad))
+    for pos, name in ((1, "u_scale"), (3, "dt_scale"), (7, "B_scale"), (9, "C_scale"), (12, "z_scale")):
+        bad = list(ops)  # int8 codes, scale None
+        bad[pos] = None
+        with pytest.raises(ValueError, match=f"{name} is required for int8 {name[:-6]}_q"):
+            quant_selective_scan(*bad)
+        with pytest.raises(ValueError, match=f"{name} is required"):
+            quant_selective_state_update(st, *step(bad))
+    bad = list(f_ops)
+    bad[8] = bad[8][:, :3]  # float C with a wrong shape
+    with pytest.raises(ValueError, match="C_q must be a tensor of shape"):
+        quant_selective_scan(*bad)
+    bad = list(f_ops)
+    bad[7] = torch.ones(3)  # a float input's scale, when given, is still one value
+    with pytest.raises(ValueError, match="B_scale must be one float"):
+        quant_selective_scan(*bad)
+    with pytest.raises(ValueError, match="u_q must be an int8 or float tensor"):
+        quant_selective_scan(f_ops[0][..., 0], *f_ops[1:])
+    # the int8 messages are unchanged
+    with pytest.raises(ValueError, match=r"u_q must be an int8 tensor \(b, d, l\)"):
+        quant_selective_scan(ops[0][..., 0], *ops[1:])
+    bad = list(ops)
+    bad[6] = ops[6][:, :3]
+    with pytest.raises(ValueError, match=r"B_q must be an int8 tensor of shape \(2, 4, 5\), got torch.int8"):
+        quant_selective_scan(*bad)
+    # empty float inputs
+    y, h = quant_selective_scan(*[o[..., :0] if isinstance(o, torch.Tensor) and o.dim() == 3 else o
+                                  for o in f_ops], return_state=True)
+    assert y.shape == (2, 8, 0) and torch.equal(h, torch.zeros(2, 8, 4, device=DEVICE))
+
+
 # =========================================================================== GPU
 
 
@@ -408,17 +582,31 @@ aot(C._conv1d_silu_kernel, dict(KW=3, HAS_BIAS=False, HAS_STATE=True, QMAX=127, 
 aot(C._conv_state_write_kernel, dict(KW=4, KW_PAD=4, BLOCK_D=32), i8, ones=("s_xl", "s_sk"))
 aot(C._conv1d_update_kernel, dict(KW=4, KW_PAD=4, HAS_BIAS=True, QMAX=127, BLOCK_D=64), i8,
     ones=("s_xd", "s_wk", "s_sk", "s_yd"))
+# SCALED: bit mask of the inputs with a scale (u 1, dt 2, B 4, C 8, z 16); 31 = all int8
 for out_code, y_ty in ((0, "fp32"), (1, "fp16"), (2, "bf16")):
     aot(S._selective_scan_kernel,
         dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_H0=True, STORE_STATE=True,
-             OUT_CODE=out_code, BLOCK_D=32 if out_code else 16, BLOCK_N=16),
+             OUT_CODE=out_code, SCALED=31, BLOCK_D=32 if out_code else 16, BLOCK_N=16),
         dict(i8, y_ptr=y_ty), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_hn", "s_yd", "s_on"))
     aot(S._state_update_kernel,
-        dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, OUT_CODE=out_code, BLOCK_D=16, BLOCK_N=16),
+        dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, OUT_CODE=out_code, SCALED=31,
+             BLOCK_D=16, BLOCK_N=16),
         dict(i8, y_ptr=y_ty), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_sn", "s_yd"))
 aot(S._selective_scan_kernel,
     dict(HAS_D=False, HAS_Z=False, HAS_DT_BIAS=False, DT_SOFTPLUS=False, HAS_H0=False, STORE_STATE=False,
-         OUT_CODE=1, BLOCK_D=32, BLOCK_N=2), dict(i8, y_ptr="fp16"))  # n = 1, generic strides
+         OUT_CODE=1, SCALED=15, BLOCK_D=32, BLOCK_N=2), dict(i8, y_ptr="fp16"))  # n = 1, generic strides
+# float inputs (the FP16 baseline: no scales), and bf16 inputs with scales
+for in_ty, scaled in (("fp16", 0), ("bf16", 31)):
+    fl = {n: in_ty for n in ("u_ptr", "dt_ptr", "z_ptr", "b_ptr", "c_ptr")}
+    for bd in (16, 32):
+        aot(S._selective_scan_kernel,
+            dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, HAS_H0=False, STORE_STATE=True,
+                 OUT_CODE=1, SCALED=scaled, BLOCK_D=bd, BLOCK_N=16),
+            dict(fl, y_ptr="fp16"), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_yd", "s_on"))
+    aot(S._state_update_kernel,
+        dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, OUT_CODE=1, SCALED=scaled,
+             BLOCK_D=16, BLOCK_N=16),
+        dict(fl, y_ptr="fp16"), ones=("s_ud", "s_dtd", "s_zd", "s_bn", "s_cn", "s_an", "s_sn", "s_yd"))
 '''
 
 
