@@ -158,6 +158,8 @@ class MambaLayerState:
         """Keep the new states, in place when tensors of the same shape are already held."""
         for name, new in (("conv_state", conv_state), ("ssm_state", ssm_state)):
             old = getattr(self, name)
+            if old is new:  # updated in place by a kernel
+                continue
             if old is not None and old.shape == new.shape and old.dtype == new.dtype:
                 old.copy_(new)
             else:
@@ -197,6 +199,17 @@ def causal_conv_with_state(conv: nn.Module, x: torch.Tensor,
     xx = torch.cat([hist[..., 1:], x], dim=-1)  # (b, c, k-1+l)
     y = conv(xx)[..., k - 1:k - 1 + l]
     return y, xx[..., -k:]
+
+
+#: where the FP Mamba1 scan runs: "auto" (the Triton kernel for CUDA tensors, PyTorch on a CPU),
+#: "torch" (always PyTorch) or "triton" (always the kernel; on a CPU through TRITON_INTERPRET=1)
+SCAN_BACKEND = "auto"
+
+
+def _use_scan_kernel(u: torch.Tensor) -> bool:
+    if SCAN_BACKEND == "torch" or (torch.is_grad_enabled() and u.requires_grad):
+        return False
+    return u.is_cuda or SCAN_BACKEND == "triton"
 
 
 # ----------------------------------------------------------------------------------------
@@ -393,14 +406,38 @@ class Mamba1Mixer(nn.Module):
         x, window = causal_conv_with_state(self.conv1d, x.transpose(1, 2), state)
         u = self.u_site(F.silu(x.transpose(1, 2)))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.softplus(self.dt_proj(dt_low).float())
+        dt_raw = self.dt_proj(dt_low)
+        A = -torch.exp(self.A_log.float())
         h0 = None if state is None else state.ssm_state
-        y, h = selective_scan(u, dt, -torch.exp(self.A_log.float()), B, C, self.D, h0=h0,
-                              return_state=True, state_fn=self._state_readout())
+        if _use_scan_kernel(u) and self._state_readout() is None:
+            y, h = self._kernel_scan(u, dt_raw, A, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
+        else:
+            y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, self.D, h0=h0,
+                                  return_state=True, state_fn=self._state_readout())
+            y = y * self.gate_act(z)
         if state is not None:
             state.store(window, h)
-        y = y * self.gate_act(z)
         return self.out_proj(y)
+
+    def _kernel_scan(self, u, dt_raw, A, B, C, z, h0, decode: bool):
+        """The scan (softplus and, for a plain SiLU gate, the gating fused) on the Triton kernel of
+        ``kernels/mamba_scan.py``: the same kernel the int8 model uses, fed floats."""
+        from archquant.kernels.mamba_scan import selective_scan_triton, selective_state_update_triton
+
+        silu_gate = type(self.gate_act) is nn.SiLU
+        zk = z if silu_gate else None
+        if decode:
+            h = h0 if h0 is not None else u.new_zeros(u.shape[0], self.d_inner, self.state_size, dtype=torch.float32)
+            y = selective_state_update_triton(h, u[:, 0], None, dt_raw[:, 0], None, None, A, B[:, 0], None,
+                                              C[:, 0], None, self.D, None if zk is None else zk[:, 0], None,
+                                              out_dtype=u.dtype).unsqueeze(1)
+        else:
+            t = lambda v: v.transpose(1, 2)  # noqa: E731 - (b, l, c) as the kernel's (b, c, l) view
+            y, h = selective_scan_triton(t(u), None, t(dt_raw), None, None, A, t(B), None, t(C), None, self.D,
+                                         None if zk is None else t(zk), None, out_dtype=u.dtype, h0=h0,
+                                         return_state=True)
+            y = y.transpose(1, 2)
+        return (y, h) if silu_gate else (y * self.gate_act(z), h)
 
 
 class Mamba2Mixer(nn.Module):

@@ -8,6 +8,7 @@ import archquant as aq
 from archquant.models.mamba import MambaCache, MambaConfig, MambaLM, greedy_generate, init_mamba_weights
 
 from conftest import rel_err
+from kernel_testing import DEVICE, requires_backend
 
 VOCAB = 256
 
@@ -103,3 +104,30 @@ def test_fake_quant_models_decode_like_their_full_forward(arch, preset):
     with torch.no_grad():
         full = model(IDS)
     assert rel_err(_pieces(model, IDS, [9] + list(range(10, 29))), full) < 3e-3
+
+
+@requires_backend
+@pytest.mark.parametrize("gate", ["silu", "scaled_silu"])
+def test_fp_scan_on_the_triton_kernel_equals_the_torch_scan(monkeypatch, gate):
+    """On CUDA the FP Mamba1 mixer scans with the Triton kernel (the int8 model's kernel, fed
+    floats: the FP16 baseline of the end-to-end benchmark). Same logits as the PyTorch scan,
+    whole and decoded token by token; a non-SiLU gate is applied outside the kernel."""
+    import archquant.models.mamba as mamba_module
+    from archquant.models.mamba import ScaledSiLU
+
+    model = _model("mamba1")
+    if gate == "scaled_silu":
+        for layer in model.backbone.layers:
+            layer.mixer.gate_act = ScaledSiLU(torch.full((layer.mixer.d_inner,), 1.5))
+    ids = IDS[:2, :10]
+    with torch.no_grad():
+        want = model(ids)
+    monkeypatch.setattr(mamba_module, "SCAN_BACKEND", "triton")
+    model = model.to(DEVICE)
+    ids = ids.to(DEVICE)
+    with torch.no_grad():
+        got = model(ids)
+        cache = model.new_cache()
+        inc = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)], 1)
+    assert rel_err(got.cpu(), want) < 1e-5
+    assert rel_err(inc.cpu(), want) < 1e-5

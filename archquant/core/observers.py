@@ -169,10 +169,11 @@ class GroupedMinMaxObserver(MinMaxObserver):
         lo, hi = lo.reshape(-1), hi.reshape(-1)
         if lo.numel() != self.groups.numel():
             raise ValueError(f"grouped_minmax: {self.groups.numel()} group ids for {lo.numel()} channels")
-        n = int(self.groups.max()) + 1
-        g_lo = torch.full((n,), float("inf")).scatter_reduce(0, self.groups, lo, "amin")
-        g_hi = torch.full((n,), float("-inf")).scatter_reduce(0, self.groups, hi, "amax")
-        return g_lo[self.groups].reshape(shape), g_hi[self.groups].reshape(shape)
+        groups = self.groups.to(lo.device)
+        n = int(groups.max()) + 1
+        g_lo = lo.new_full((n,), float("inf")).scatter_reduce(0, groups, lo, "amin")
+        g_hi = hi.new_full((n,), float("-inf")).scatter_reduce(0, groups, hi, "amax")
+        return g_lo[groups].reshape(shape), g_hi[groups].reshape(shape)
 
 
 # --------------------------------------------------------------------------- percentile
