@@ -437,8 +437,8 @@ def bench_memory(dev=None) -> str:
 BENCHES = {"gemm": bench_gemm, "hadamard": bench_hadamard, "mamba": bench_mamba, "w4": bench_w4,
            "memory": bench_memory}
 
-END_NOTE = ("## Not measured yet\n\n- End-to-end TPOT / TTFT for a full Mamba-2.8B model is not implemented: "
-            "the real quantized Mamba mixer module (these kernels wired into one layer) is still missing.\n")
+END_NOTE = ("## End to end\n\n- TPOT / TTFT of a whole Mamba-2.8B-shaped model (W8A8 real vs FP16, CUDA-graph "
+            "decode): `python -m archquant.eval.bench_e2e --write eval/results/e2e_h100.md`.\n")
 
 
 def header_block(argv: list[str]) -> str:
