@@ -220,7 +220,7 @@ def bench_gemm(dev) -> str:
             rows.append(label + [fmt(t_ours), fmt(t_bf16), fmt(t_int),
                                  c_fp8, c_scaled, ratio(t_bf16, t_ours), ratio(t_int, t_ours),
                                  _cell_ratio(c_scaled, c_fp8), target])
-            del a_q, b_q, x, w, want
+            a_q = b_q = x = w = want = None  # free the GPU buffers (the lambdas above are done with them)
             free_memory()
     notes = ["ours int8 = `w8a8_gemm` with its per-token x per-channel scale epilogue, bf16 out; "
              "bf16 = `torch.matmul(x, w.T)` (cuBLAS); `_int_mm`+epi = `torch._int_mm` then separate "
@@ -271,7 +271,7 @@ def bench_hadamard(dev) -> str:
             rows.append(label + [fmt(t_fused), fmt(t_unfused), fmt(t_clone), fmt(t_copy), f"{gbps:.0f}",
                                  f"{copy_gbps:.0f}", f"{pct:.0f}% " + ("(met)" if pct >= 80 else "(MISSED)"),
                                  f"{speed:.2f}x " + ("(met)" if speed >= 3 else "(MISSED)")])
-            del x, q, q_ref
+            x = q = q_ref = None  # free the GPU buffers
             free_memory()
     notes = ["fused = `hadamard_quant_int8` (per-token dynamic scales, bf16 input); unfused = bf16 "
              "`x @ H` with the dense normalized matrix, then `quantize_per_token_int8`.",
@@ -399,7 +399,7 @@ def bench_w4(dev) -> str:
             t_ours = graph_median_ms(ours)
             t_bf16 = try_time(lambda: torch.matmul(x, w.t()), graph=True)
             rows.append(label + [fmt(t_ours, 4), fmt(t_bf16, 4), ratio(t_bf16, t_ours)])
-        del codes, w_packed, w
+        codes = w_packed = w = None  # free the GPU buffers
         free_memory()
     notes = [f"bf16 activations, int4 weights with bf16 scales per group of {W4_GROUP}; both sides "
              "replayed from CUDA graphs (decode: launch overhead excluded)."]
