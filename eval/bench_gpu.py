@@ -342,6 +342,15 @@ def _scan_rows(dev, b, d, l, n) -> list[list[str]]:
     dt = F.softplus(deq(t["dt_q"], t["dt_scale"]) + t["dt_bias"])
     Bf, Cf = deq(t["B_q"], t["B_scale"]), deq(t["C_q"], t["C_scale"])
     rows = [label + ["ours int8 in, fp16 out (Triton)", fmt(t_ours), "1.00x", "-"]]
+    # The same Triton kernel fed fp16 (the FP16 model's scan on CUDA): isolates what int8 inputs buy.
+    from archquant.kernels.mamba_scan import selective_scan_triton
+    ch16 = lambda v: v.half().transpose(1, 2)  # noqa: E731 - (b, l, c) fp16 seen as (b, c, l), as the model passes it
+    u16, dtr16 = ch16(u), ch16(deq(t["dt_q"], t["dt_scale"]))
+    B16, C16, z16 = ch16(Bf), ch16(Cf), ch16(z)
+    fp16_kernel = lambda: selective_scan_triton(u16, None, dtr16, None, t["dt_bias"], t["A"], B16, None,  # noqa: E731
+                                                C16, None, t["D"], z16, None, out_dtype=torch.float16)
+    tk = try_time(fp16_kernel)
+    rows.append(label + ["same Triton kernel, fp16 in (FP16 model's scan)", fmt(tk), ratio(tk, t_ours), "-"])
     for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
         args = [v.to(dtype) for v in (u, dt)] + [t["A"]] + [v.to(dtype) for v in (Bf, Cf)]
         zz = z.to(dtype)
