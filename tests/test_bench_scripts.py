@@ -1,0 +1,54 @@
+"""The end-to-end benchmark script runs (tiny shapes on a CPU): correctness gate, table, file."""
+import pytest
+import torch
+
+from archquant.eval import bench_e2e
+
+
+def test_tiny_run_writes_a_table(tmp_path, capsys):
+    out = tmp_path / "e2e.md"
+    assert bench_e2e.main(["--tiny", "--reps", "1", "--prompt", "12", "--write", str(out)]) == 0
+    text = out.read_text()
+    assert "python -m archquant.eval.bench_e2e --tiny" in text
+    for row in ("TTFT, prefill 12 tokens", "decode step, eager", "weights, mixers", "weights, whole model"):
+        assert row in text
+    assert "real int8 vs fake-quant twin" in text and "smoke run: no target" in text
+    assert "MISSED" not in text and "met (" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_full_size_run_without_gpu_is_refused(capsys):
+    assert bench_e2e.main([]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real run happens on the GPU")
+def test_gpu_kernel_benchmark_sections_run_under_the_interpreter(monkeypatch):
+    """Every section of eval/bench_gpu.py at tiny shapes, its kernels in the interpreter and each
+    timed function run once: catches a broken benchmark before a (scarce) GPU session does."""
+    from kernel_testing import requires_backend  # noqa: F401 - conftest turned the interpreter on
+    from archquant.eval import bench_gpu as B
+
+    ran = []
+
+    def once(fn):
+        fn()
+        ran.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(B, "median_ms", once)
+    monkeypatch.setattr(B, "graph_median_ms", once)
+    monkeypatch.setattr(B, "free_memory", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    monkeypatch.setattr(B, "GEMM_MS", (1, 17))
+    monkeypatch.setattr(B, "GEMM_KN", ((64, 48),))
+    monkeypatch.setattr(B, "HAD_MS", (4,))
+    monkeypatch.setattr(B, "HAD_NS", (96,))
+    monkeypatch.setattr(B, "W4_MS", (1,))
+    monkeypatch.setattr(B, "W4_KN", ((256, 64),))
+    monkeypatch.setattr(B, "MAMBA", dict(d_model=64, d_inner=128, d_state=16, dt_rank=4, d_conv=4, layers=2,
+                                         batch=1, seq=12))
+    for name, bench in B.BENCHES.items():
+        text = bench(torch.device("cpu"))
+        assert text.startswith("## ") and "WRONG" not in text, (name, text)
+    assert len(ran) >= 15
