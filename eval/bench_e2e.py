@@ -49,7 +49,9 @@ def build_models(shape: dict, dtype: torch.dtype, device: torch.device, calib_to
 
     cfg = MambaConfig(arch="mamba1", tie_embeddings=True, **shape)
     torch.manual_seed(0)
-    fp = init_mamba_weights(MambaLM(cfg), seed=0).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # build and initialise on the device (2.8B parameters: minutes on a CPU)
+        fp = init_mamba_weights(MambaLM(cfg), seed=0)
+    fp = fp.to(dtype=dtype).eval()
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, cfg.vocab_size, (1, calib_tokens), generator=g).to(device)]
     fake = copy.deepcopy(fp)

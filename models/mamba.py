@@ -560,9 +560,11 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
 
 
 def init_mamba_weights(model: MambaLM, seed: int = 0) -> MambaLM:
-    """Mamba's standard initialisation (dt bias from log-uniform [1e-3, 1e-1], S4D-real A), seeded."""
+    """Mamba's standard initialisation (dt bias from log-uniform [1e-3, 1e-1], S4D-real A), seeded.
+    The same seed gives the same weights on every CPU; on a GPU it gives other (equally standard) ones."""
     cfg = model.config
-    g = torch.Generator().manual_seed(seed)
+    # the generator lives where the weights do (a model built on a GPU initialises there)
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
@@ -570,7 +572,7 @@ def init_mamba_weights(model: MambaLM, seed: int = 0) -> MambaLM:
             elif name.endswith(("A_log", ".D")):
                 continue
             elif name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
-                dt = torch.exp(torch.rand(p.shape, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                dt = torch.exp(torch.rand(p.shape, generator=g, device=p.device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
                 p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             elif name.endswith("dt_proj.weight"):
                 std = cfg.dt_rank ** -0.5
