@@ -2,19 +2,39 @@
 
 API
 ---
-``w8a8_gemm(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float16) -> (M, N)``
-    ``a_q``: int8 (M, K) activation codes; ``b_q``: int8 (N, K) weight codes (the
-    ``nn.Linear`` weight layout, so the product is ``a_q @ b_q.T``);
+``w8a8_gemm(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float16, *, out=None,
+config=None, out_scale=None, round_to=None) -> (M, N)``
+    ``a_q``: int8 (M, K) activation codes, any strides (e.g. a column slice
+    ``x[:, :r]`` of a wider tensor, no ``.contiguous()`` needed); ``b_q``: int8
+    (N, K) weight codes (the ``nn.Linear`` weight layout, so the product is
+    ``a_q @ b_q.T``), any strides;
     ``a_scale``: fp32 per-token (M, 1) / (M,) or one value; ``b_scale``: fp32
     per-output-channel (N,) / (N, 1) / (1, N) or one value; ``bias``: (N,) any
     float dtype or None; ``out_dtype``: float16, bfloat16 or float32.
     Computes ``out = ((acc_int32 as fp32) * a_scale) * b_scale + bias`` with an exact
     int32 accumulator (tl.dot int8 x int8 -> int32), everything after the dot in
-    fp32, one final rounding to ``out_dtype`` (nearest even).
+    fp32, one final rounding to ``out_dtype`` (nearest even).  ``out``: optional
+    preallocated (M, N) result of ``out_dtype``, any strides.
+
+    Fused static requantization (the Quamba in_proj / x_proj / dt_proj outputs):
+    ``out_scale`` set requires ``out_dtype=torch.int8`` (ValueError otherwise, and
+    for int8 without ``out_scale``); the kernel then writes int8 codes
+    ``clamp(round_half_even(div_rn(v, out_scale)), -127, 127)`` of the fp32 epilogue
+    value ``v`` first rounded to ``round_to`` (None / float32: kept in fp32;
+    float16 / bfloat16: nearest even, what storing the float GEMM output does).
+    Bit for bit ``quantize_static_int8(w8a8_gemm(..., out_dtype=round_to or
+    torch.float32), out_scale)`` (same jit helpers), in one launch and without the
+    float round trip through memory.  ``out_scale``: per tensor only, a Python
+    float (checked finite and > 0 in fp32, copied to the device) or a one-element
+    float tensor on the device, read by the kernel (no host copy or sync: CUDA-graph
+    friendly; its value is not checked).  ``round_to`` without ``out_scale`` is a
+    ValueError.
 ``fp8_gemm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16, fast_accum=True)``
     Same with ``torch.float8_e4m3fn`` operands (also e5m2) and an fp32 accumulator.
+    No fused requantization (``out_scale`` / int8 output raise ValueError).
 
-``w8a8_gemm_reference`` is exact (float64 matmul of integers); ``fp8_gemm_reference``
+``w8a8_gemm_reference`` (same ``out_scale`` / ``round_to`` keywords, composed with
+``quantize_static_int8_reference``) is exact (float64 matmul of integers); ``fp8_gemm_reference``
 dequantizes to fp32 and uses a float64 matmul, so only the kernel's fp32 summation
 order differs from it.
 
@@ -35,11 +55,20 @@ codes of -128 lower that slightly); the epilogue is launched with
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import OUT_DTYPES, check_launchable, prepare_out, round_to_dtype_code
+from ._triton_utils import (
+    OUT_DTYPES,
+    check_launchable,
+    prepare_out,
+    quantize_int8_tile,
+    round_to_dtype_code,
+)
+from .quantize import INT8_QMAX, quantize_static_int8, quantize_static_int8_reference
 
 __all__ = [
     "w8a8_gemm",
@@ -54,6 +83,8 @@ _MIN_BLOCK_K_8BIT = 32  # NVIDIA min_dot_size K for 8-bit operands (Triton 3.9)
 # (max M, config), first match wins.  Small M (decode): 16-row tiles; large M: 128x128
 # (a 128x256 fp32 epilogue tile could exceed shared memory during the layout
 # conversion, so it is avoided).  Untuned: no GPU was available when these were set.
+# The offline sm_90 compile (tests/test_kernels_gemm.py AOT check) reports register spills
+# for the two 128x128 configs: 8 bytes at BLOCK_K=64, ~1.1-1.3 KiB at BLOCK_K=128.
 GEMM_CONFIGS: tuple[tuple[int, dict], ...] = (
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
     (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)),
@@ -65,12 +96,12 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 @triton.jit
 def _scaled_mm_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, os_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_as, stride_bs, stride_bias,
     HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, FP8_TYPE: tl.constexpr, OUT_CODE: tl.constexpr,
-    MAX_IMPRECISE_ACC: tl.constexpr,
+    QUANT_OUT: tl.constexpr, QMAX: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K >= 32, "8-bit tl.dot needs K >= 32 on NVIDIA GPUs")
@@ -121,7 +152,11 @@ def _scaled_mm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
         out = out + bias[None, :]
+    # OUT_CODE: the output dtype, or with QUANT_OUT the intermediate ``round_to`` dtype.
     out = round_to_dtype_code(out, OUT_CODE)
+    if QUANT_OUT:
+        # Fused static requantization, the arithmetic of quantize_static_int8.
+        out = quantize_int8_tile(out, tl.load(os_ptr).to(tl.float32), QMAX)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -167,9 +202,56 @@ def _check_operands(a, b, dtypes, what):
         raise ValueError(f"{what}: K mismatch, a {tuple(a.shape)} vs b (N, K) {tuple(b.shape)}")
 
 
-def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_imprecise, out):
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)}, got {out_dtype}")
+_ROUND_TO = {None: 0, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _requant_args(out_dtype, out_scale, round_to, device, what):
+    """Validate the fused-requantization arguments; ``None`` or (fp32 1-element scale, round code).
+
+    A Python number is checked (finite, > 0 in fp32) and copied to the device; a
+    tensor is used where it lies (no host sync, no copy: CUDA-graph friendly), so
+    its value is not checked.
+    """
+    if out_scale is None:
+        if out_dtype == torch.int8:
+            raise ValueError(f"{what}: out_dtype=torch.int8 needs out_scale (the static requantization scale)")
+        if round_to is not None:
+            raise ValueError(f"{what}: round_to only applies together with out_scale (int8 output)")
+        return None
+    if out_dtype != torch.int8:
+        raise ValueError(
+            f"{what}: out_scale given, so the output is int8 codes: pass out_dtype=torch.int8 "
+            f"(got {out_dtype}); use round_to= for the intermediate float rounding"
+        )
+    if round_to not in _ROUND_TO:
+        raise ValueError(f"{what}: round_to must be None, torch.float32, torch.float16 or "
+                         f"torch.bfloat16, got {round_to}")
+    if isinstance(out_scale, torch.Tensor):
+        if not out_scale.is_floating_point():
+            raise TypeError(f"{what}: out_scale must be a float tensor/number, got {out_scale.dtype}")
+        if out_scale.numel() != 1:
+            raise ValueError(f"{what}: out_scale must be one value (per-tensor static scale), "
+                             f"got shape {tuple(out_scale.shape)}")
+        s = out_scale.reshape(1).to(torch.float32)  # no-op for an fp32 tensor
+    else:
+        try:
+            v = float(out_scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what}: out_scale must be a float or a one-element tensor, "
+                            f"got {type(out_scale).__name__}") from None
+        s = torch.tensor([v], dtype=torch.float32)
+        if not (math.isfinite(v) and s.item() > 0 and math.isfinite(s.item())):
+            raise ValueError(f"{what}: out_scale must be finite and > 0 (as fp32), got {v}")
+        s = s.to(device)
+    return s, _ROUND_TO[round_to]
+
+
+def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_imprecise, out,
+            out_scale=None, round_to=None, what="w8a8_gemm"):
+    requant = _requant_args(out_dtype, out_scale, round_to, a.device, what)
+    if requant is None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)} (or torch.int8 with out_scale), "
+                         f"got {out_dtype}")
     m, k = a.shape
     n = b.shape[0]
     a_s, stride_as = _scale_vector(a_scale, m, "a_scale", a.device)
@@ -179,12 +261,17 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_impreci
             raise ValueError(f"bias must have {n} elements, got shape {tuple(bias.shape)}")
         bias = bias.reshape(-1)
     out = prepare_out(out, (m, n), out_dtype, a.device, "out")
-    check_launchable(a, b, a_s, b_s, bias, out)
+    o_s = requant[0] if requant is not None else None
+    check_launchable(a, b, a_s, b_s, bias, out, o_s)
     if m == 0 or n == 0:
         return out
     if k == 0:
-        out.copy_((bias.to(torch.float32).expand(m, n) if bias is not None
-                   else torch.zeros(m, n, device=a.device)).to(out_dtype))
+        v = (bias.to(torch.float32).expand(m, n) if bias is not None
+             else torch.zeros(m, n, device=a.device))
+        if requant is None:
+            out.copy_(v.to(out_dtype))
+        else:
+            quantize_static_int8(v.to(round_to or torch.float32), o_s, out=out)
         return out
     cfg = _pick_config(m, config)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -193,11 +280,13 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, config, is_int, max_impreci
         fp8_type = tl.float8e4nv if a.dtype == torch.float8_e4m3fn else tl.float8e5
         a, b = a.view(torch.uint8), b.view(torch.uint8)
     _scaled_mm_kernel[grid](
-        a, b, out, a_s, b_s, bias if bias is not None else a_s,
+        a, b, out, a_s, b_s, bias if bias is not None else a_s, o_s if o_s is not None else a_s,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         stride_as, stride_bs, bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None, IS_INT=is_int, FP8_TYPE=fp8_type, OUT_CODE=OUT_DTYPES[out_dtype],
+        HAS_BIAS=bias is not None, IS_INT=is_int, FP8_TYPE=fp8_type,
+        OUT_CODE=OUT_DTYPES[out_dtype] if requant is None else requant[1],
+        QUANT_OUT=requant is not None, QMAX=INT8_QMAX,
         MAX_IMPRECISE_ACC=max_imprecise,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -216,13 +305,24 @@ def w8a8_gemm(
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    out_scale: float | torch.Tensor | None = None,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``(a_q @ b_q.T) * a_scale * b_scale + bias`` with an int32 accumulator, as out_dtype.
 
     ``out``: optional preallocated (M, N) result of ``out_dtype`` (any strides).
+
+    ``out_scale`` (with ``out_dtype=torch.int8``): fused static per-tensor
+    requantization.  The fp32 epilogue value is rounded to ``round_to`` (None /
+    float32: kept, float16 / bfloat16: nearest even) and written as int8 codes
+    ``clamp(round_half_even(v / out_scale), -127, 127)``, bit for bit
+    ``quantize_static_int8(w8a8_gemm(..., out_dtype=round_to or torch.float32), out_scale)``.
+    ``out_scale``: a positive Python float, or a one-element float tensor on the
+    device (read by the kernel: no copy or sync, CUDA-graph friendly; not checked).
     """
     _check_operands(a_q, b_q, (torch.int8,), "w8a8_gemm")
-    return _launch(a_q, b_q, a_scale, b_scale, bias, out_dtype, config, True, None, out)
+    return _launch(a_q, b_q, a_scale, b_scale, bias, out_dtype, config, True, None, out,
+                   out_scale, round_to)
 
 
 def fp8_gemm(
@@ -236,6 +336,7 @@ def fp8_gemm(
     fast_accum: bool = True,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    out_scale=None,
 ) -> torch.Tensor:
     """FP8 x FP8 -> fp32 accumulate, same scaled epilogue as :func:`w8a8_gemm`.
 
@@ -243,7 +344,12 @@ def fp8_gemm(
     accumulation, like ``_scaled_mm(use_fast_accum=True)``); ``False`` promotes the
     partial sums to the fp32 accumulator once per ``BLOCK_K`` (``max_num_imprecise_acc``).
     No effect in the interpreter, which accumulates in fp32 anyway.
+
+    ``out_scale`` (fused int8 requantization) is not supported here: it raises.
     """
+    if out_scale is not None or out_dtype == torch.int8:
+        raise ValueError("fp8_gemm: fused int8 requantization (out_scale / out_dtype=torch.int8) is "
+                         "only implemented for w8a8_gemm; quantize the float output instead")
     _check_operands(a, b, _FP8_DTYPES, "fp8_gemm")
     if a.dtype != b.dtype:
         raise TypeError(f"fp8_gemm needs equal operand dtypes, got {a.dtype} and {b.dtype}")
@@ -267,14 +373,23 @@ def _epilogue_reference(acc, a_scale, b_scale, bias, out_dtype, m, n):
     return out.to(out_dtype)
 
 
-def w8a8_gemm_reference(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float16):
+def w8a8_gemm_reference(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
+                        out_scale=None, round_to=None):
     """Exact integer product, then the same fp32 epilogue.
 
     The product runs in float64, which is exact here (every partial sum is an
     integer below 2**53) and, unlike int64 matmul, also available on CUDA.
+    With ``out_scale`` (and ``out_dtype=torch.int8``, as for :func:`w8a8_gemm`):
+    the epilogue rounded to ``round_to`` (None = fp32), then
+    ``quantize_static_int8_reference`` (the core's per-tensor int8 quantizer).
     """
+    requant = _requant_args(out_dtype, out_scale, round_to, a_q.device, "w8a8_gemm_reference")
     acc = a_q.to(torch.float64) @ b_q.to(torch.float64).T
-    return _epilogue_reference(acc, a_scale, b_scale, bias, out_dtype, a_q.shape[0], b_q.shape[0])
+    m, n = a_q.shape[0], b_q.shape[0]
+    if requant is None:
+        return _epilogue_reference(acc, a_scale, b_scale, bias, out_dtype, m, n)
+    v = _epilogue_reference(acc, a_scale, b_scale, bias, round_to or torch.float32, m, n)
+    return quantize_static_int8_reference(v, requant[0])
 
 
 def fp8_gemm_reference(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
