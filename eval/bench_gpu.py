@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton kernels (H100 / H200): medians and ratios measured side by side.
 
     python -m archquant.eval.bench_gpu --write eval/results/gpu_h100.md
-    python -m archquant.eval.bench_gpu --only gemm          # one section (gemm|hadamard|mamba|w4|memory)
+    python -m archquant.eval.bench_gpu --only gemm          # one section (gemm|sweep|hadamard|mamba|w4|memory)
     python -m archquant.eval.bench_gpu --rep 50             # shorter timing window per measurement
 
 Every number in a table comes from this one run on one device, so the ratios compare like with
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("gemm", "hadamard", "mamba", "w4", "memory")
+SECTIONS = ("gemm", "sweep", "hadamard", "mamba", "w4", "memory")
 GEMM_MS = (1, 16, 256, 2048, 8192)
 GEMM_KN = ((1536, 768), (5120, 2560), (1152, 4608), (4096, 4096), (8192, 8192))
 HAD_MS = (2048, 8192)
@@ -228,6 +228,42 @@ def bench_gemm(dev) -> str:
              "`torch._scaled_mm` rowwise scales, fast accumulation in both.",
              "Ratios > 1 mean our kernel is faster.  Target: >= 1.7x over bf16 at M >= 2048 for K, N >= 4096."]
     return table("W8A8 / FP8 GEMM", header, rows, notes)
+
+
+SWEEP_SHAPES = ((2048, 4096, 4096), (8192, 8192, 8192), (2048, 2560, 10240))  # (M, K, N)
+
+
+def bench_gemm_sweep(dev) -> str:
+    """The default large-M config against the alternatives in ``GEMM_SWEEP`` (tuning data)."""
+    from archquant.kernels.w8a8_gemm import GEMM_CONFIGS, GEMM_SWEEP, w8a8_gemm, w8a8_gemm_reference
+    default = GEMM_CONFIGS[-1][1]
+    configs = [("default", default)] + [(f"sweep {i}", c) for i, c in enumerate(GEMM_SWEEP)]
+    rows = []
+    for m, k, n in SWEEP_SHAPES:
+        print(f"  gemm sweep M={m} K={k} N={n}")
+        a_q, b_q, a_s, b_s = _gemm_inputs(m, k, n, dev)
+        want = w8a8_gemm_reference(a_q, b_q, a_s, b_s, out_dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        t_bf16 = median_ms(lambda: torch.matmul(x, w.t()))
+        for name, cfg in configs:
+            label = [f"{m} x {k} x {n}", name, " ".join(f"{key}={v}" for key, v in cfg.items())]
+            run = lambda: w8a8_gemm(a_q, b_q, a_s, b_s, out_dtype=torch.bfloat16, config=cfg)  # noqa: E731
+            try:
+                bad = mismatch(run(), want, rtol=8e-3, atol_rel=1e-6)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is data too
+                rows.append(label + [f"fails: {type(exc).__name__}", "-"])
+                continue
+            if bad:
+                rows.append(wrong_row(label, 5, bad))
+                continue
+            t = median_ms(run)
+            rows.append(label + [fmt(t), ratio(t_bf16, t)])
+        a_q = b_q = x = w = want = None  # free the GPU buffers
+        free_memory()
+    return table("W8A8 GEMM config sweep (large M)", ["M x K x N", "config", "blocks", "ms", "bf16/ours"], rows,
+                 ["Tuning data for `GEMM_CONFIGS` in kernels/w8a8_gemm.py (bf16 out).  The default row is what "
+                  "the gemm table and the models use."])
 
 
 # --------------------------------------------------------------------------- 2. hadamard
@@ -443,7 +479,7 @@ def bench_memory(dev=None) -> str:
 # --------------------------------------------------------------------------- driver
 
 
-BENCHES = {"gemm": bench_gemm, "hadamard": bench_hadamard, "mamba": bench_mamba, "w4": bench_w4,
+BENCHES = {"gemm": bench_gemm, "sweep": bench_gemm_sweep, "hadamard": bench_hadamard, "mamba": bench_mamba, "w4": bench_w4,
            "memory": bench_memory}
 
 END_NOTE = ("## End to end\n\n- TPOT / TTFT of a whole Mamba-2.8B-shaped model (W8A8 real vs FP16, CUDA-graph "

@@ -76,20 +76,29 @@ __all__ = [
     "fp8_gemm",
     "fp8_gemm_reference",
     "GEMM_CONFIGS",
+    "GEMM_SWEEP",
 ]
 
 _MIN_BLOCK_K_8BIT = 32  # NVIDIA min_dot_size K for 8-bit operands (Triton 3.9)
 
 # (max M, config), first match wins.  Small M (decode): 16-row tiles; large M: 128x128
 # (a 128x256 fp32 epilogue tile could exceed shared memory during the layout
-# conversion, so it is avoided).  Untuned: no GPU was available when these were set.
-# The offline sm_90 compile (tests/test_kernels_gemm.py AOT check) reports register spills
-# for the two 128x128 configs: 8 bytes at BLOCK_K=64, ~1.1-1.3 KiB at BLOCK_K=128.
+# conversion, so it is avoided).  Untuned: no GPU was available when these were set; the
+# GPU benchmark's config sweep (``eval/bench_gpu.py``, section gemm) times alternatives.
+# Register spills in the offline sm_90 compile (fp16 out): 128x128x64 / 8 warps 8 bytes;
+# 128x128x128 / 8 warps 1080 bytes, 128x256x64 936, 64x128x128 / 4 warps 560 -- hence
+# BLOCK_K = 64 for the large tiles.
 GEMM_CONFIGS: tuple[tuple[int, dict], ...] = (
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
     (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)),
-    (256, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)),
-    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)),
+    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)),
+)
+#: alternatives the GPU benchmark times against the table above for large M
+GEMM_SWEEP: tuple[dict, ...] = (
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
 )
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 

@@ -42,6 +42,7 @@ def test_gpu_kernel_benchmark_sections_run_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
     monkeypatch.setattr(B, "GEMM_MS", (1, 17))
     monkeypatch.setattr(B, "GEMM_KN", ((64, 48),))
+    monkeypatch.setattr(B, "SWEEP_SHAPES", ((20, 64, 48),))
     monkeypatch.setattr(B, "HAD_MS", (4,))
     monkeypatch.setattr(B, "HAD_NS", (96,))
     monkeypatch.setattr(B, "W4_MS", (1,))
