@@ -195,6 +195,18 @@ class RealQuantLinear(nn.Module):
         path = "triton" if use_triton(self.kernels, x_q) else None
         return int8_linear(x_q, self.packed, x_scale, bias=self.bias, out_dtype=out_dtype, path=path)
 
+    def matmul_requant(self, x_q: torch.Tensor, x_scale, out_scale: torch.Tensor,
+                       round_to: torch.dtype) -> torch.Tensor:
+        """int8 codes of ``matmul_codes(x_q, x_scale, round_to)`` requantized with the static
+        per-tensor ``out_scale``: on the Triton path one kernel (the GEMM's epilogue writes the
+        codes, bit for bit what the two steps give), elsewhere the GEMM then a quantize pass."""
+        if use_triton(self.kernels, x_q):
+            from .kernels.w8a8_gemm import w8a8_gemm
+
+            return w8a8_gemm(x_q, self.weight_q, x_scale, self.weight_scale, self.bias, out_dtype=torch.int8,
+                             out_scale=out_scale, round_to=round_to)
+        return quantize_static_int8_torch(self.matmul_codes(x_q, x_scale, round_to), out_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])

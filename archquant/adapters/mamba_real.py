@@ -4,10 +4,10 @@
 ``Mamba1Mixer`` of a quantized model. When the mixer was quantized the Quamba way (static
 per-tensor int8 everywhere, see ``adapters/mamba.py``) the whole mixer is replaced:
 
-    hidden ─▶ in_proj (W8A8 GEMM) ─▶ requantize x|z (static scale)
+    hidden ─▶ in_proj (W8A8 GEMM, epilogue requantizes x|z with their static scale)
     x_q ─▶ conv1d + SiLU (int8 in, int8 out: u_q, percentile-clipped scale)
-    u_q ─▶ x_proj (W8A8 GEMM on u_q as is) ─▶ requantize dt_low|B|C
-    dt_low_q ─▶ dt_proj (W8A8 GEMM, bias) ─▶ requantize dt
+    u_q ─▶ x_proj (W8A8 GEMM on u_q as is, epilogue requantizes dt_low|B|C)
+    dt_low_q ─▶ dt_proj (W8A8 GEMM, bias, epilogue requantizes dt)
     (u_q, dt_q, B_q, C_q, z_q) ─▶ selective scan (fp32 state) · SiLU(z) ─▶ y
     y ─▶ Hadamard + quantize (one kernel) ─▶ out_proj (W8A8 GEMM)
 
@@ -30,7 +30,6 @@ from ..core.formats import QuantSpec
 from ..core.modules import ActQuantizer, QuantConv1d, QuantLinear
 from ..kernels import mamba_conv1d as conv_k
 from ..kernels import mamba_scan as scan_k
-from ..kernels.cpu_int8 import quantize_static_int8_torch
 from ..models.mamba import Mamba1Mixer, MambaLayerState
 from ..real import RealQuantLinear, real_eligibility, register_real_converter, use_triton
 
@@ -127,13 +126,6 @@ class RealQuantMamba1Mixer(nn.Module):
         self.register_buffer("D", mixer.D.detach().float().clone())
 
     # ------------------------------------------------------------------ ops (Triton or torch)
-    def _requantize(self, y: torch.Tensor, scale: torch.Tensor, triton: bool) -> torch.Tensor:
-        if triton:
-            from ..kernels.quantize import quantize_static_int8
-
-            return quantize_static_int8(y, scale)
-        return quantize_static_int8_torch(y, scale)
-
     def _conv(self, x_q: torch.Tensor, conv_state: torch.Tensor | None, triton: bool,
               out: torch.Tensor | None) -> torch.Tensor:
         args = (self.xz_scale, self.conv_weight, self.conv_weight_scale, self.conv_bias, self.u_scale)
@@ -158,8 +150,7 @@ class RealQuantMamba1Mixer(nn.Module):
 
         # in_proj: W8A8 GEMM, then x | z requantized with their shared static scale
         h_q, h_scale = self.in_proj.quantize_input(hidden.reshape(b * l, -1))
-        xz_q = self._requantize(self.in_proj.matmul_codes(h_q, h_scale, dtype), self.xz_scale, triton)
-        xz_q = xz_q.view(b, l, 2 * d)
+        xz_q = self.in_proj.matmul_requant(h_q, h_scale, self.xz_scale, dtype).view(b, l, 2 * d)
         x_q, z_q = xz_q[..., :d], xz_q[..., d:]
 
         # conv1d + SiLU -> u codes, laid out (b, l, d) so that x_proj reads its rows in place
@@ -173,10 +164,8 @@ class RealQuantMamba1Mixer(nn.Module):
                        u_rows.transpose(1, 2))
 
         # x_proj on u's codes -> dt_low | B | C codes; dt_proj (with its bias) -> dt codes
-        dbc_q = self._requantize(self.x_proj.matmul_codes(u_rows.view(b * l, d), self.u_scale, dtype),
-                                 self.dbc_scale, triton)
-        dt_q = self._requantize(self.dt_proj.matmul_codes(dbc_q[:, :r].contiguous(), self.dbc_scale, dtype),
-                                self.dt_scale, triton)
+        dbc_q = self.x_proj.matmul_requant(u_rows.view(b * l, d), self.u_scale, self.dbc_scale, dtype)
+        dt_q = self.dt_proj.matmul_requant(dbc_q[:, :r], self.dbc_scale, self.dt_scale, dtype)
         B_q, C_q = dbc_q[:, r:r + n], dbc_q[:, r + n:]
         scales = dict(u_scale=self.u_scale, dt_scale=self.dt_scale, dt_bias=None, A=self.A, B_scale=self.dbc_scale,
                       C_scale=self.dbc_scale, D=self.D, z_scale=self.xz_scale, out_dtype=dtype)
