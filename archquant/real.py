@@ -231,8 +231,9 @@ class RealQuantLinear(nn.Module):
                 f"kernels={self.kernels}")
 
 
-#: (module type, converter): converter(module, kernels) returns the real module, or a string
-#: saying why this module stays as it is (its Linears are then converted one by one)
+#: (module type, converter): converter(module, kernels) returns the real module, a string saying
+#: why this module stays as it is (its Linears are then converted one by one), or None to leave
+#: the module to the converters of its children
 _CONVERTERS: list[tuple[type, Callable[[nn.Module, str], "nn.Module | str"]]] = []
 
 
@@ -270,6 +271,8 @@ def convert_to_real(model: nn.Module, kernels: str = "auto") -> nn.Module:
         if any(name.startswith(b + ".") for b in blocks):
             continue
         result = fn(module, kernels)
+        if result is None:  # not this converter's business (an inner converter may still apply)
+            continue
         if isinstance(result, str):
             kept.append((name, result))
             continue

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import archquant as aq
-from archquant.adapters.mamba_real import RealQuantMamba1Mixer, real_mixer_eligibility
+from archquant.adapters.mamba_real import RealQuantMamba1Mixer, RealQuantMambaBlock, real_mixer_eligibility
 from archquant.core.formats import QuantSpec
 from archquant.core.modules import ActQuantizer, QuantLinear
 from archquant.core.transforms import HadamardTransform
@@ -78,7 +78,8 @@ def test_quamba_mixers_become_int8_mixers_and_match_the_fake_twin():
     fake = _logits(_QUAMBA)
     real = convert_to_real(copy.deepcopy(_QUAMBA))
     summary = real._archquant_real
-    assert summary["blocks"] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    assert summary["blocks"] == ["backbone.layers.0", "backbone.layers.1"]  # norm + mixer, fused
+    assert isinstance(real.backbone.layers[0], RealQuantMambaBlock)
     assert summary["kept"] == [] and summary["converted"] == 8 and summary["kernels"] == "auto"
     mixer = real.backbone.layers[0].mixer
     assert isinstance(mixer, RealQuantMamba1Mixer)
@@ -130,6 +131,21 @@ def test_greedy_generation_real_equals_fake():
     real = convert_to_real(copy.deepcopy(_QUAMBA))
     prompt = IDS[:, :8]
     assert torch.equal(greedy_generate(real, prompt, 8), greedy_generate(_QUAMBA, prompt, 8))
+
+
+def test_mixer_alone_goes_real_when_the_norm_cannot_fuse():
+    """A per-tensor *dynamic* in_proj input has no fused norm+quantize kernel: the block stays,
+    the mixer still runs on int8 kernels (its own input quantization)."""
+    model = copy.deepcopy(_QUAMBA)
+    for layer in model.backbone.layers:
+        q = layer.mixer.in_proj.input_quantizer
+        q.dynamic, q.observer = True, None
+    fake = _logits(model)
+    convert_to_real(model)
+    assert model._archquant_real["blocks"] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    assert model._archquant_real["kept"] == []
+    assert isinstance(model.backbone.layers[0].mixer, RealQuantMamba1Mixer)
+    assert rel_err(_logits(model), fake) < TOL
 
 
 def test_mambaquant_mixer_stays_and_says_why():
@@ -194,20 +210,30 @@ def test_triton_real_mamba_matches_fake_and_cpu_path():
 
 @requires_backend
 def test_triton_real_mamba_calls_the_kernels(monkeypatch):
-    """The Triton path really runs the int8 conv, scan and fused Hadamard kernels."""
-    from archquant.kernels import hadamard_quant, mamba_conv1d, mamba_scan
+    """The Triton path really runs the fused norm+quantize, int8 GEMM, conv, scan and fused
+    Hadamard+quantize kernels (and nothing falls back to the torch references)."""
+    from archquant.kernels import hadamard_quant, mamba_conv1d, mamba_scan, rmsnorm_quant, w8a8_gemm
     calls = []
     for mod, name in ((mamba_conv1d, "quant_causal_conv1d_silu"), (mamba_conv1d, "quant_causal_conv1d_update"),
                       (mamba_scan, "quant_selective_scan"), (mamba_scan, "quant_selective_state_update"),
-                      (hadamard_quant, "hadamard_quant_int8")):
+                      (hadamard_quant, "hadamard_quant_int8"), (rmsnorm_quant, "rmsnorm_quant_int8"),
+                      (w8a8_gemm, "w8a8_gemm")):
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    def no_fallback(*a, **k):
+        raise AssertionError("the Triton path fell back to a torch reference")
+    for mod, name in ((mamba_conv1d, "quant_causal_conv1d_silu_reference"),
+                      (mamba_conv1d, "quant_causal_conv1d_update_reference"),
+                      (mamba_scan, "quant_selective_scan_reference"),
+                      (mamba_scan, "quant_selective_state_update_reference")):
+        monkeypatch.setattr(mod, name, no_fallback)
     real = convert_to_real(copy.deepcopy(_QUAMBA), kernels="triton").to(DEVICE)
     cache = real.new_cache()
     _logits(real, IDS[:1, :5], cache)
     _logits(real, IDS[:1, 5:6], cache)
     assert sorted(set(calls)) == ["hadamard_quant_int8", "quant_causal_conv1d_silu", "quant_causal_conv1d_update",
-                                  "quant_selective_scan", "quant_selective_state_update"]
+                                  "quant_selective_scan", "quant_selective_state_update", "rmsnorm_quant_int8",
+                                  "w8a8_gemm"]
 
 
 def _qlinear(k: int, n: int, act: str, transform=None, seed: int = 0) -> QuantLinear:

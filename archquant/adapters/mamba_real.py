@@ -30,7 +30,8 @@ from ..core.formats import QuantSpec
 from ..core.modules import ActQuantizer, QuantConv1d, QuantLinear
 from ..kernels import mamba_conv1d as conv_k
 from ..kernels import mamba_scan as scan_k
-from ..models.mamba import Mamba1Mixer, MambaLayerState
+from ..models.layers import RMSNorm
+from ..models.mamba import Mamba1Mixer, MambaBlock, MambaLayerState
 from ..real import RealQuantLinear, real_eligibility, register_real_converter, use_triton
 
 __all__ = ["RealQuantMamba1Mixer", "real_mixer_eligibility"]
@@ -140,16 +141,22 @@ class RealQuantMamba1Mixer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         b, l, _ = hidden.shape
+        h_q, h_scale = self.in_proj.quantize_input(hidden.reshape(b * l, -1))
+        return self.forward_codes(h_q, h_scale, b, l, hidden.dtype, state)
+
+    def forward_codes(self, h_q: torch.Tensor, h_scale: torch.Tensor, b: int, l: int, dtype: torch.dtype,
+                      state: MambaLayerState | None = None) -> torch.Tensor:
+        """The mixer from in_proj's quantized input: ``h_q`` int8 (b*l, d_model) codes, ``h_scale``
+        their scale; ``dtype`` the model's activation dtype (GEMM outputs, scan output)."""
         d, n, r = self.d_inner, self.state_size, self.dt_rank
-        triton = use_triton(self.kernels, hidden)
-        dtype = hidden.dtype
+        device = h_q.device
+        triton = use_triton(self.kernels, h_q)
         if state is not None and state.empty:  # zero history == the conv's zero padding, h0 = 0
-            state.conv_state = torch.zeros(b, d, self.conv_kernel, dtype=torch.int8, device=hidden.device)
-            state.ssm_state = torch.zeros(b, d, n, dtype=torch.float32, device=hidden.device)
+            state.conv_state = torch.zeros(b, d, self.conv_kernel, dtype=torch.int8, device=device)
+            state.ssm_state = torch.zeros(b, d, n, dtype=torch.float32, device=device)
         decode = state is not None and l == 1
 
         # in_proj: W8A8 GEMM, then x | z requantized with their shared static scale
-        h_q, h_scale = self.in_proj.quantize_input(hidden.reshape(b * l, -1))
         xz_q = self.in_proj.matmul_requant(h_q, h_scale, self.xz_scale, dtype).view(b, l, 2 * d)
         x_q, z_q = xz_q[..., :d], xz_q[..., d:]
 
@@ -159,7 +166,7 @@ class RealQuantMamba1Mixer(nn.Module):
             u_rows = update(x_q[:, 0], state.conv_state, self.xz_scale, self.conv_weight, self.conv_weight_scale,
                             self.conv_bias, self.u_scale).view(b, 1, d)
         else:
-            u_rows = torch.empty(b, l, d, dtype=torch.int8, device=hidden.device)
+            u_rows = torch.empty(b, l, d, dtype=torch.int8, device=device)
             self._conv(x_q.transpose(1, 2), None if state is None else state.conv_state, triton,
                        u_rows.transpose(1, 2))
 
@@ -188,6 +195,60 @@ class RealQuantMamba1Mixer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_inner={self.d_inner}, state={self.state_size}, dt_rank={self.dt_rank}, kernels={self.kernels}"
+
+
+class RealQuantMambaBlock(nn.Module):
+    """A Mamba1 block whose pre-mixer RMSNorm and in_proj input quantization are one kernel
+    (``kernels/rmsnorm_quant.py``) on the Triton path, feeding a :class:`RealQuantMamba1Mixer`.
+    Same function as ``MambaBlock``: residual + mixer(norm(hidden))."""
+
+    def __init__(self, block: MambaBlock, kernels: str = "auto") -> None:
+        super().__init__()
+        self.residual_in_fp32 = block.residual_in_fp32
+        self.norm = block.norm
+        self.mixer = RealQuantMamba1Mixer(block.mixer, kernels)
+        self.kernels = kernels
+
+    def _normed_codes(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden.to(self.norm.weight.dtype)
+        in_proj = self.mixer.in_proj
+        if use_triton(self.kernels, x):
+            from ..kernels.rmsnorm_quant import rmsnorm_quant_int8
+
+            scale = (in_proj.input_quantizer.params.as_dict()["scale"] if in_proj.act_kind == "static_tensor"
+                     else None)
+            codes, scale, _ = rmsnorm_quant_int8(x.reshape(-1, x.shape[-1]), self.norm.weight, self.norm.eps, scale)
+            return codes, scale
+        return in_proj.quantize_input(self.norm(x).reshape(-1, x.shape[-1]))
+
+    def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        b, l, _ = hidden.shape
+        h_q, h_scale = self._normed_codes(hidden)
+        out = self.mixer.forward_codes(h_q, h_scale, b, l, self.norm.weight.dtype, state)
+        return (residual + out).to(residual.dtype)
+
+
+def _fusable_norm(block: MambaBlock) -> bool:
+    in_proj = block.mixer.in_proj
+    return (type(block.norm) is RMSNorm and in_proj.input_transform is None
+            and real_eligibility(in_proj) is None and _act_kind_of(in_proj) in ("static_tensor", "dynamic_token"))
+
+
+def _act_kind_of(lin: QuantLinear) -> str | None:
+    q = lin.input_quantizer
+    if q is None:
+        return None
+    if q.dynamic:
+        return "dynamic_token" if q.spec.granularity == "token" else None
+    return "static_tensor" if _static_int8(q) else None
+
+
+@register_real_converter(MambaBlock)
+def _convert_mamba_block(block: MambaBlock, kernels: str):
+    if real_mixer_eligibility(block.mixer) is not None or not _fusable_norm(block):
+        return None  # the mixer converter decides (and reports) on its own
+    return RealQuantMambaBlock(block, kernels)
 
 
 @register_real_converter(Mamba1Mixer)
