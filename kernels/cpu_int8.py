@@ -21,6 +21,10 @@ API
     is required), ``x_scale`` (M, 1) / (M,) / one value. The epilogue is the one of
     ``kernels.w8a8_gemm`` (same operation order, fp32, one rounding to ``out_dtype``), so on
     the CPU the result equals ``int8_linear_reference`` bit for bit on every path.
+``int8_linear_dynamic(x, w, w_scale=None, bias=None, out_dtype=None, path=None)``
+    The whole W8A8 Linear for float ``x`` with dynamic per-token activation quantization:
+    ``quantize_per_token_int8_torch`` + ``int8_linear`` in one call, bit-identical to the
+    two, with less per-call overhead (what matters at M = 1, see ``choose_path``).
 ``int8_weight_only_linear(x, w, bias=None, path=None)``
     ``x @ (w_q * w_scale).T + bias`` for float activations (no activation quantization).
 ``choose_path(m, k, n)`` / ``choose_weight_only_path(m, k, n, dtype)``
@@ -68,6 +72,7 @@ __all__ = [
     "quantize_static_int8_torch",
     "fake_quantize_int8_torch",
     "int8_linear",
+    "int8_linear_dynamic",
     "int8_linear_reference",
     "int8_weight_only_linear",
     "int8_weight_only_linear_reference",
@@ -83,6 +88,11 @@ _MIN_SCALE = 1e-8  # archquant.core.formats._INT_MIN_SCALE
 _SPLIT_BASE = 254.0  # digit base of the "split3" path: |remainder| <= 0.5 -> |digit| <= 127
 _INT8PACK_K_MULTIPLE = 16  # aten._weight_int8pack_mm (bf16/fp16) is wrong, or crashes, otherwise
 PATHS = ("int_mm", "fbgemm", "triton")
+# 0-dim constants for the per-call scale arithmetic: a tensor operand skips the Python-scalar
+# wrapping, which costs ~1 us per op (a third of a small elementwise op); same fp32 values.
+# Read-only: never used as the destination of an in-place op.
+_QMAX_T = torch.tensor(float(INT8_QMAX), dtype=torch.float32)
+_MIN_SCALE_T = torch.tensor(_MIN_SCALE, dtype=torch.float32)
 WEIGHT_ONLY_PATHS = ("split3", "int8pack", "dequant")
 
 # --------------------------------------------------------------------------- decisions
@@ -99,34 +109,39 @@ SPLIT3_MIN_WEIGHT = 1 << 20
 def choose_path(m: int, k: int, n: int) -> str:
     """The int8 x int8 operator for an (M, K) x (K, N) product on the CPU.
 
-    Measured with ``python -m archquant.eval.bench_cpu --paths --no-model --ms ...`` (AMD
-    EPYC with AVX512-VNNI, torch 2.13 CPU, 2 threads, quiet box; median ms of the whole
-    W8A8 Linear: per-token quantization + GEMM + epilogue; fp32 = ``torch.matmul``):
+    Measured with ``python -m archquant.eval.bench_cpu --paths --threads 2 --no-model --ms
+    1,2,4,16,32,64,256`` (AMD EPYC with AVX512-VNNI, torch 2.13 CPU, 2 threads, no other busy
+    process during the run, 2026-11-26 06:26 UTC; median ms of the whole W8A8 Linear as
+    ``int8_linear_dynamic`` runs it: per-token quantization + GEMM + epilogue; fp32 =
+    ``torch.matmul``):
 
     ==========  ===========  =====  =====  =====  =====  =====  =====  =====
     K x N       op           M=1    2      4      16     32     64     256
     ==========  ===========  =====  =====  =====  =====  =====  =====  =====
-    768x3072    fp32         0.384  0.548  0.747  0.857  1.26   2.11   7.26
-                int_mm       0.113  0.181  0.192  0.300  0.294  0.645  1.84
-                fbgemm       0.165  0.159  0.165  0.252  0.293  0.518  2.04
-    1536x768    fp32         0.124  0.160  0.225  0.318  0.516  0.882  3.28
-                int_mm       0.058  0.079  0.082  0.129  0.181  0.278  1.02
-                fbgemm       0.075  0.080  0.090  0.143  0.197  0.328  1.17
-    2560x10240  fp32         7.08   14.8   15.9   21.0   29.1   37.9   105
-                int_mm       0.843  1.41   1.60   2.85   3.80   6.44   18.8
-                fbgemm       0.589  0.647  0.848  1.84   3.16   5.55   20.7
-    5120x2560   fp32         2.64   5.60   5.62   5.94   8.42   13.2   38.8
-                int_mm       0.159  0.649  0.719  1.16   1.79   2.78   9.62
-                fbgemm       0.178  0.185  0.228  0.993  1.40   2.52   10.1
+    768x3072    fp32         0.175  0.340  0.532  0.846  1.36   2.31   7.10
+                int_mm       0.044  0.092  0.104  0.187  0.294  0.454  1.73
+                fbgemm       0.066  0.069  0.079  0.166  0.284  0.486  2.13
+    1536x768    fp32         0.078  0.171  0.223  0.313  0.551  0.913  3.16
+                int_mm       0.027  0.051  0.057  0.101  0.150  0.247  0.965
+                fbgemm       0.054  0.058  0.065  0.119  0.175  0.294  1.22
+    2560x10240  fp32         6.05   13.0   14.8   17.3   22.7   34.1   93.0
+                int_mm       0.770  1.46   1.78   2.38   3.32   5.88   18.1
+                fbgemm       0.419  0.874  0.762  1.43   2.66   5.41   20.0
+    5120x2560   fp32         2.42   5.09   5.25   5.69   7.81   12.3   39.0
+                int_mm       0.122  0.582  0.654  1.14   1.63   2.86   10.1
+                fbgemm       0.149  0.148  0.194  0.684  1.23   2.52   9.53
     ==========  ===========  =====  =====  =====  =====  =====  =====  =====
 
-    A second run agreed (M = 1: int_mm 0.130 / 0.048 / 0.667 / 0.162 vs fbgemm 0.175 /
-    0.076 / 0.394 / 0.183; M = 64 to 128 within ±12 % of each other). So: at M = 1
-    oneDNN's ``_int_mm`` (reading the (N, K) codes in place) wins except on the largest
-    weight; for 2 <= M <= 32 fbgemm's prepacked small-M kernels win by up to 3.5x, except
-    on a weight as small as 1536x768, where they are ~5-10 % slower; from M = 64 on the
-    two are within noise of each other and ``_int_mm`` needs no packed copy. Both beat
-    fp32 at M = 1, by 2-17x (5120x2560: 0.159 ms vs 2.64 ms, 17x).
+    Two full runs with M in {1, 16, 256, 1024} agreed (M = 1, int_mm: 0.040-0.045 / 0.027-0.028
+    / 1.05-1.12 / 0.119 ms; fbgemm 0.066-0.079 / 0.054-0.055 / 0.66-0.79 / 0.15-0.19; the
+    26 MB 2560x10240 weight varies most between runs). So: at M = 1 oneDNN's ``_int_mm``
+    (reading the (N, K) codes in place) wins except on the largest weight; for 2 <= M <= 32
+    fbgemm's prepacked small-M kernels win by up to 4x, except on a weight as small as
+    1536x768, where they are 10-20 % slower; from M = 64 on the two are within noise of each
+    other and ``_int_mm`` needs no packed copy. At M = 1 the W8A8 Linear beats fp32 by 2.8x
+    (1536x768) to 20x (5120x2560). At the small sizes the fixed per-op cost sets that ratio:
+    1536x768, M = 1 is ~12 tensor ops of 1-2.5 us around a 12-17 us int8 GEMV (it was 0.048 ms,
+    1.6x, before ``int8_linear_dynamic`` and the trimmed ``int8_linear`` cut ~20 us of it).
     """
     if not fbgemm_available():
         return "int_mm"
@@ -166,16 +181,16 @@ def quantize_per_token_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     Same arithmetic as the core: fp32 ``amax / 127`` clamped to 1e-8, IEEE division,
     ``torch.round`` (half to even), clamp to ±127.
     """
-    x = x.to(torch.float32)
-    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_QMAX).clamp_min_(_MIN_SCALE)
-    return _round_codes(x / scale), scale
+    x = x.float()  # x itself if already fp32 (.float(): less call overhead than .to(torch.float32))
+    scale = _dynamic_scale_(x.abs().amax(-1, True))
+    return _round_dynamic_codes(x.div(scale)), scale
 
 
 def quantize_per_tensor_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-tensor symmetric int8: ``(codes, scale)`` with a 0-dim fp32 scale."""
-    x = x.to(torch.float32)
-    scale = (x.abs().amax() / INT8_QMAX).clamp_min(_MIN_SCALE)
-    return _round_codes(x / scale), scale
+    x = x.float()
+    scale = _dynamic_scale_(x.abs().amax())
+    return _round_dynamic_codes(x.div(scale)), scale
 
 
 def quantize_static_int8_torch(x: torch.Tensor, scale) -> torch.Tensor:
@@ -211,7 +226,25 @@ def fake_quantize_int8_torch(x: torch.Tensor, scale=None, per_token: bool = True
 
 def _round_codes(t: torch.Tensor) -> torch.Tensor:
     """round half to even, clamp to the restricted range, int8 (``t`` is a fresh temporary)."""
-    return t.round_().clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return t.round_().clamp_(-INT8_QMAX, INT8_QMAX).char()
+
+
+def _dynamic_scale_(amax: torch.Tensor) -> torch.Tensor:
+    """``max(amax / 127, 1e-8)`` in fp32, in place on the fresh ``amax``."""
+    if amax.is_cuda:  # Python scalars there, as before (CUDA divides by a CPU scalar via its reciprocal either way)
+        return amax.div_(INT8_QMAX).clamp_min_(_MIN_SCALE)
+    return amax.div_(_QMAX_T).clamp_min_(_MIN_SCALE_T)
+
+
+def _round_dynamic_codes(t: torch.Tensor) -> torch.Tensor:
+    """``_round_codes`` for ``t = x / scale`` with the dynamic ``scale = max(fp32(amax / 127), 1e-8)``.
+
+    The clamp is dropped because it cannot change anything there: fp32 division is correctly
+    rounded, so ``scale >= (amax / 127)(1 - 2^-24)`` (or ``scale = 1e-8 > amax / 127``) and
+    ``|x / scale| <= 127 (1 + 2^-22) < 127.5`` rounds to at most 127; NaN/inf inputs give NaN
+    with or without the clamp. (Saves one elementwise op, ~1.5 us of a ~30 us decode GEMV.)
+    """
+    return t.round_().char()
 
 
 # --------------------------------------------------------------------------- weights
@@ -235,11 +268,13 @@ class Int8Weight:
         if s.numel() not in (1, q.shape[0]):
             raise ValueError(f"weight scale must have 1 or {q.shape[0]} elements, got {s.numel()}")
         self.scale = s
+        self.qt = self.q.t()  # the (K, N) view ``_int_mm`` reads; kept (making it costs ~1 us a call)
+        self._shape = tuple(self.q.shape)
         self._cache: dict = {}
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return self._shape
 
     def fbgemm_packed(self):
         """fbgemm's prepacked weight with unit scales (built once)."""
@@ -326,22 +361,23 @@ def fbgemm_available() -> bool:
 # --------------------------------------------------------------------------- int8 x int8
 
 
-def _int_mm_acc(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+def _int_mm_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """``x_q @ w_q.T`` as int32 via ``torch._int_mm``; pads to the CUDA constraints if refused."""
+    w_t = w.qt
     if x_q.shape[1] == 1:
         # K = 1: torch 2.13's CPU _int_mm returns uninitialised memory (size-1 dims give the
         # operands strides oneDNN misreads); a zero column makes K = 2 and the product exact.
-        x_q, w_q = F.pad(x_q, (0, 1)), F.pad(w_q, (0, 1))
+        x_q, w_t = F.pad(x_q, (0, 1)), F.pad(w.q, (0, 1)).t()
     try:
-        return torch._int_mm(x_q, w_q.t())
+        return torch._int_mm(x_q, w_t)
     except RuntimeError:
         # Not needed by the CPU build this was written on (it takes any shape), but an
         # operator build with cuBLAS-like constraints (M > 16, K and N multiples of 8)
         # gets zero padding, which leaves the integer products unchanged.
         m, k = x_q.shape
-        n = w_q.shape[0]
+        n = w_t.shape[1]
         pk, pn, pm = (-k) % 8, (-n) % 8, max(0, 17 - m)
-        acc = torch._int_mm(F.pad(x_q, (0, pk, 0, pm)), F.pad(w_q, (0, pk, 0, pn)).t())
+        acc = torch._int_mm(F.pad(x_q, (0, pk, 0, pm)), F.pad(w_t.t(), (0, pk, 0, pn)).t())
         return acc[:m, :n]
 
 
@@ -350,7 +386,7 @@ def _acc_fp32(x_q: torch.Tensor, w: Int8Weight, path: str) -> torch.Tensor:
     if path == "fbgemm":
         return _fbgemm_acc(x_q, w.fbgemm_packed())
     if path == "int_mm":
-        return _int_mm_acc(x_q, w.q).to(torch.float32)
+        return _int_mm_acc(x_q, w).float()  # .float(): ~1 us less call overhead than .to(torch.float32)
     raise ValueError(f"unknown CPU int8 path {path!r}: allowed 'int_mm', 'fbgemm'")
 
 
@@ -358,11 +394,14 @@ def _epilogue_(out: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, 
     """In place on the fp32 accumulator: ``(out * x_scale) * w_scale + bias``, then ``out_dtype``."""
     out.mul_(x_scale).mul_(w_scale)
     if bias is not None:
-        out.add_(bias.to(torch.float32))
+        out.add_(bias if bias.dtype == torch.float32 else bias.float())
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def _row_scale(x_scale, m: int, device) -> torch.Tensor:
+    if (isinstance(x_scale, torch.Tensor) and x_scale.dtype == torch.float32 and x_scale.shape == (m, 1)
+            and x_scale.device == device):
+        return x_scale  # what the per-token quantizers return: no conversions (~3 us at M = 1)
     s = torch.as_tensor(x_scale, device=device)
     if not s.is_floating_point():
         raise TypeError(f"x_scale must be a float tensor/number, got {s.dtype}")
@@ -399,6 +438,56 @@ def int8_linear(x_q: torch.Tensor, w, x_scale, w_scale=None, bias: torch.Tensor 
     else:
         out = _acc_fp32(x_q.contiguous(), w, path or choose_path(m, k, n))
     return _epilogue_(out, _row_scale(x_scale, m, x_q.device), w.scale, bias, out_dtype)
+
+
+def int8_linear_dynamic(x: torch.Tensor, w, w_scale=None, bias: torch.Tensor | None = None,
+                        out_dtype: torch.dtype | None = None, path: str | None = None) -> torch.Tensor:
+    """The whole W8A8 Linear with dynamic per-token activations, in one call, (M, N).
+
+    Equal, bit for bit, to ``q, s = quantize_per_token_int8_torch(x)`` followed by
+    ``int8_linear(q, w, s, bias=bias, out_dtype=out_dtype or x.dtype, path=path)`` (on CUDA
+    it is exactly that, with the Triton quantizer): the same tensor operations, without
+    the argument checks and conversions the two general entry points need. That matters at
+    M = 1 on the CPU, where the whole Linear is ~12 small tensor ops of 1-2.5 us around one
+    int8 GEMV of 12-17 us (1536x768, 2 threads: 27.9 us vs 29.4 us for the two calls; the
+    two calls took 48.4 us before their per-op overhead was trimmed, fp32 matmul 79 us).
+    ``x`` (M, K) float; ``w`` an ``Int8Weight`` or int8 (N, K) codes with ``w_scale``.
+    """
+    w = w if w_scale is None and isinstance(w, Int8Weight) else _as_weight(w, w_scale)
+    n, k = w.shape
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != k:
+        raise ValueError(f"x must be (M, {k}), got {tuple(shape)}")
+    m = shape[0]
+    if out_dtype is None:
+        out_dtype = x.dtype
+    if x.is_cuda or path == "triton" or m == 0 or k <= 1:
+        if x.is_cuda:
+            from .quantize import quantize_per_token_int8  # Triton, same codes
+
+            x_q, x_scale = quantize_per_token_int8(x)
+        else:
+            x_q, x_scale = quantize_per_token_int8_torch(x)
+        return int8_linear(x_q, w, x_scale, bias=bias, out_dtype=out_dtype, path=path)
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have {n} elements, got shape {tuple(bias.shape)}")
+    # quantize_per_token_int8_torch, inlined
+    x = x.float()
+    x_scale = x.abs().amax(-1, True).div_(_QMAX_T).clamp_min_(_MIN_SCALE_T)  # CPU here: tensor constants
+    x_q = x.div(x_scale).round_().char()  # the layout of x: contiguous unless x is a strided view
+    path = path or choose_path(m, k, n)
+    out = None
+    if path == "int_mm" and x_q.is_contiguous():
+        try:
+            out = torch._int_mm(x_q, w.qt).float()  # K >= 2 here: the CPU op needs no padding
+        except RuntimeError:
+            pass
+    if out is None:
+        out = _acc_fp32(x_q.contiguous(), w, path)
+    out.mul_(x_scale).mul_(w.scale)  # _epilogue_, inlined
+    if bias is not None:
+        out.add_(bias if bias.dtype == torch.float32 else bias.float())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def int8_linear_reference(x_q, w, x_scale, w_scale=None, bias=None, out_dtype=torch.float32) -> torch.Tensor:
