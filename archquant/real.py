@@ -34,7 +34,8 @@ from .core.formats import QuantSpec
 from .core.modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
 from .core.recipe import get_submodule, set_submodule
 from .core.transforms import HadamardTransform
-from .kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_weight_only_linear,
+from .kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_linear_dynamic,
+                               int8_weight_only_linear,
                                quantize_per_tensor_int8_torch, quantize_per_token_int8_torch,
                                quantize_static_int8_torch)
 
@@ -214,6 +215,11 @@ class RealQuantLinear(nn.Module):
             if self.input_transform is not None:
                 x2 = self.input_transform(x2)
             y = int8_weight_only_linear(x2, self.packed, bias=self.bias)
+        elif self.act_kind == "dynamic_token" and not use_triton(self.kernels, x2):
+            # CPU: quantize + GEMM + epilogue in one call (same bits, fewer small ops at M = 1)
+            if self.input_transform is not None:
+                x2 = self.input_transform(x2)
+            y = int8_linear_dynamic(x2, self.packed, bias=self.bias, out_dtype=x.dtype)
         else:
             x_q, x_scale = self.quantize_input(x2)
             y = self.matmul_codes(x_q, x_scale, x.dtype)
