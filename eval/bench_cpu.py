@@ -11,10 +11,10 @@ Linear section: for Mamba shapes (K, N) and M tokens, the median time of
   the path ``choose_path`` picks, and the scale epilogue, in one call (bit-identical to
   ``quantize_per_token_int8_torch`` + ``int8_linear``, ~2 us less per call at M = 1);
   ``--paths`` adds columns with each int8 operator forced (the data ``choose_path`` is based on).
-Model section: random-weight ``MambaLM`` (mamba-130m widths, 2 layers), FP32 vs W8A8 real
-(``rtn_dynamic`` + ``convert_to_real``), prefill of ``--prefill`` tokens and one decode step,
-with the time split into GEMMs (every Linear, incl. activation quantization in the real
-model), the selective scan, and the rest (conv, norms, gating, embedding).
+Model section: the committed reference Mamba1 and a random-weight model of mamba-130m's shapes,
+FP32 vs W8A8 real (``quamba`` + ``convert_to_real``: whole blocks on int8 codes), prefill of
+``--prefill`` tokens and one cached decode step, with the time split into GEMMs (every Linear,
+incl. activation quantization in the real model), the selective scan, and the rest.
 """
 from __future__ import annotations
 
@@ -110,95 +110,151 @@ def _linear_line(r: dict, forced) -> str:
 
 
 class _Split:
-    """Accumulates time spent in Linear-like modules and in the selective scan."""
+    """Time spent in the GEMM layers and in the selective scan, by wrapping the functions and
+    methods that do them. Nested calls (a wrapped method calling another) count once."""
 
     def __init__(self) -> None:
-        self.gemm = self.scan = 0.0
-        self._t0: dict[int, float] = {}
+        self.times = {"gemm": 0.0, "head": 0.0, "scan": 0.0}
+        self._depth = {"gemm": 0, "head": 0, "scan": 0}
 
-    def pre(self, module, args):
-        self._t0[id(module)] = time.perf_counter()
-
-    def post(self, module, args, out):
-        self.gemm += time.perf_counter() - self._t0.pop(id(module))
+    def wrap(self, kind: str, fn):
+        def timed(*args, **kwargs):
+            self._depth[kind] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth[kind] -= 1
+                if self._depth[kind] == 0:
+                    self.times[kind] += time.perf_counter() - t0
+        return timed
 
 
 @contextlib.contextmanager
-def _instrumented(model: nn.Module, split: _Split):
-    from archquant.core.modules import QuantLinear
+def _instrumented(split: _Split, head: nn.Module):
+    """GEMMs: ``nn.Linear.forward`` (FP) and the real Linear's quantize / GEMM / requantize calls
+    (activation quantization and epilogue included); scan: the FP selective scan and the int8
+    scan and state update (here their torch versions, which the CPU path runs)."""
+    from archquant.kernels import mamba_scan
     from archquant.models import mamba as mamba_mod
     from archquant.real import RealQuantLinear
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, QuantLinear, RealQuantLinear)):
-            handles += [m.register_forward_pre_hook(split.pre), m.register_forward_hook(split.post)]
-    scan = mamba_mod.selective_scan
-
-    def timed_scan(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return scan(*args, **kwargs)
-        finally:
-            split.scan += time.perf_counter() - t0
-
-    mamba_mod.selective_scan = timed_scan
+    patches = [(nn.Linear, "forward", "gemm"), (RealQuantLinear, "forward", "gemm"),
+               (RealQuantLinear, "quantize_input", "gemm"), (RealQuantLinear, "matmul_codes", "gemm"),
+               (RealQuantLinear, "matmul_requant", "gemm"), (mamba_mod, "selective_scan", "scan"),
+               (mamba_scan, "quant_selective_scan_reference", "scan"),
+               (mamba_scan, "quant_selective_state_update_reference", "scan")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    # the LM head is timed on its own (an instance attribute wins over the patched class method)
+    head.forward = split.wrap("head", type(head).forward.__get__(head))
+    for (obj, name, kind), (_, _, orig) in zip(patches, saved):
+        setattr(obj, name, split.wrap(kind, orig))
     try:
         yield
     finally:
-        mamba_mod.selective_scan = scan
-        for h in handles:
-            h.remove()
+        for obj, name, orig in saved:
+            setattr(obj, name, orig)
+        del head.forward
 
 
-def _model_times(model: nn.Module, ids: torch.Tensor, repeats: int, budget_s: float) -> dict:
+def _phase_times(run, head: nn.Module, repeats: int, budget_s: float) -> dict:
+    """total: median of plain runs; gemm / head / scan / other: medians over instrumented runs."""
     with torch.no_grad():
-        total = _time_ms(lambda: model(ids), repeats, budget_s)
-        gemm, scan, other = [], [], []
-        for _ in range(max(3, min(repeats, 10))):
+        total = _time_ms(run, repeats, budget_s)
+        parts = {"gemm": [], "head": [], "scan": [], "other": []}
+        for _ in range(max(3, min(repeats, 5))):
             split = _Split()
-            with _instrumented(model, split):
+            with _instrumented(split, head):
                 t0 = time.perf_counter()
-                model(ids)
+                run()
                 t = time.perf_counter() - t0
-            gemm.append(split.gemm)
-            scan.append(split.scan)
-            other.append(t - split.gemm - split.scan)
-    # total: uninstrumented runs; the split: medians over instrumented runs
-    return {"total": total, "gemm": 1e3 * statistics.median(gemm), "scan": 1e3 * statistics.median(scan),
-            "other": 1e3 * statistics.median(other)}
+            for k, v in split.times.items():
+                parts[k].append(v)
+            parts["other"].append(t - sum(split.times.values()))
+    return {"total": total, **{k: 1e3 * statistics.median(v) for k, v in parts.items()}}
 
 
-def bench_model(hidden: int, layers: int, prefill: int, repeats: int, budget_s: float) -> list[dict]:
+def _prefill(model, ids):
+    return lambda: model(ids, cache=model.new_cache())
+
+
+def _decode_step(model, ids):
+    """One cached decode step after a prefill of ``ids`` (the state advances every call)."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, cache=cache)
+    tok = ids[:, -1:]
+    return lambda: model(tok, cache=cache)
+
+
+MODELS = {
+    "reference": "committed reference model models/reference/mamba1-byte (trained, hidden 192, 4 layers, byte vocabulary)",
+    "mamba-130m": "mamba-130m shapes (hidden 768, 24 layers, vocabulary 50280), random weights",
+}
+
+
+def _models(which: str, calib_tokens: int = 256):
+    """(FP32 model, W8A8 real model, summary) for a ``MODELS`` key: Quamba (static W8A8, the
+    demo's recipe) then ``convert_to_real``: every block on int8 kernels, the LM head FP."""
+    import copy
+
     import archquant as aq
     from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
     from archquant.real import convert_to_real
 
-    cfg = MambaConfig(arch="mamba1", vocab_size=256, hidden_size=hidden, num_layers=layers)
-    fp = init_mamba_weights(MambaLM(cfg), seed=0).eval()
-    real = init_mamba_weights(MambaLM(cfg), seed=0).eval()
-    aq.quantize_(real, "rtn_dynamic", family="mamba", progress=False)
+    if which == "reference":
+        from archquant.adapters.mamba import reference_model_dir
+        from archquant.models.mamba_loading import load_mamba
+        fp = load_mamba(str(reference_model_dir("mamba1-byte"))).eval()
+    else:
+        cfg = MambaConfig(arch="mamba1", vocab_size=50280, hidden_size=768, num_layers=24)
+        fp = init_mamba_weights(MambaLM(cfg), seed=0).eval()
+    vocab = fp.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, vocab, (2, calib_tokens // 2), generator=g)]
+    real = copy.deepcopy(fp)
+    aq.quantize_(real, "quamba", calib_data=calib, family="mamba", progress=False)
     convert_to_real(real)
+    return fp, real, real._archquant_real
+
+
+def bench_model(which: str, prefill: int, repeats: int, budget_s: float) -> list[dict]:
+    fp, real, summary = _models(which)
+    assert not summary["kept"], summary
     g = torch.Generator().manual_seed(0)
+    vocab = fp.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prefill), generator=g)
+    context = torch.randint(0, vocab, (1, 64), generator=g)
     rows = []
-    for phase, ids in (("prefill", torch.randint(0, 256, (1, prefill), generator=g)),
-                       ("decode step", torch.randint(0, 256, (1, 1), generator=g))):
+    for phase, make, tokens in (("prefill", lambda m: _prefill(m, prompt), prefill),
+                                ("decode step", lambda m: _decode_step(m, context), 1)):
         for name, model in (("FP32", fp), ("W8A8 real", real)):
-            r = {"phase": phase, "tokens": ids.shape[1], "model": name, **_model_times(model, ids, repeats, budget_s)}
+            r = {"phase": phase, "tokens": tokens, "model": name,
+                 **_phase_times(make(model), model.lm_head, repeats, budget_s)}
             print(_model_line(r, rows[-1] if name != "FP32" else None), flush=True)
             rows.append(r)
     return rows
 
 
 def _model_header() -> list[str]:
-    return ["| phase | tokens | model | total (ms) | GEMMs (ms) | scan (ms) | other (ms) | speed-up vs FP32 |",
-            "|---|---|---|---|---|---|---|---|"]
+    return ["| phase | tokens | model | total (ms) | block GEMMs (ms) | LM head (ms) | scan (ms) | other (ms) "
+            "| speed-up vs FP32 |", "|---|---|---|---|---|---|---|---|---|"]
 
 
 def _model_line(r: dict, base: dict | None = None) -> str:
     ratio = f"{base['total'] / r['total']:.2f}x" if base else "–"
-    return (f"| {r['phase']} | {r['tokens']} | {r['model']} | {r['total']:.2f} | {r['gemm']:.2f} | {r['scan']:.2f} "
-            f"| {r['other']:.2f} | {ratio} |")
+    return (f"| {r['phase']} | {r['tokens']} | {r['model']} | {r['total']:.2f} | {r['gemm']:.2f} | {r['head']:.2f} "
+            f"| {r['scan']:.2f} | {r['other']:.2f} | {ratio} |")
+
+
+MODEL_NOTE = ("W8A8 real = `quantize_(model, \"quamba\")` then `convert_to_real`: every Mamba block runs on int8 "
+              "codes (CPU path: int8 GEMMs, the int8 conv and scan through their torch versions, fp32 state); "
+              "the LM head stays FP32, as in every recipe. prefill: a fresh `MambaCache` filled by the prompt; "
+              "decode step: one cached token after a 64-token prefill. block GEMMs: every Linear of the blocks "
+              "including the activation quantization, requantization and epilogue of the real ones; LM head: "
+              "the (FP32) output projection; scan: the selective "
+              "scan / state update; other: the rest (conv, norms, gating, embedding, timing overhead). "
+              "The split is the median of instrumented runs, total the median of plain runs.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--ms", type=str, default=None, help="comma-separated M values (default 1,16,256,1024)")
     p.add_argument("--no-model", action="store_true", help="skip the model section")
+    p.add_argument("--models", default="reference,mamba-130m",
+                   help=f"comma-separated model section(s): {', '.join(MODELS)} (default both)")
     p.add_argument("--write", type=Path, default=None, help="write the markdown tables to this file")
     args = p.parse_args(argv)
 
@@ -221,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes, ms, prefill, repeats, budget = SHAPES, MS, args.prefill, args.repeats, args.budget
     if args.quick:
         shapes, ms, prefill, repeats, budget = SHAPES[:2], [1, 16], 32, 3, 0.2
+        if args.models == "reference,mamba-130m":
+            args.models = "reference"
+    bad = [m for m in args.models.split(",") if m not in MODELS]
+    if bad:
+        p.error(f"--models: unknown {bad[0]!r}; choose from {', '.join(MODELS)}")
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
     command = "python -m archquant.eval.bench_cpu " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -241,21 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     lines += _linear_header(forced) + [_linear_line(r, forced) for r in lin] + [""]
 
     if not args.no_model:
-        print(flush=True)
-        title = ("## Mamba1 model, hidden 768 (mamba-130m widths), 2 layers, random weights, batch 1: "
-                 "FP32 vs W8A8 real (rtn_dynamic + convert_to_real)")
-        print(title, "", *_model_header(), sep="\n", flush=True)
-        rows = bench_model(768, 2, prefill, repeats, budget)
-        lines += [title, "", *_model_header()]
-        for i in range(0, len(rows), 2):
-            lines += [_model_line(rows[i]), _model_line(rows[i + 1], rows[i])]
-        lines += ["", "GEMMs: every Linear (in/x/dt/out_proj, lm_head), timed by forward hooks; in the real "
-                  "model this includes activation quantization and the epilogue. scan: `selective_scan`. other: "
-                  "the rest (conv, norms, gating, embedding, hook overhead); the split is the median of "
-                  "instrumented runs, total the median of plain runs. The model has no "
-                  "recurrent cache, so the decode step is the forward of a single token (M = 1 for every "
-                  "Linear, one scan step), which is what a cached decode step costs apart from the state "
-                  "bookkeeping.", ""]
+        for which in args.models.split(","):
+            title = f"## Mamba1 model, {MODELS[which]}, batch 1: FP32 vs W8A8 real (Quamba)"
+            print("", title, "", *_model_header(), sep="\n", flush=True)
+            rows = bench_model(which, prefill, repeats, budget)
+            lines += [title, "", *_model_header()]
+            for i in range(0, len(rows), 2):
+                lines += [_model_line(rows[i]), _model_line(rows[i + 1], rows[i])]
+            lines += [""]
+        lines += [MODEL_NOTE, ""]
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text("\n".join(lines))
