@@ -53,3 +53,23 @@ def test_gpu_kernel_benchmark_sections_run_under_the_interpreter(monkeypatch):
         text = bench(torch.device("cpu"))
         assert text.startswith("## ") and "WRONG" not in text, (name, text)
     assert len(ran) >= 15
+
+
+def test_cpu_benchmark_quick_run_writes_both_sections(tmp_path):
+    from archquant.eval import bench_cpu
+    out = tmp_path / "cpu.md"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cpu.main(["--quick", "--threads", "1", "--write", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert "## W8A8 Linear" in text and "mamba1-byte" in text
+    assert text.count("| W8A8 real |") == 2 and "block GEMMs (ms)" in text
+
+
+def test_cpu_benchmark_rejects_unknown_model(capsys):
+    from archquant.eval import bench_cpu
+    with pytest.raises(SystemExit) as exc:
+        bench_cpu.main(["--models", "mamba-7b"])
+    assert exc.value.code == 2 and "unknown 'mamba-7b'" in capsys.readouterr().err
