@@ -92,9 +92,11 @@ def render_markdown(report: dict) -> str:
         lines.append(row(f"{qname} (real int8)", real["metrics"], f"{_mb(real['bytes'])} (in memory)", None))
     lines.append("")
     if real:
-        lines.append(f"Real int8 backend: {real['converted']} Linears on int8 kernels, {len(real['kept'])} quantized "
-                     f"modules kept fake-quant; evaluation {_fmt(real['eval_seconds']['fake'])} s fake-quant, "
-                     f"{_fmt(real['eval_seconds']['real'])} s real.")
+        blocks = real.get("blocks") or []
+        whole = f" ({len(blocks)} whole blocks incl. their non-Linear ops)" if blocks else ""
+        lines.append(f"Real int8 backend ({real.get('kernels', 'auto')} kernels): {real['converted']} Linears on int8 "
+                     f"kernels{whole}, {len(real['kept'])} quantized modules kept fake-quant; evaluation "
+                     f"{_fmt(real['eval_seconds']['fake'])} s fake-quant, {_fmt(real['eval_seconds']['real'])} s real.")
     if report.get("reload") is not None:
         ok = "identical" if report["reload"]["identical"] else "DIFFERENT"
         lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded: metrics {ok}.")

@@ -572,6 +572,12 @@ def test_runner_end_to_end_on_a_saved_mamba1(model_dir, tmp_path, capsys):
     assert loaded._archquant_recipe["name"] == "quamba"
     assert loaded.get_submodule(f"{L0}.out_proj").input_transform.size == 128
     assert "| **quamba** |" in out
+    # the demo config also evaluates a copy on real int8 kernels: whole Mamba blocks, same metrics
+    real = report["real"]
+    assert real["blocks"] == ["backbone.layers.0", "backbone.layers.1"] and real["kept"] == []
+    q_ppl, r_ppl = report["metrics"]["quantized"]["perplexity"], report["metrics"]["real"]["perplexity"]
+    assert abs(r_ppl - q_ppl) <= 1e-3 * q_ppl
+    assert "| quamba (real int8) |" in out and "2 whole blocks" in out
 
 
 def test_runner_refuses_overlapping_calibration_and_evaluation(model_dir, tmp_path, capsys):
