@@ -27,3 +27,33 @@ def toy_batches():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: with two OpenMP threads on a busy 2-core box, thread hand-offs (not the
+    arithmetic) dominate and a test file runs many times slower. One thread, same results.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed_mamba(arch: str = "mamba1", seed: int = 0, noise_seed: int | None = None, scale: float = 0.1,
+                    **config):
+    """A small Mamba with the standard init, then Gaussian noise (``scale``) on every parameter
+    (norms, A_log, D, biases included) so that no term of a formula hides behind a default value.
+    Defaults: byte vocabulary, hidden 64, 2 layers; Mamba2 heads of 16 in 2 groups."""
+    from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
+
+    base = dict(arch=arch, vocab_size=256, hidden_size=64, num_layers=2)
+    if arch == "mamba2":
+        base.update(head_dim=16, n_groups=2)
+    base.update(config)
+    model = init_mamba_weights(MambaLM(MambaConfig(**base)), seed)
+    g = torch.Generator().manual_seed(seed + 1 if noise_seed is None else noise_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()

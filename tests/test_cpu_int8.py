@@ -36,11 +36,13 @@ from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_o
                                         int8_weight_only_linear_reference, quantize_per_tensor_int8_torch,
                                         quantize_per_token_int8_torch, quantize_static_int8_torch)
 from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
-from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
+from archquant.models.mamba import MambaLM
 from archquant.models.toy import ToyConfig, init_toy_model, toy_task
 from archquant.adapters.mamba_real import RealQuantMamba1Mixer
 from archquant.real import RealQuantLinear, convert_to_real, real_eligibility
 from archquant.run import main
+
+from conftest import perturbed_mamba
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else [])
@@ -48,13 +50,7 @@ MODEL_TOL = 1e-2  # whole-model logits, relative Frobenius error (see the module
 LINEAR_TOL = 1e-4  # one RealQuantLinear vs its fake twin, fp32, relative to max|y|
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny shapes: OpenMP hand-offs on a busy 2-core box would dominate; results do not change."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _codes(*shape, seed=0):
@@ -451,13 +447,7 @@ def test_convert_toy_model(recipe):
 
 
 def _mamba(seed: int = 0) -> MambaLM:
-    model = MambaLM(MambaConfig(arch="mamba1", vocab_size=256, hidden_size=64, num_layers=2))
-    init_mamba_weights(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturbed_mamba("mamba1", seed)
 
 
 @pytest.mark.parametrize("recipe", ["rtn_dynamic", "quamba"])

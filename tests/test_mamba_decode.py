@@ -5,33 +5,19 @@ import pytest
 import torch
 
 import archquant as aq
-from archquant.models.mamba import MambaCache, MambaConfig, MambaLM, greedy_generate, init_mamba_weights
+from archquant.models.mamba import MambaCache, MambaLM, greedy_generate
 
-from conftest import rel_err
+from conftest import perturbed_mamba, rel_err
 from kernel_testing import DEVICE, requires_backend
 
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _model(arch: str, seed: int = 0, **kw) -> MambaLM:
-    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=64, num_layers=2, state_size=8)
-    if arch == "mamba2":
-        base.update(head_dim=16, n_groups=2, chunk_size=8)
-    base.update(kw)
-    model = init_mamba_weights(MambaLM(MambaConfig(**base)), seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # perturb everything (biases, norms, A_log, D) so no term hides
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+def _model(arch: str, seed: int = 0) -> MambaLM:
+    return perturbed_mamba(arch, seed, state_size=8, **({"chunk_size": 8} if arch == "mamba2" else {}))
 
 
 IDS = torch.randint(0, VOCAB, (3, 29), generator=torch.Generator().manual_seed(5))

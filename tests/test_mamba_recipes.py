@@ -37,14 +37,7 @@ MAMBA1_PRESETS = ["rtn_dynamic", "static_minmax", "smoothquant", "quamba", "mamb
 MAMBA2_PRESETS = ["rtn_dynamic", "static_minmax", "smoothquant", "quamba", "quamba2"]
 ROTATED_PRESETS = {"mambaquant", "quamba2"}  # presets with a residual-stream rotation (they untie the LM head)
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: with two OpenMP threads on a busy 2-core box, thread hand-offs (not the
-    arithmetic) dominate and the file runs ~100x slower. One thread gives the same results."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,43 +20,29 @@ from archquant.adapters.mamba_real import RealQuantMamba1Mixer, RealQuantMambaBl
 from archquant.core.formats import QuantSpec
 from archquant.core.modules import ActQuantizer, QuantLinear
 from archquant.core.transforms import HadamardTransform
-from archquant.models.mamba import MambaConfig, MambaLM, greedy_generate, init_mamba_weights
+from archquant.models.mamba import MambaLM, greedy_generate
 from archquant.real import RealQuantLinear, check_kernels, convert_to_real
 
-from conftest import rel_err
+from conftest import perturbed_mamba, rel_err
 from kernel_testing import DEVICE, requires_backend
 
 VOCAB = 256
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _mamba(arch: str = "mamba1", seed: int = 0, **kw) -> MambaLM:
-    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=64, num_layers=2, state_size=16)
-    if arch == "mamba2":
-        base.update(head_dim=16, n_groups=2, chunk_size=16)
-    base.update(kw)
-    model = init_mamba_weights(MambaLM(MambaConfig(**base)), seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+def _mamba(arch: str = "mamba1", seed: int = 0) -> MambaLM:
+    return perturbed_mamba(arch, seed, state_size=16, **({"chunk_size": 16} if arch == "mamba2" else {}))
 
 
 CALIB = [torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(i)) for i in range(2)]
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
 
 
-def _quantized(preset: str = "quamba", arch: str = "mamba1", **kw) -> MambaLM:
-    model = _mamba(arch, **kw)
+def _quantized(preset: str = "quamba", arch: str = "mamba1") -> MambaLM:
+    model = _mamba(arch)
     aq.quantize_(model, preset, calib_data=CALIB, family="mamba", progress=False)
     return model
 
