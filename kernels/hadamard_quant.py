@@ -3,7 +3,7 @@
 API
 ---
 ``hadamard_quant_int8(x, scale=None, *, signs=None, transpose=False,
-round_to_input_dtype=True, input_precision="ieee") -> (q, scale)``
+round_to_input_dtype=True, input_precision=None) -> (q, scale)``
     ``x``: (..., n) float32/float16/bfloat16 rows.  Computes ``y = x @ H_n`` (or
     ``x @ H_n.T`` with ``transpose=True``; with ``signs`` a ±1 vector of length n,
     ``y = (x * signs) @ H_n``, i.e. ``x @ random_hadamard_matrix``), with ``H_n`` the
@@ -45,11 +45,17 @@ nothing and padded outputs are 0 (they never raise the absmax).
 
 Precision and rounding
 ----------------------
-Loads are cast to fp32; the dots run with ``input_precision="ieee"`` by default
-(true fp32 products and sums; on sm_90 that is the FMA path, not tensor cores).
-``"tf32x3"`` is the fast tensor-core alternative: the ±1 matrices are exact in
-tf32, so only the 3-way split of x loses ~2^-22 relative; ``"tf32"`` would lose
-~2^-11 and is not recommended.  Like ``apply_hadamard`` (which returns the input
+Loads are cast to fp32.  ``input_precision="ieee"`` runs the dots as true fp32
+products and sums; on sm_90 that is the FMA path, not tensor cores, which holds
+both operand tiles in registers.  ``"tf32x3"`` is the tensor-core alternative:
+the ±1 matrices are exact in tf32, so only the 3-way split of x loses ~2^-22
+relative (far below the 16-bit rounding of y that follows); ``"tf32"`` would lose
+~2^-11 and is not recommended.  The default (``None``) is :func:`launch_params`'
+choice per plan: "ieee" for tiles under 4096 elements, "tf32x3" from there on,
+because the offline sm_90 compile of the FMA path spills registers on the large
+tiles (n = 5120, tile 64 x 128: 12-14 KB of spills with 8 warps, none with
+tf32x3; n = 2560/4096, 64 x 64: ~200 B with 4 warps, none with 8).  In the
+interpreter every precision is a plain fp32 matmul.  Like ``apply_hadamard`` (which returns the input
 dtype), the rotated values are rounded to the input dtype first when x is
 fp16/bf16 (``round_to_input_dtype=True``); then ``tl.div_rn`` + round-half-even
 (floor/where) reproduce ``archquant.core.formats`` exactly for a given ``y``.
@@ -92,6 +98,7 @@ __all__ = [
     "HadamardPlan",
     "hadamard_plan",
     "hadamard_quant_int8",
+    "launch_params",
     "hadamard_quant_int8_reference",
 ]
 
@@ -284,6 +291,15 @@ def _hadamard_quant_kron_kernel(
 # --------------------------------------------------------------------------- wrapper
 
 
+def launch_params(plan: HadamardPlan, input_precision: str | None = None) -> tuple[str, int]:
+    """(dot precision, num_warps) for a plan: the combination that compiles without register
+    spills for sm_90 (checked offline by ``tests/test_kernels_hadamard.py``)."""
+    if plan.dense:
+        return input_precision or "ieee", 4
+    large = plan.a_pad * plan.b_pad >= 4096
+    return input_precision or ("tf32x3" if large else "ieee"), 8 if large else 4
+
+
 def hadamard_quant_int8(
     x: torch.Tensor,
     scale=None,
@@ -291,7 +307,7 @@ def hadamard_quant_int8(
     signs: torch.Tensor | None = None,
     transpose: bool = False,
     round_to_input_dtype: bool = True,
-    input_precision: str = "ieee",
+    input_precision: str | None = None,
     rows_per_program: int | None = None,
     out: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
@@ -304,9 +320,10 @@ def hadamard_quant_int8(
     """
     x2 = _as_rows(x)
     m, n = x2.shape
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {input_precision!r}")
+    if input_precision is not None and input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS} or None, got {input_precision!r}")
     plan = hadamard_plan(n, bool(transpose))
+    input_precision, num_warps = launch_params(plan, input_precision)
     device = x.device
     if signs is not None:
         signs = torch.as_tensor(signs, dtype=torch.float32, device=device).reshape(-1).contiguous()
@@ -341,7 +358,7 @@ def hadamard_quant_int8(
         _hadamard_quant_dense_kernel[(triton.cdiv(m, _DENSE_BLOCK_M),)](
             x2, right, sign_arg, q, s, *strides,
             N=n, N_PAD=plan.b_pad, NORM=norm, BLOCK_M=_DENSE_BLOCK_M,
-            num_warps=4, **common,
+            num_warps=num_warps, **common,
         )
     else:
         rpp = rows_per_program or (1 if m <= 1024 else 4)
@@ -350,7 +367,7 @@ def hadamard_quant_int8(
         _hadamard_quant_kron_kernel[(triton.cdiv(m, rpp),)](
             x2, left, right, sign_arg, q, s, *strides,
             A=plan.a, B=plan.b, A_PAD=plan.a_pad, B_PAD=plan.b_pad, NORM=norm,
-            ROWS_PER_PROG=rpp, num_warps=8 if plan.a_pad * plan.b_pad >= 8192 else 4, **common,
+            ROWS_PER_PROG=rpp, num_warps=num_warps, **common,
         )
     return q_full, out_scale
 

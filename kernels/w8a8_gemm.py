@@ -143,7 +143,7 @@ def _scaled_mm_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
         if IS_INT:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # explicit: Triton < 3.9 asserts acc dtype == out_dtype (default fp32)
         else:
             # fp8 operands arrive as raw uint8 bytes (masked lanes = 0x00 = +0.0):
             # the interpreter cannot cast a fill value to fp8, a bitcast is free.

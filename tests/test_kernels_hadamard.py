@@ -198,3 +198,37 @@ def test_gpu_tf32x3_tensor_cores(n):
     x = activations(257, n, dtype=torch.bfloat16, seed=n)
     q, s = hadamard_quant_int8(x, input_precision="tf32x3")
     assert_codes_close(q, s, *hadamard_quant_int8_reference(x))
+
+
+# sm_90 compile (and no register spills) of the shapes the Mamba models use: the interpreter
+# never compiles, and the NVIDIA backend checks what it does not (dot sizes, types, spills).
+HADAMARD_AOT_BODY = r'''
+import math
+from archquant.kernels import hadamard_quant as H
+from archquant.kernels import quantize as Q
+
+ptrs = dict(x_ptr="bf16", l_ptr="i8", r_ptr="i8", sign_ptr="fp32", q_ptr="i8", s_ptr="fp32")
+for n in (160, 1536, 2560, 4096, 5120, 8192):  # incl. Mamba-130m / 2.8B d_model and d_inner
+    p = H.hadamard_plan(n)
+    precision, warps = H.launch_params(p)  # what the wrapper launches
+    for static, signs in ((False, False), (True, True)):
+        aot(H._hadamard_quant_kron_kernel,
+            dict(A=p.a, B=p.b, A_PAD=p.a_pad, B_PAD=p.b_pad, NORM=1.0 / math.sqrt(n), HAS_SIGNS=signs,
+                 STATIC=static, Y_ROUND=2, QMAX=127, MIN_SCALE=1e-8, PRECISION=precision, ROWS_PER_PROG=1),
+            ptrs, ones=("stride_xk", "stride_qk", "stride_s"), num_warps=warps)
+p = H.hadamard_plan(48)
+aot(H._hadamard_quant_dense_kernel,
+    dict(N=48, N_PAD=p.b_pad, NORM=1.0 / math.sqrt(48), HAS_SIGNS=False, STATIC=False, Y_ROUND=1, QMAX=127,
+         MIN_SCALE=1e-8, PRECISION="ieee", BLOCK_M=16), dict(ptrs, x_ptr="fp16"), ones=("stride_xk", "stride_qk"))
+# the quantize kernels with the blocks their wrappers pick (kernels/quantize.py _blocks), 4 warps
+for bm, bk in ((1, 4096), (4, 1024), (16, 256)):  # e.g. K = 5120 / 10240 / 160
+    aot(Q._per_token_int8_kernel, dict(QMAX=127, MIN_SCALE=1e-8, BLOCK_M=bm, BLOCK_K=bk),
+        dict(x_ptr="bf16", q_ptr="i8", s_ptr="fp32"), ones=("stride_xk", "stride_qk"))
+    aot(Q._static_int8_kernel, dict(QMAX=127, BLOCK_M=bm, BLOCK_K=bk),
+        dict(x_ptr="fp16", q_ptr="i8", s_ptr="fp32"), ones=("stride_xk", "stride_qk"))
+'''
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    from kernel_testing import run_aot
+    run_aot(tmp_path, HADAMARD_AOT_BODY)
