@@ -212,6 +212,24 @@ def _use_scan_kernel(u: torch.Tensor) -> bool:
     return u.is_cuda or SCAN_BACKEND == "triton"
 
 
+def _ssm_params(mixer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A = -exp(A_log) in fp32, D in fp32) of a mixer.
+
+    Without autograd they are computed once and kept until A_log or D change (in place, or by a
+    move to another device/dtype): a decode step then does not spend three small kernels per
+    layer recomputing them (which a CUDA-graph replay would also pay)."""
+    A_log, D = mixer.A_log, mixer.D
+    if torch.is_grad_enabled() and (A_log.requires_grad or D.requires_grad):
+        return -torch.exp(A_log.float()), D.float()
+    key = (A_log.data_ptr(), A_log._version, A_log.dtype, D.data_ptr(), D._version, D.dtype)
+    cached = mixer.__dict__.get("_ssm_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, -torch.exp(A_log.float()), D.float())
+        mixer.__dict__["_ssm_cache"] = cached
+    return cached[1], cached[2]
+
+
 # ----------------------------------------------------------------------------------------
 # Scans (PyTorch references; fp32 state)
 # ----------------------------------------------------------------------------------------
@@ -407,19 +425,19 @@ class Mamba1Mixer(nn.Module):
         u = self.u_site(F.silu(x.transpose(1, 2)))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt_raw = self.dt_proj(dt_low)
-        A = -torch.exp(self.A_log.float())
+        A, D = _ssm_params(self)
         h0 = None if state is None else state.ssm_state
         if _use_scan_kernel(u) and self._state_readout() is None:
-            y, h = self._kernel_scan(u, dt_raw, A, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
+            y, h = self._kernel_scan(u, dt_raw, A, D, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
         else:
-            y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, self.D, h0=h0,
+            y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, D, h0=h0,
                                   return_state=True, state_fn=self._state_readout())
             y = y * self.gate_act(z)
         if state is not None:
             state.store(window, h)
         return self.out_proj(y)
 
-    def _kernel_scan(self, u, dt_raw, A, B, C, z, h0, decode: bool):
+    def _kernel_scan(self, u, dt_raw, A, D, B, C, z, h0, decode: bool):
         """The scan (softplus and, for a plain SiLU gate, the gating fused) on the Triton kernel of
         ``kernels/mamba_scan.py``: the same kernel the int8 model uses, fed floats."""
         from archquant.kernels.mamba_scan import selective_scan_triton, selective_state_update_triton
@@ -429,11 +447,11 @@ class Mamba1Mixer(nn.Module):
         if decode:
             h = h0 if h0 is not None else u.new_zeros(u.shape[0], self.d_inner, self.state_size, dtype=torch.float32)
             y = selective_state_update_triton(h, u[:, 0], None, dt_raw[:, 0], None, None, A, B[:, 0], None,
-                                              C[:, 0], None, self.D, None if zk is None else zk[:, 0], None,
+                                              C[:, 0], None, D, None if zk is None else zk[:, 0], None,
                                               out_dtype=u.dtype).unsqueeze(1)
         else:
             t = lambda v: v.transpose(1, 2)  # noqa: E731 - (b, l, c) as the kernel's (b, c, l) view
-            y, h = selective_scan_triton(t(u), None, t(dt_raw), None, None, A, t(B), None, t(C), None, self.D,
+            y, h = selective_scan_triton(t(u), None, t(dt_raw), None, None, A, t(B), None, t(C), None, D,
                                          None if zk is None else t(zk), None, out_dtype=u.dtype, h0=h0,
                                          return_state=True)
             y = y.transpose(1, 2)
@@ -472,15 +490,15 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, l, self.num_heads, self.head_dim)
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
-        A = -torch.exp(self.A_log.float())
+        A, D = _ssm_params(self)
         h0 = None if state is None else state.ssm_state
         if state is not None and l == 1:  # decode: one recurrence step, no chunk padding
-            y, h = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+            y, h = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D,
                             h0 if h0 is not None else x.new_zeros(b, self.num_heads, self.head_dim,
                                                                   self.state_size, dtype=torch.float32))
             y = y.unsqueeze(1)
         else:
-            y, h = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, h0=h0, return_state=True)
+            y, h = ssd_scan(x, dt, A, B, C, self.chunk_size, D=D, h0=h0, return_state=True)
         if state is not None:
             state.store(window, h)
         y = self.norm(y.reshape(b, l, self.d_inner), z)

@@ -1,6 +1,8 @@
 """Recurrent decoding (``MambaCache``): feeding a sequence in pieces equals feeding it whole."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -117,3 +119,26 @@ def test_fp_scan_on_the_triton_kernel_equals_the_torch_scan(monkeypatch, gate):
         inc = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)], 1)
     assert rel_err(got.cpu(), want) < 1e-5
     assert rel_err(inc.cpu(), want) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_cached_ssm_parameters_follow_in_place_edits(arch):
+    """A = -exp(A_log) and D are cached for inference; editing them (in place, as recipes and
+    load_state_dict do) must reach the next forward."""
+    model = _model(arch)
+    ids = IDS[:1, :9]
+    with torch.no_grad():
+        before = model(ids)
+        model.backbone.layers[0].mixer.A_log.add_(0.5)
+        model.backbone.layers[1].mixer.D.mul_(-1.0)
+        after = model(ids)
+        fresh = copy.deepcopy(model)
+        fresh.__dict__.pop("_ssm_cache", None)
+        for layer in fresh.backbone.layers:
+            layer.mixer.__dict__.pop("_ssm_cache", None)
+        want = fresh(ids)
+        model.load_state_dict(_model(arch).state_dict())  # copy_ into the same tensors
+        restored = model(ids)
+    assert rel_err(after, before) > 1e-3
+    assert torch.equal(after, want)
+    assert torch.equal(restored, before)
