@@ -154,16 +154,16 @@ class MambaLayerState:
     def empty(self) -> bool:
         return self.ssm_state is None
 
-    def store(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
-        """Keep the new states, in place when tensors of the same shape are already held."""
-        for name, new in (("conv_state", conv_state), ("ssm_state", ssm_state)):
-            old = getattr(self, name)
-            if old is new:  # updated in place by a kernel
-                continue
-            if old is not None and old.shape == new.shape and old.dtype == new.dtype:
-                old.copy_(new)
-            else:
-                setattr(self, name, new.detach().clone())
+    def store(self, name: str, new: torch.Tensor) -> None:
+        """Keep a new ``conv_state`` / ``ssm_state``: copied into the tensor already held (same
+        shape and dtype), so the state tensors stay the same for the whole sequence."""
+        old = getattr(self, name)
+        if old is new:  # updated in place by a kernel
+            return
+        if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+            old.copy_(new)
+        else:
+            setattr(self, name, new.detach().clone())
 
 
 class MambaCache:
@@ -181,24 +181,23 @@ class MambaCache:
         self.seqlen_offset = 0  # tokens consumed so far
 
 
-def causal_conv_with_state(conv: nn.Module, x: torch.Tensor,
-                           state: MambaLayerState | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal depthwise conv of x (b, c, l), continuing from ``state.conv_state`` if given.
+def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
+    """SiLU(causal depthwise conv(x)) for x (b, c, l), continuing from ``state.conv_state``.
 
-    ``conv`` is the layer's ``nn.Conv1d`` (padding k-1) or its quantized twin: with a state, the
-    last k-1 cached inputs are prepended, so output t sees inputs t-k+1..t across calls.
-    Returns the conv output (b, c, l) and, with a state, the new conv window (b, c, k) for the
-    caller to store (None without a state).
+    ``conv`` is the layer's ``nn.Conv1d`` (padding k-1) or its quantized twin. With a state, the
+    last k-1 cached inputs are prepended, so output t sees inputs t-k+1..t across calls, and the
+    state's window (the last k inputs, newest last) is updated in place.
     """
     l = x.shape[-1]
     if state is None:
-        return conv(x)[..., :l], None
+        return F.silu(conv(x)[..., :l])
     k = conv.kernel_size[0] if isinstance(conv.kernel_size, tuple) else conv.kernel_size
     hist = (x.new_zeros(x.shape[0], x.shape[1], k) if state.conv_state is None
             else state.conv_state.to(x.dtype))
     xx = torch.cat([hist[..., 1:], x], dim=-1)  # (b, c, k-1+l)
     y = conv(xx)[..., k - 1:k - 1 + l]
-    return y, xx[..., -k:]
+    state.store("conv_state", xx[..., -k:])
+    return F.silu(y)
 
 
 #: where the FP Mamba1 scan runs: "auto" (the Triton kernel for CUDA tensors, PyTorch on a CPU),
@@ -421,8 +420,7 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x, window = causal_conv_with_state(self.conv1d, x.transpose(1, 2), state)
-        u = self.u_site(F.silu(x.transpose(1, 2)))
+        u = self.u_site(causal_conv_silu(self.conv1d, x.transpose(1, 2), state).transpose(1, 2))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt_raw = self.dt_proj(dt_low)
         A, D = _ssm_params(self)
@@ -434,7 +432,7 @@ class Mamba1Mixer(nn.Module):
                                   return_state=True, state_fn=self._state_readout())
             y = y * self.gate_act(z)
         if state is not None:
-            state.store(window, h)
+            state.store("ssm_state", h)
         return self.out_proj(y)
 
     def _kernel_scan(self, u, dt_raw, A, D, B, C, z, h0, decode: bool):
@@ -479,8 +477,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         b, l, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc, window = causal_conv_with_state(self.conv1d, xbc.transpose(1, 2), state)
-        xbc = self.xbc_site(F.silu(xbc.transpose(1, 2)))
+        xbc = self.xbc_site(causal_conv_silu(self.conv1d, xbc.transpose(1, 2), state).transpose(1, 2))
         gn = self.n_groups * self.state_size
         x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -500,7 +497,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, h = ssd_scan(x, dt, A, B, C, self.chunk_size, D=D, h0=h0, return_state=True)
         if state is not None:
-            state.store(window, h)
+            state.store("ssm_state", h)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
 
