@@ -17,6 +17,8 @@ import triton.language as tl  # noqa: E402
 from archquant.kernels._triton_utils import INTERPRET_MODE  # noqa: E402
 from kernel_testing import DEVICE, needs_gpu, requires_backend, run_aot  # noqa: E402
 from archquant.kernels.mamba_conv1d import (  # noqa: E402
+    causal_conv1d_silu_triton,
+    causal_conv1d_update_triton,
     quant_causal_conv1d_silu,
     quant_causal_conv1d_silu_reference,
     quant_causal_conv1d_update,
@@ -65,6 +67,7 @@ def conv_magnitude(x_q, x_scale, w, w_scale, bias, conv_state=None):
 
     d = x_q.shape[1]
     wf = _ref_weight(w, w_scale, d).abs()
+    x_scale = 1.0 if x_scale is None else x_scale  # float x without scale
     x = x_q.float().abs() * x_scale
     if conv_state is not None:
         x = torch.cat([conv_state[..., 1:].float().abs() * x_scale, x], dim=-1)
@@ -188,8 +191,10 @@ def test_conv_state_strided_view():
 
 def test_conv_argument_checks():
     x_q, xs, w, ws, bias, os_ = conv_operands(2, 8, 5, 4)
-    with pytest.raises(TypeError):
-        quant_causal_conv1d_silu(x_q.float(), xs, w, ws, bias, os_)
+    with pytest.raises(TypeError):  # (float16/bfloat16/float32 x is valid: see the float tests)
+        quant_causal_conv1d_silu(x_q.double(), xs, w, ws, bias, os_)
+    with pytest.raises(TypeError, match=r"x_q must be an int8 tensor \(b, d, l\), got torch.int8 \(2, 8\)"):
+        quant_causal_conv1d_silu(x_q[..., 0], xs, w, ws, bias, os_)
     with pytest.raises(ValueError):
         quant_causal_conv1d_silu(x_q, xs, w, None, bias, os_)  # int8 weight without scale
     with pytest.raises(ValueError):
@@ -201,6 +206,232 @@ def test_conv_argument_checks():
     with pytest.raises(ValueError):
         quant_causal_conv1d_update(x_q[..., 0], torch.zeros(2, 8, 4), xs, w, ws, bias, os_)
     assert quant_causal_conv1d_silu(x_q[..., :0], xs, w, ws, bias, os_).shape == (2, 8, 0)
+
+
+# =========================================================================== conv1d, float inputs / outputs
+# The same kernels serve the unquantized (FP16 baseline) model: x may be float16 / bfloat16 /
+# float32 (x_scale None = 1.0, or a value), the output float (out_scale None, out_dtype), and
+# conv_state then holds x's float dtype.
+
+CONV_FLOAT = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def conv_float_operands(b, d, l, k, dtype, seed=0, *, bias=True, param_dtype=None):
+    """x (b, d, l) of ``dtype`` laid out (b, l, d) in memory (the model's ``.transpose(1, 2)``
+    view), depthwise weight (d, k) and bias of ``param_dtype`` (default: ``dtype``)."""
+    g = gen(seed)
+    pdt = param_dtype or dtype
+    x = (torch.randn(b, l, d, generator=g) * 1.5).to(dtype).to(DEVICE).transpose(1, 2)
+    w = (torch.randn(d, k, generator=g) * 0.5).to(pdt).to(DEVICE)
+    b_ = (torch.randn(d, generator=g) * 0.5).to(pdt).to(DEVICE) if bias else None
+    return x, w, b_
+
+
+def float_state(b, d, k, dtype, seed):
+    return (torch.randn(b, d, k, generator=gen(seed)) * 1.5).to(dtype).to(DEVICE)
+
+
+def assert_conv_float_close(y, y_ref, silu_ref, mag):
+    """fp32: within ~1e-6 of the tap-sum magnitude; 16-bit: within one ulp of the output dtype
+    of the (correctly rounded) reference, plus the same fp32 noise."""
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    assert not torch.isnan(y).any()  # also: no poisoned (NaN) element left
+    yf, rf = y.double(), y_ref.double()
+    tol = 2e-6 * mag.double() + ULP[y.dtype] * rf.abs() + 1e-30
+    assert bool(((yf - rf).abs() <= tol).all()), float((yf - rf).abs().max())
+    if y.dtype == torch.float32:  # ~1e-6 relative to the unrounded SiLU value itself
+        assert bool(((yf - silu_ref.double()).abs() <= 2e-6 * mag.double() + 1e-30).all())
+
+
+def test_conv_float_aliases():
+    import archquant.kernels.mamba_conv1d as C
+
+    assert causal_conv1d_silu_triton is quant_causal_conv1d_silu
+    assert causal_conv1d_update_triton is quant_causal_conv1d_update
+    assert {"causal_conv1d_silu_triton", "causal_conv1d_update_triton"} <= set(C.__all__)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", CONV_FLOAT)
+def test_conv_float_matches_reference(in_dtype, out_dtype):
+    b, d, l, k = 2, 40, 13, 4
+    x, w, bias = conv_float_operands(b, d, l, k, in_dtype, seed=30)
+    assert not x.is_contiguous() and x.stride(1) == 1  # (b, l, d) memory
+    y_dtype = out_dtype or in_dtype
+    out = torch.full((b, d, l), float("nan"), dtype=y_dtype, device=DEVICE)
+    y = causal_conv1d_silu_triton(x, None, w, None, bias, None, out_dtype=out_dtype, out=out,
+                                  block_d=16, block_l=16)
+    y_ref, s_ref = quant_causal_conv1d_silu_reference(x, None, w, None, bias, None, out_dtype=out_dtype,
+                                                      return_float=True)
+    assert y.data_ptr() == out.data_ptr() and y_ref.dtype == y_dtype
+    assert_conv_float_close(y, y_ref, s_ref, conv_magnitude(x, None, w, None, bias))
+    # default blocks and a new output (contiguous (b, d, l), like the int8 path)
+    y2 = causal_conv1d_silu_triton(x, None, w, None, bias, None, out_dtype=out_dtype)
+    assert y2.dtype == y_dtype and y2.is_contiguous()
+    assert_conv_float_close(y2, y_ref, s_ref, conv_magnitude(x, None, w, None, bias))
+
+
+@pytest.mark.parametrize("variant", ["k3_no_bias", "fp32_params_scaled", "bf16_int8_weight", "b1_d1"])
+def test_conv_float_options(variant):
+    b, d, l, k, dt, xs = 2, 24, 9, 4, torch.float16, None
+    x, w, bias = conv_float_operands(b, d, l, k, dt, seed=31)
+    ws = None
+    if variant == "k3_no_bias":
+        x, w, bias = conv_float_operands(b, d, l, 3, dt, seed=31, bias=False)
+    elif variant == "fp32_params_scaled":  # fp32 weight / bias, an x scale and a weight multiplier
+        x, w, bias = conv_float_operands(b, d, l, k, dt, seed=31, param_dtype=torch.float32)
+        xs, ws = 0.5, torch.rand(d, generator=gen(32)).to(DEVICE) + 0.5
+    elif variant == "bf16_int8_weight":  # bf16 activations, int8 weight codes with per-channel scales
+        x, _, bias = conv_float_operands(b, d, l, k, torch.bfloat16, seed=31)
+        _, _, w, ws, _, _ = conv_operands(b, d, l, k, seed=33)
+    else:
+        x, w, bias = conv_float_operands(1, 1, l, k, dt, seed=31)
+        w = w[:, None, :]  # nn.Conv1d weight (d, 1, k)
+    y = quant_causal_conv1d_silu(x, xs, w, ws, bias, None, out_dtype=torch.float32, block_d=16, block_l=16)
+    y_ref, s_ref = quant_causal_conv1d_silu_reference(x, xs, w, ws, bias, None, out_dtype=torch.float32,
+                                                      return_float=True)
+    assert_conv_float_close(y, y_ref, s_ref, conv_magnitude(x, xs, w, ws, bias))
+
+
+@pytest.mark.parametrize("in_dtype", CONV_FLOAT)
+def test_conv_float_input_int8_output(in_dtype):
+    # float activations in, int8 codes out (out_scale given): as the int8 path, same checks
+    b, d, l, k = 2, 40, 13, 4
+    x, w, bias = conv_float_operands(b, d, l, k, in_dtype, seed=34)
+    os_ = 0.01
+    out = torch.full((b, d, l), POISON_Q, dtype=torch.int8, device=DEVICE)
+    q = quant_causal_conv1d_silu(x, None, w, None, bias, os_, out=out, block_d=16, block_l=16)
+    q_ref, y_ref = quant_causal_conv1d_silu_reference(x, None, w, None, bias, os_, return_float=True)
+    assert q.data_ptr() == out.data_ptr()
+    assert_codes_match(q, q_ref, y_ref, conv_magnitude(x, None, w, None, bias), os_)
+    st = torch.zeros(b, d, k, dtype=in_dtype, device=DEVICE)
+    q_t = quant_causal_conv1d_update(x[..., 0], st, None, w, None, bias, os_, out_dtype=torch.int8)
+    assert torch.equal(q_t, q[..., 0]) and torch.equal(st[..., -1], x[..., 0])
+
+
+@pytest.mark.parametrize("out_dtype", CONV_FLOAT)
+def test_conv_int8_input_float_output(out_dtype):
+    b, d, l, k = 2, 40, 13, 3
+    x_q, xs, w, ws, bias, _ = conv_operands(b, d, l, k, seed=35)
+    out = torch.full((b, d, l), float("nan"), dtype=out_dtype, device=DEVICE)
+    y = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, None, out_dtype=out_dtype, out=out, block_d=16,
+                                 block_l=16)
+    y_ref, s_ref = quant_causal_conv1d_silu_reference(x_q, xs, w, ws, bias, None, out_dtype=out_dtype,
+                                                      return_float=True)
+    assert y.data_ptr() == out.data_ptr()
+    assert_conv_float_close(y, y_ref, s_ref, conv_magnitude(x_q, xs, w, ws, bias))
+    # the int8 state and the update, with a float output
+    st = codes(b, d, k, g=gen(36))
+    st_full, st_tok = st.clone(), st.clone()
+    y_full = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, None, st_full, out_dtype=out_dtype)
+    for t in range(4):
+        y_t = quant_causal_conv1d_update(x_q[..., t], st_tok, xs, w, ws, bias, None, out_dtype=out_dtype)
+        assert y_t.dtype == out_dtype and torch.equal(y_t, y_full[..., t])
+
+
+@pytest.mark.parametrize("in_dtype", CONV_FLOAT)
+def test_conv_float_codes_with_scale_equal_int8(in_dtype):
+    # float tensors holding the int8 codes, with the same x_scale: the same fp32 values and
+    # operations, so codes, float outputs and states are bit-identical to the int8 path
+    b, d, l, k = 2, 20, 11, 4
+    x_q, xs, w, ws, bias, os_ = conv_operands(b, d, l, k, seed=37)
+    x_f = x_q.to(in_dtype)
+    for o_s, o_dt in ((os_, None), (None, torch.float32)):
+        st_i, st_f = torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE), torch.zeros(b, d, k, dtype=in_dtype,
+                                                                                        device=DEVICE)
+        y_i = quant_causal_conv1d_silu(x_q, xs, w, ws, bias, o_s, st_i, out_dtype=o_dt)
+        y_f = quant_causal_conv1d_silu(x_f, xs, w, ws, bias, o_s, st_f, out_dtype=o_dt)
+        assert torch.equal(y_f, y_i) and torch.equal(st_f.float(), st_i.float())
+        u_i = quant_causal_conv1d_update(x_q[..., 3], st_i, xs, w, ws, bias, o_s, out_dtype=o_dt)
+        u_f = quant_causal_conv1d_update(x_f[..., 3], st_f, xs, w, ws, bias, o_s, out_dtype=o_dt)
+        assert torch.equal(u_f, u_i) and torch.equal(st_f.float(), st_i.float())
+
+
+@pytest.mark.parametrize("in_dtype,k", [(torch.float16, 4), (torch.bfloat16, 3), (torch.float32, 4)])
+def test_conv_float_state_chunks_and_token_by_token(in_dtype, k):
+    b, d, l = 2, 40, 13
+    x, w, bias = conv_float_operands(b, d, l, k, in_dtype, seed=38)
+    init = float_state(b, d, k, in_dtype, seed=39)
+
+    st_full = init.clone()
+    y_full = causal_conv1d_silu_triton(x, None, w, None, bias, None, st_full, block_d=16, block_l=16)
+    assert y_full.dtype == in_dtype
+    assert torch.equal(st_full, torch.cat([init, x], dim=-1)[..., -k:])  # values copied as they are
+    st_ref = init.clone()
+    y_ref, s_ref = quant_causal_conv1d_silu_reference(x, None, w, None, bias, None, st_ref, return_float=True)
+    assert torch.equal(st_ref, st_full)
+    assert_conv_float_close(y_full, y_ref, s_ref, conv_magnitude(x, None, w, None, bias, init))
+
+    # chunked prefill (chunks shorter than k - 1 too) == one call; the state a strided cache view
+    cache = torch.zeros(b, k, d + 3, dtype=in_dtype, device=DEVICE)
+    st = cache[..., :d].transpose(1, 2)
+    st.copy_(init)
+    parts, t0 = [], 0
+    for t1 in (1, 3, 9, 13):
+        parts.append(causal_conv1d_silu_triton(x[..., t0:t1], None, w, None, bias, None, st, block_l=16))
+        t0 = t1
+    assert torch.equal(torch.cat(parts, dim=-1), y_full)
+    assert torch.equal(st, st_full) and bool((cache[..., d:] == 0).all())
+
+    # token by token == prefill, bit for bit (same fp32 ops in the same order)
+    st_tok, st_ref = init.clone(), init.clone()
+    for t in range(l):
+        out = torch.full((b, d), float("nan"), dtype=in_dtype, device=DEVICE)
+        y_t = causal_conv1d_update_triton(x[..., t], st_tok, None, w, None, bias, None, out=out, block_d=16)
+        assert y_t.data_ptr() == out.data_ptr()
+        assert torch.equal(y_t, y_full[..., t])
+        st_before = st_ref.clone()
+        y_r, s_r = quant_causal_conv1d_update_reference(x[..., t], st_ref, None, w, None, bias, None,
+                                                        return_float=True)
+        assert torch.equal(st_tok, st_ref)
+        mag = conv_magnitude(x[..., t:t + 1], None, w, None, bias, st_before)[..., 0]
+        assert_conv_float_close(y_t, y_r, s_r, mag)
+    assert torch.equal(st_tok, st_full)
+
+
+def test_conv_float_argument_checks():
+    b, d, l, k = 2, 8, 5, 4
+    x, w, bias = conv_float_operands(b, d, l, k, torch.float16)
+    x_q, xs, w_q, ws, bias_q, os_ = conv_operands(b, d, l, k)
+    st16 = torch.zeros(b, d, k, dtype=torch.float16, device=DEVICE)
+    # the state's dtype follows x
+    for bad in (torch.zeros(b, d, k, device=DEVICE), torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE)):
+        with pytest.raises(ValueError, match=r"conv_state must be a torch.float16 tensor of shape \(2, 8, 4\)"):
+            quant_causal_conv1d_silu(x, None, w, None, bias, None, bad)
+        with pytest.raises(ValueError, match="conv_state must be a torch.float16 tensor"):
+            quant_causal_conv1d_update(x[..., 0], bad, None, w, None, bias, None)
+    with pytest.raises(ValueError, match=r"conv_state must be an int8 tensor of shape \(2, 8, 4\), got torch.float16"):
+        quant_causal_conv1d_silu(x_q, xs, w_q, ws, bias_q, os_, st16)  # int8 message unchanged
+    with pytest.raises(ValueError, match="conv_state must be an int8 tensor"):
+        quant_causal_conv1d_update(x_q[..., 0], st16, xs, w_q, ws, bias_q, os_)
+    # int8 x needs its scale; a float output from int8 x needs out_dtype
+    with pytest.raises(ValueError, match="x_scale is required for int8 x_q"):
+        quant_causal_conv1d_silu(x_q, None, w_q, ws, bias_q, os_)
+    with pytest.raises(ValueError, match="x_scale is required for int8 x_q"):
+        quant_causal_conv1d_update(x_q[..., 0], torch.zeros(b, d, k, dtype=torch.int8, device=DEVICE), None,
+                                   w_q, ws, bias_q, os_)
+    with pytest.raises(ValueError, match="with int8 x_q: pass out_dtype"):
+        quant_causal_conv1d_silu(x_q, xs, w_q, ws, bias_q, None)
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        quant_causal_conv1d_silu(x, None, w, None, bias, None, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="out_scale is given"):
+        quant_causal_conv1d_silu(x, None, w, None, bias, os_, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="x_scale must be one float"):
+        quant_causal_conv1d_silu(x, torch.ones(2), w, None, bias, None)
+    # other x dtypes / ranks; a preallocated out of the wrong dtype
+    with pytest.raises(TypeError, match="x_q must be int8 .*float16/bfloat16/float32 .*got torch.float64"):
+        quant_causal_conv1d_silu(x.double(), None, w, None, bias, None)
+    with pytest.raises(TypeError, match="x_q must be int8 .*got torch.int32"):
+        quant_causal_conv1d_update(x[..., 0].int(), st16, None, w, None, bias, None)
+    with pytest.raises(TypeError, match=r"x_q must be a float tensor \(b, d\)"):
+        quant_causal_conv1d_update(x, st16, None, w, None, bias, None)
+    with pytest.raises(ValueError, match="out must be a torch.float16 tensor"):
+        quant_causal_conv1d_silu(x, None, w, None, bias, None, out=torch.empty(b, d, l, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be a torch.int8 tensor"):
+        quant_causal_conv1d_silu(x, None, w, None, bias, os_, out=torch.empty(b, d, l, device=DEVICE))
+    # empty input
+    y = quant_causal_conv1d_silu(x[..., :0], None, w, None, bias, None, st16)
+    assert y.shape == (b, d, 0) and y.dtype == torch.float16 and not st16.any()
 
 
 # =========================================================================== selective scan
@@ -549,6 +780,30 @@ def test_gpu_conv_large():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16])
+def test_gpu_conv_float_large(in_dtype):
+    # the FP16 / BF16 baseline at Mamba sizes: (b, l, d) activations, float state, float output
+    b, d, l, k = 2, 1536, 1000, 4
+    x, w, bias = conv_float_operands(b, d, l, k, in_dtype, seed=40)
+    st = torch.zeros(b, d, k, dtype=in_dtype, device=DEVICE)
+    out = torch.empty(b, l, d, dtype=in_dtype, device=DEVICE).transpose(1, 2)
+    y = causal_conv1d_silu_triton(x, None, w, None, bias, None, st, out=out)
+    y_ref, s_ref = quant_causal_conv1d_silu_reference(x, None, w, None, bias, None, return_float=True)
+    assert_conv_float_close(y, y_ref, s_ref, conv_magnitude(x, None, w, None, bias))
+    assert torch.equal(st, x[..., -k:])
+    g = gen(41)
+    for _ in range(8):
+        x_t = (torch.randn(b, d, generator=g) * 1.5).to(in_dtype).to(DEVICE)
+        st_before, st_ref = st.clone(), st.clone()
+        y_t = causal_conv1d_update_triton(x_t, st, None, w, None, bias, None)
+        y_r, s_r = quant_causal_conv1d_update_reference(x_t, st_ref, None, w, None, bias, None, return_float=True)
+        assert torch.equal(st, st_ref)
+        mag = conv_magnitude(x_t[..., None], None, w, None, bias, st_before)[..., 0]
+        assert_conv_float_close(y_t, y_r, s_r, mag)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_scan_large(out_dtype):
     b, d, n, l = 2, 1536, 16, 512
@@ -574,14 +829,37 @@ MAMBA_AOT_BODY = r'''
 from archquant.kernels import mamba_conv1d as C, mamba_scan as S
 
 i8 = {n: "i8" for n in ("x_ptr", "w_ptr", "st_ptr", "y_ptr", "u_ptr", "dt_ptr", "z_ptr", "b_ptr", "c_ptr")}
+# conv: X_SCALED / W_SCALED (x, weight multiplied by a scale), OUT_CODE -1 = int8 codes, 0/1/2 = fp32/fp16/bf16
+Q8 = dict(X_SCALED=True, W_SCALED=True, OUT_CODE=-1)
 for has_state in (False, True):
-    aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=has_state, QMAX=127, BLOCK_D=32, BLOCK_L=32),
+    aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=has_state, QMAX=127, BLOCK_D=32, BLOCK_L=32, **Q8),
         i8, ones=("s_xl", "s_wk", "s_ws", "s_sk", "s_yl"))
-aot(C._conv1d_silu_kernel, dict(KW=3, HAS_BIAS=False, HAS_STATE=True, QMAX=127, BLOCK_D=16, BLOCK_L=16),
+aot(C._conv1d_silu_kernel, dict(KW=3, HAS_BIAS=False, HAS_STATE=True, QMAX=127, BLOCK_D=16, BLOCK_L=16,
+                                X_SCALED=True, W_SCALED=False, OUT_CODE=-1),
     dict(i8, w_ptr="fp32"))  # generic strides, fp32 weight
 aot(C._conv_state_write_kernel, dict(KW=4, KW_PAD=4, BLOCK_D=32), i8, ones=("s_xl", "s_sk"))
-aot(C._conv1d_update_kernel, dict(KW=4, KW_PAD=4, HAS_BIAS=True, QMAX=127, BLOCK_D=64), i8,
+aot(C._conv1d_update_kernel, dict(KW=4, KW_PAD=4, HAS_BIAS=True, QMAX=127, BLOCK_D=64, **Q8), i8,
     ones=("s_xd", "s_wk", "s_sk", "s_yd"))
+# conv, float: the FP16 baseline (fp16 x / weight / bias / state / output, no scales; x and out
+# in the model's (b, l, d) memory), bf16 with an x scale, and the mixed int8 <-> float cases
+for ty, code in (("fp16", 1), ("bf16", 2)):
+    fl = dict(x_ptr=ty, w_ptr=ty, bias_ptr=ty, st_ptr=ty, y_ptr=ty)
+    for has_state in (False, True):
+        aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=has_state, QMAX=127, BLOCK_D=32, BLOCK_L=32,
+                                        X_SCALED=ty == "bf16", W_SCALED=False, OUT_CODE=code),
+            fl, ones=("s_xd", "s_wk", "s_sk", "s_yd"))  # state (b, d, k) contiguous, as the model's
+    aot(C._conv1d_silu_kernel, dict(KW=3, HAS_BIAS=False, HAS_STATE=True, QMAX=127, BLOCK_D=16, BLOCK_L=16,
+                                    X_SCALED=False, W_SCALED=False, OUT_CODE=0), dict(fl, y_ptr="fp32"))  # generic
+    aot(C._conv_state_write_kernel, dict(KW=4, KW_PAD=4, BLOCK_D=32), fl, ones=("s_xd", "s_sk"))
+    aot(C._conv1d_update_kernel, dict(KW=4, KW_PAD=4, HAS_BIAS=True, QMAX=127, BLOCK_D=64,
+                                      X_SCALED=ty == "bf16", W_SCALED=False, OUT_CODE=code),
+        fl, ones=("s_xd", "s_wk", "s_sk", "s_yd"))
+aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=True, QMAX=127, BLOCK_D=32, BLOCK_L=32,
+                                X_SCALED=False, W_SCALED=False, OUT_CODE=-1),
+    dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", st_ptr="fp16", y_ptr="i8"), ones=("s_xd", "s_wk", "s_sk", "s_yd"))
+aot(C._conv1d_silu_kernel, dict(KW=4, HAS_BIAS=True, HAS_STATE=False, QMAX=127, BLOCK_D=32, BLOCK_L=32,
+                                X_SCALED=True, W_SCALED=True, OUT_CODE=0), dict(i8, y_ptr="fp32"),
+    ones=("s_xl", "s_wk", "s_ws", "s_yl"))
 # SCALED: bit mask of the inputs with a scale (u 1, dt 2, B 4, C 8, z 16); 31 = all int8
 for out_code, y_ty in ((0, "fp32"), (1, "fp16"), (2, "bf16")):
     aot(S._selective_scan_kernel,
