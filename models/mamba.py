@@ -189,6 +189,8 @@ def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | 
     state's window (the last k inputs, newest last) is updated in place.
     """
     l = x.shape[-1]
+    if _use_scan_kernel(x) and _plain_conv(conv):
+        return _kernel_conv_silu(conv, x, state)
     if state is None:
         return F.silu(conv(x)[..., :l])
     k = conv.kernel_size[0] if isinstance(conv.kernel_size, tuple) else conv.kernel_size
@@ -200,8 +202,37 @@ def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | 
     return F.silu(y)
 
 
-#: where the FP Mamba1 scan runs: "auto" (the Triton kernel for CUDA tensors, PyTorch on a CPU),
-#: "torch" (always PyTorch) or "triton" (always the kernel; on a CPU through TRITON_INTERPRET=1)
+def _plain_conv(conv: nn.Module) -> bool:
+    """A conv the fused kernel can run: an nn.Conv1d, or a quantized one without activation
+    quantizers (its dequantized weight is then what the kernel multiplies by)."""
+    if isinstance(conv, nn.Conv1d):
+        return True
+    return (getattr(conv, "input_quantizer", False) is None and getattr(conv, "output_quantizer", False) is None
+            and hasattr(conv, "effective_weight"))
+
+
+def _kernel_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
+    """``causal_conv_silu`` on the Triton conv kernels of ``kernels/mamba_conv1d.py`` (the int8
+    model's kernels, fed floats): one launch for conv + bias + SiLU, the state window updated
+    in place (decode: one token, ``causal_conv1d_update``)."""
+    from archquant.kernels.mamba_conv1d import causal_conv1d_silu_triton, causal_conv1d_update_triton
+
+    w = conv.weight if isinstance(conv, nn.Conv1d) else conv.effective_weight()
+    b, c, l = x.shape
+    if state is not None and state.conv_state is None:
+        state.conv_state = x.new_zeros(b, c, w.shape[-1])  # zero history = the conv's zero padding
+    if state is not None and l == 1:
+        y = causal_conv1d_update_triton(x[..., 0], state.conv_state, None, w, None, conv.bias, None, out_dtype=x.dtype)
+        return y.unsqueeze(-1)
+    # written (b, l, c)-contiguous, the layout the mixer continues in
+    out = torch.empty(b, l, c, dtype=x.dtype, device=x.device).transpose(1, 2)
+    return causal_conv1d_silu_triton(x, None, w, None, conv.bias, None, None if state is None else state.conv_state,
+                                     out_dtype=x.dtype, out=out)
+
+
+#: where the FP Mamba scan and conv run: "auto" (the Triton kernels for CUDA tensors, PyTorch on a
+#: CPU), "torch" (always PyTorch) or "triton" (always the kernels; on a CPU through
+#: TRITON_INTERPRET=1). Mamba2's SSD scan has no kernel and always runs in PyTorch.
 SCAN_BACKEND = "auto"
 
 

@@ -95,21 +95,27 @@ def test_fake_quant_models_decode_like_their_full_forward(arch, preset):
 
 
 @requires_backend
-@pytest.mark.parametrize("gate", ["silu", "scaled_silu"])
-def test_fp_scan_on_the_triton_kernel_equals_the_torch_scan(monkeypatch, gate):
-    """On CUDA the FP Mamba1 mixer scans with the Triton kernel (the int8 model's kernel, fed
-    floats: the FP16 baseline of the end-to-end benchmark). Same logits as the PyTorch scan,
-    whole and decoded token by token; a non-SiLU gate is applied outside the kernel."""
+@pytest.mark.parametrize("arch,gate", [("mamba1", "silu"), ("mamba1", "scaled_silu"), ("mamba2", "gated_norm")])
+def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
+    """On CUDA the FP mixers run the conv (+ SiLU) and, for Mamba1, the scan on the Triton kernels
+    (the int8 model's kernels fed floats: the FP16 baseline of the end-to-end benchmark). Same
+    logits as PyTorch, whole and decoded token by token; a non-SiLU gate is applied outside the
+    scan kernel."""
     import archquant.models.mamba as mamba_module
+    from archquant.kernels import mamba_conv1d
     from archquant.models.mamba import ScaledSiLU
 
-    model = _model("mamba1")
+    model = _model(arch)
     if gate == "scaled_silu":
         for layer in model.backbone.layers:
             layer.mixer.gate_act = ScaledSiLU(torch.full((layer.mixer.d_inner,), 1.5))
     ids = IDS[:2, :10]
     with torch.no_grad():
         want = model(ids)
+    calls = []
+    for name in ("causal_conv1d_silu_triton", "causal_conv1d_update_triton"):
+        orig = getattr(mamba_conv1d, name)
+        monkeypatch.setattr(mamba_conv1d, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     monkeypatch.setattr(mamba_module, "SCAN_BACKEND", "triton")
     model = model.to(DEVICE)
     ids = ids.to(DEVICE)
@@ -119,6 +125,7 @@ def test_fp_scan_on_the_triton_kernel_equals_the_torch_scan(monkeypatch, gate):
         inc = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)], 1)
     assert rel_err(got.cpu(), want) < 1e-5
     assert rel_err(inc.cpu(), want) < 1e-5
+    assert set(calls) == {"causal_conv1d_silu_triton", "causal_conv1d_update_triton"}
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
