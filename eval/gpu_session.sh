@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, in one command (H100/H200, nothing downloaded):
-# install, the test files that exercise kernels on the GPU, the kernel benchmark and the
-# end-to-end benchmark.  Logs and result tables land in $OUT (the device tool brings them back):
+# install, the end-to-end benchmark, the kernel benchmark (each checks its results against
+# references before timing), then the test files that exercise kernels on the GPU.  Logs and result tables land in $OUT (the device tool brings them back):
 #     device run:  bash eval/gpu_session.sh          (timeout_s 600; stages are time-boxed below)
 # Then copy $OUT/gpu_kernels.md and $OUT/e2e.md to eval/results/ (with the device named).
 # The device image has torch, triton, safetensors, scikit-learn and tqdm; the benchmarks and
@@ -20,13 +20,6 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   | tee -a "$OUT/summary.txt"
 
-stage "GPU tests"  # kernels vs their references on CUDA, real-quant Mamba, decoding (AOT checks skipped: CPU-side)
-timeout 240 python3 -m pytest -q -p no:cacheprovider -k "not aot" \
-  tests/test_kernels_quantize.py tests/test_kernels_gemm.py tests/test_kernels_hadamard.py \
-  tests/test_kernels_mamba.py tests/test_kernels_w4.py tests/test_real_mamba.py tests/test_mamba_decode.py \
-  >"$OUT/gpu_tests.log" 2>&1
-echo "tests exit $?" | tee -a "$OUT/summary.txt"; tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
-
 stage "end-to-end benchmark"
 timeout 200 python3 -m archquant.eval.bench_e2e --write "$OUT/e2e.md" >"$OUT/bench_e2e.log" 2>&1
 echo "e2e exit $?" | tee -a "$OUT/summary.txt"; tail -25 "$OUT/bench_e2e.log" | tee -a "$OUT/summary.txt"
@@ -34,4 +27,12 @@ echo "e2e exit $?" | tee -a "$OUT/summary.txt"; tail -25 "$OUT/bench_e2e.log" | 
 stage "kernel benchmark"
 timeout 200 python3 -m archquant.eval.bench_gpu --rep 40 --write "$OUT/gpu_kernels.md" >"$OUT/bench_gpu.log" 2>&1
 echo "kernels exit $?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/bench_gpu.log" | tee -a "$OUT/summary.txt"
+stage "GPU tests"  # last: both benchmarks check results before timing; AOT checks skipped (CPU-side)
+timeout 180 python3 -m pytest -q -p no:cacheprovider -k "not aot" \
+  tests/test_kernels_quantize.py tests/test_kernels_gemm.py tests/test_kernels_hadamard.py \
+  tests/test_kernels_mamba.py tests/test_kernels_w4.py tests/test_kernels_rmsnorm.py tests/test_real_mamba.py \
+  tests/test_mamba_decode.py \
+  >"$OUT/gpu_tests.log" 2>&1
+echo "tests exit $?" | tee -a "$OUT/summary.txt"; tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
+
 stage done
