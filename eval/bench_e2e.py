@@ -5,9 +5,9 @@
 
 Both models are ours (``models/mamba.py``), batch 1, random weights (timing does not depend on
 the values; the scales come from a short calibration, so the int8 model computes what a real
-Quamba model computes). FP16: the FP model in fp16, its conv1d+SiLU and selective scan on the
-same Triton kernels as the int8 model (fed fp16; prefill and decode-step variants, as mamba_ssm
-has), cuBLAS GEMMs, PyTorch RMSNorm. W8A8: ``quantize_(model,
+Quamba model computes). FP16: the FP model in fp16, its RMSNorm, conv1d+SiLU and selective scan
+on the same Triton kernels as the int8 model (fed fp16, no quantization; prefill and decode-step
+variants, as mamba_ssm has), cuBLAS GEMMs. W8A8: ``quantize_(model,
 "quamba")`` then ``convert_to_real`` (int8 GEMMs with fused epilogues, fused Hadamard+quantize,
 int8 conv1d and scan with fp32 state, int8 conv state).
 

@@ -111,6 +111,7 @@ __all__ = [
     "rmsnorm_quant_int8",
     "rmsnorm_quant_int8_reference",
     "rmsnorm_reference",
+    "rmsnorm_triton",
 ]
 
 MAX_SINGLE_TILE_N = 8192  # rows up to this length are one register tile
@@ -165,7 +166,7 @@ def _rmsnorm_quant_kernel(
     M, N, eps,
     s_xm, s_xn, s_rm, s_rn, s_om, s_on, s_w, s_qm, s_qn,
     HAS_RESIDUAL: tl.constexpr, RES_CODE: tl.constexpr, X_CODE: tl.constexpr, V_CODE: tl.constexpr,
-    STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -184,15 +185,18 @@ def _rmsnorm_quant_kernel(
     rstd = _rstd(tl.sum(a * a, axis=1), N, eps)
     w = tl.load(w_ptr + cols * s_w, mask=col_mask, other=0.0).to(tl.float32)
     v = _norm_values(a, rstd[:, None], w[None, :], X_CODE, V_CODE)
-    if STATIC:
-        scale = tl.load(s_ptr).to(tl.float32)
-        q = quantize_int8_tile(v, scale, QMAX)
+    if not QUANT:  # plain (fused add +) RMSNorm: the normalised values themselves
+        tl.store(q_ptr + r2 * s_qm + c2 * s_qn, v.to(q_ptr.dtype.element_ty), mask=mask)
     else:
-        amax = tl.max(tl.abs(v), axis=1)
-        scale = tl.maximum(tl.div_rn(amax, QMAX * 1.0), MIN_SCALE)
-        tl.store(s_ptr + rows64, scale, mask=row_mask)
-        q = quantize_int8_tile(v, scale[:, None], QMAX)
-    tl.store(q_ptr + r2 * s_qm + c2 * s_qn, q, mask=mask)
+        if STATIC:
+            scale = tl.load(s_ptr).to(tl.float32)
+            q = quantize_int8_tile(v, scale, QMAX)
+        else:
+            amax = tl.max(tl.abs(v), axis=1)
+            scale = tl.maximum(tl.div_rn(amax, QMAX * 1.0), MIN_SCALE)
+            tl.store(s_ptr + rows64, scale, mask=row_mask)
+            q = quantize_int8_tile(v, scale[:, None], QMAX)
+        tl.store(q_ptr + r2 * s_qm + c2 * s_qn, q, mask=mask)
 
 
 @triton.jit
@@ -201,7 +205,7 @@ def _rmsnorm_quant_chunked_kernel(
     M, N, eps,
     s_xm, s_xn, s_rm, s_rn, s_om, s_on, s_w, s_qm, s_qn,
     HAS_RESIDUAL: tl.constexpr, RES_CODE: tl.constexpr, X_CODE: tl.constexpr, V_CODE: tl.constexpr,
-    STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row64 = tl.program_id(0).to(tl.int64)
@@ -222,7 +226,9 @@ def _rmsnorm_quant_chunked_kernel(
     # is belt and braces.
     tl.debug_barrier()
 
-    if STATIC:
+    if not QUANT:
+        scale = 1.0  # unused: the normalised values are stored as they are
+    elif STATIC:
         scale = tl.load(s_ptr).to(tl.float32)
     else:
         amax = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -240,8 +246,11 @@ def _rmsnorm_quant_chunked_kernel(
         mask = c < N
         a = _reload_norm_input(x_row, o_row, c * s_xn, c * s_on, mask, HAS_RESIDUAL, X_CODE)
         w = tl.load(w_ptr + c * s_w, mask=mask, other=0.0).to(tl.float32)
-        q = quantize_int8_tile(_norm_values(a, rstd, w, X_CODE, V_CODE), scale, QMAX)
-        tl.store(q_ptr + row64 * s_qm + c * s_qn, q, mask=mask)
+        v = _norm_values(a, rstd, w, X_CODE, V_CODE)
+        if QUANT:
+            tl.store(q_ptr + row64 * s_qm + c * s_qn, quantize_int8_tile(v, scale, QMAX), mask=mask)
+        else:
+            tl.store(q_ptr + row64 * s_qm + c * s_qn, v.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -275,6 +284,43 @@ def _check_args(x, weight, residual, scale) -> None:
         numel = scale.numel() if isinstance(scale, torch.Tensor) else 1
         if numel != 1:
             raise ValueError(f"static scale must be one value (per tensor), got {numel} elements")
+
+
+def _launch(x2, r2, ro, w, out2, s, eps, *, residual: bool, res_dtype, x_dtype, static: bool, quant: bool,
+            block_n: int | None) -> None:
+    m, n = x2.shape
+    bn = block_n or (next_pow2(n) if n <= MAX_SINGLE_TILE_N else _CHUNK_N)
+    if bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of two")
+    if m == 0:
+        return
+    common = dict(
+        HAS_RESIDUAL=residual, RES_CODE=OUT_DTYPES[res_dtype], X_CODE=OUT_DTYPES[x_dtype],
+        V_CODE=OUT_DTYPES[torch.promote_types(w.dtype, x_dtype)],
+        STATIC=static, QMAX=INT8_QMAX, MIN_SCALE=MIN_SCALE, QUANT=quant, enable_fp_fusion=False,
+    )
+    args = (x2, r2, ro, w, out2, s, m, n, float(eps),
+            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), ro.stride(0), ro.stride(1),
+            w.stride(0), out2.stride(0), out2.stride(1))
+    if bn >= n:  # one register tile per row block
+        bm = max(1, min(next_pow2(m), _MAX_TILE // bn, _MAX_BLOCK_M))
+        _rmsnorm_quant_kernel[(triton.cdiv(m, bm),)](
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=_num_warps(bm * bn), **common)
+    else:
+        _rmsnorm_quant_chunked_kernel[(m,)](
+            *args, BLOCK_N=bn, num_warps=_num_warps(bn), **common)
+
+
+def _residual_views(x, x2, residual, residual_in_fp32, out_residual):
+    n = x.shape[-1]
+    if residual is not None:
+        res_dtype = torch.float32 if residual_in_fp32 else x.dtype
+        r2 = residual.reshape(-1, n)
+        ro_full = prepare_out(out_residual, x.shape, res_dtype, x.device, "out_residual")
+        return res_dtype, r2, ro_full, _rows_view(ro_full, x2.shape[0], n, "out_residual")
+    if out_residual is not None:
+        raise ValueError("out_residual needs residual")
+    return x.dtype, x2, None, x2  # dummies, never touched
 
 
 def rmsnorm_quant_int8(
@@ -311,40 +357,40 @@ def rmsnorm_quant_int8(
         s = out_scale.view(m, 1)
     q_full = prepare_out(out, x.shape, torch.int8, device, "out")
     q = _rows_view(q_full, m, n, "out")
-    if residual is not None:
-        res_dtype = torch.float32 if residual_in_fp32 else x.dtype
-        r2 = residual.reshape(-1, n)
-        ro_full = prepare_out(out_residual, x.shape, res_dtype, device, "out_residual")
-        ro = _rows_view(ro_full, m, n, "out_residual")
-    else:
-        if out_residual is not None:
-            raise ValueError("out_residual needs residual")
-        res_dtype, r2, ro_full, ro = x.dtype, x2, None, x2  # dummies, never touched
-    w = weight
-    check_launchable(x2, r2, ro, w, q, s)
-
-    bn_default = next_pow2(n) if n <= MAX_SINGLE_TILE_N else _CHUNK_N
-    bn = block_n or bn_default
-    if bn & (bn - 1):
-        raise ValueError(f"block_n={bn} must be a power of two")
-    if m == 0:
-        return q_full, out_scale, ro_full
-    common = dict(
-        HAS_RESIDUAL=residual is not None, RES_CODE=OUT_DTYPES[res_dtype], X_CODE=OUT_DTYPES[x.dtype],
-        V_CODE=OUT_DTYPES[torch.promote_types(weight.dtype, x.dtype)],
-        STATIC=static, QMAX=INT8_QMAX, MIN_SCALE=MIN_SCALE, enable_fp_fusion=False,
-    )
-    args = (x2, r2, ro, w, q, s, m, n, float(eps),
-            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), ro.stride(0), ro.stride(1),
-            w.stride(0), q.stride(0), q.stride(1))
-    if bn >= n:  # one register tile per row block
-        bm = max(1, min(next_pow2(m), _MAX_TILE // bn, _MAX_BLOCK_M))
-        _rmsnorm_quant_kernel[(triton.cdiv(m, bm),)](
-            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=_num_warps(bm * bn), **common)
-    else:
-        _rmsnorm_quant_chunked_kernel[(m,)](
-            *args, BLOCK_N=bn, num_warps=_num_warps(bn), **common)
+    res_dtype, r2, ro_full, ro = _residual_views(x, x2, residual, residual_in_fp32, out_residual)
+    check_launchable(x2, r2, ro, weight, q, s)
+    _launch(x2, r2, ro, weight, q, s, eps, residual=residual is not None, res_dtype=res_dtype, x_dtype=x.dtype,
+            static=static, quant=True, block_n=block_n)
     return q_full, out_scale, ro_full
+
+
+def rmsnorm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_in_fp32: bool = True,
+    out: torch.Tensor | None = None,
+    out_residual: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``RMSNorm(x [+ residual])`` without quantization, in one kernel: ``(y, residual_out)``.
+
+    ``y`` has ``RMSNorm.forward``'s dtype (``promote_types(weight.dtype, x.dtype)``) and the same
+    values bit for bit up to the sum-of-squares order (see the module docstring). The unquantized
+    models' norm on CUDA: a fair FP baseline gets the same fusion as the int8 path.
+    """
+    _check_args(x, weight, residual, None)
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    y_full = prepare_out(out, x.shape, torch.promote_types(weight.dtype, x.dtype), x.device, "out")
+    y = _rows_view(y_full, x2.shape[0], n, "out")
+    res_dtype, r2, ro_full, ro = _residual_views(x, x2, residual, residual_in_fp32, out_residual)
+    check_launchable(x2, r2, ro, weight, y)
+    _launch(x2, r2, ro, weight, y, y, eps, residual=residual is not None, res_dtype=res_dtype, x_dtype=x.dtype,
+            static=True, quant=False, block_n=block_n)
+    return y_full, ro_full
 
 
 # --------------------------------------------------------------------------- references

@@ -28,6 +28,7 @@ from torch import nn
 
 from archquant.core.modules import ActSite, register_module_type
 
+from . import layers
 from .layers import RMSNorm
 
 
@@ -230,16 +231,8 @@ def _kernel_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState |
                                      out_dtype=x.dtype, out=out)
 
 
-#: where the FP Mamba scan and conv run: "auto" (the Triton kernels for CUDA tensors, PyTorch on a
-#: CPU), "torch" (always PyTorch) or "triton" (always the kernels; on a CPU through
-#: TRITON_INTERPRET=1). Mamba2's SSD scan has no kernel and always runs in PyTorch.
-SCAN_BACKEND = "auto"
-
-
 def _use_scan_kernel(u: torch.Tensor) -> bool:
-    if SCAN_BACKEND == "torch" or (torch.is_grad_enabled() and u.requires_grad):
-        return False
-    return u.is_cuda or SCAN_BACKEND == "triton"
+    return layers.use_fp_kernels(u)  # read at call time: tests and benchmarks switch it
 
 
 def _ssm_params(mixer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,11 +79,11 @@ def test_cpu_benchmark_rejects_unknown_model(capsys):
 def test_e2e_fp16_on_triton_kernels_in_the_interpreter(monkeypatch, tmp_path):
     """The GPU configuration of the end-to-end benchmark as far as a CPU can run it: fp16 models,
     every FP and int8 op that has a Triton kernel on that kernel (interpreter), correctness gate."""
-    import archquant.models.mamba as mamba_module
+    from archquant.models import layers
     from kernel_testing import INTERPRET_MODE
     if not INTERPRET_MODE:
         pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(mamba_module, "SCAN_BACKEND", "triton")
+    monkeypatch.setattr(layers, "FP_KERNELS", "triton")
     out = tmp_path / "e2e.md"
     assert bench_e2e.main(["--tiny", "--kernels", "triton", "--dtype", "float16", "--reps", "1", "--prompt", "8",
                            "--write", str(out)]) == 0

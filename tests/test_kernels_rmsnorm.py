@@ -20,6 +20,7 @@ from archquant.kernels.rmsnorm_quant import (  # noqa: E402
     rmsnorm_quant_int8,
     rmsnorm_quant_int8_reference,
     rmsnorm_reference,
+    rmsnorm_triton,
 )
 
 pytestmark = requires_backend
@@ -340,6 +341,45 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------- GPU / sm_90
 
 
+# ----------------------------------------------------------------------------------------
+# rmsnorm_triton: the same kernels without quantization (the FP models' norm on CUDA)
+# ----------------------------------------------------------------------------------------
+
+
+def assert_norm_close(got, want):
+    """Only the sum-of-squares order differs (rstd within a few fp32 ulps): after rounding to a
+    16-bit dtype at most one ulp of the output; in fp32 a few ulps."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g, w = got.float(), want.float()
+    ulp = torch.finfo(want.dtype).eps * w.abs().clamp_min(torch.finfo(want.dtype).tiny)
+    k = 8 if want.dtype == torch.float32 else 1
+    assert bool(((g - w).abs() <= k * ulp).all()), float(((g - w).abs() / ulp).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 96, 2560])
+def test_unquantized_norm_matches_the_module(n, dtype):
+    x = activations(17, n, dtype=dtype, seed=n)
+    for w_dtype in {dtype, torch.float32}:  # an fp32 γ with a 16-bit x returns fp32, as the module does
+        w = gamma(n, w_dtype)
+        out = poisoned((17, n), torch.promote_types(w_dtype, dtype))
+        y, res = rmsnorm_triton(x, w, EPS, out=out)
+        assert y is out and res is None
+        assert_norm_close(y, rmsnorm_reference(x, w, EPS))
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_unquantized_norm_with_fused_residual_and_chunks(residual_in_fp32):
+    x = activations(3, 300, dtype=torch.float16, seed=3)
+    r = activations(3, 300, dtype=torch.float32 if residual_in_fp32 else torch.float16, seed=4)
+    w = gamma(300, torch.float16)
+    h = (x.float() + r.float()).to(r.dtype)
+    for block_n in (None, 64):  # one tile, then the chunked kernel
+        y, res = rmsnorm_triton(x, w, EPS, residual=r, residual_in_fp32=residual_in_fp32, block_n=block_n)
+        assert torch.equal(res, h)
+        assert_norm_close(y, rmsnorm_reference(h.to(x.dtype), w, EPS))
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -367,10 +407,10 @@ unit = ("s_xn", "s_rn", "s_on", "s_w", "s_qn")
 TILES = ((1, 4096), (1, 8192), (4, 1024), (16, 128), (1, None))
 
 
-def check(x_ty, code, has_res, static, bm, bn):
+def check(x_ty, code, has_res, static, bm, bn, quant=True):
     cx = dict(HAS_RESIDUAL=has_res, RES_CODE=0, X_CODE=code, V_CODE=code, STATIC=static, QMAX=127,
-              MIN_SCALE=1e-8)
-    ptrs = dict(x_ptr=x_ty, w_ptr=x_ty, q_ptr="i8", r_ptr="fp32", ro_ptr="fp32")
+              MIN_SCALE=1e-8, QUANT=quant)
+    ptrs = dict(x_ptr=x_ty, w_ptr=x_ty, q_ptr="i8" if quant else x_ty, r_ptr="fp32", ro_ptr="fp32")
     if bn is None:
         aot(R._rmsnorm_quant_chunked_kernel, dict(cx, BLOCK_N=R._CHUNK_N), ptrs, ones=unit,
             num_warps=R._num_warps(R._CHUNK_N))
@@ -388,9 +428,14 @@ for has_res, static in ((False, False), (False, True), (True, True)):
     for bm, bn in TILES[:2]:
         check("fp16", 1, has_res, static, bm, bn)
 check("bf16", 2, False, False, 1, None)  # the variant that spilled with 8 warps per 4096-chunk
+# the unquantized norm (rmsnorm_triton: the FP16 models' norm on CUDA)
+for x_ty, code in (("fp16", 1), ("bf16", 2)):
+    for has_res in (False, True):
+        for bm, bn in TILES[:1] + TILES[2:]:
+            check(x_ty, code, has_res, True, bm, bn, quant=False)
 # generic strides, mixed dtypes (fp32 γ with fp16 x: v stays fp32; residual kept in fp16)
 aot(R._rmsnorm_quant_kernel, dict(HAS_RESIDUAL=True, RES_CODE=1, X_CODE=1, V_CODE=0, STATIC=False,
-                                  QMAX=127, MIN_SCALE=1e-8, BLOCK_M=1, BLOCK_N=4096),
+                                  QMAX=127, MIN_SCALE=1e-8, QUANT=True, BLOCK_M=1, BLOCK_N=4096),
     dict(x_ptr="fp16", w_ptr="fp32", q_ptr="i8", r_ptr="fp16", ro_ptr="fp16"), num_warps=16)
 '''
 

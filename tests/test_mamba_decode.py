@@ -97,11 +97,11 @@ def test_fake_quant_models_decode_like_their_full_forward(arch, preset):
 @requires_backend
 @pytest.mark.parametrize("arch,gate", [("mamba1", "silu"), ("mamba1", "scaled_silu"), ("mamba2", "gated_norm")])
 def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
-    """On CUDA the FP mixers run the conv (+ SiLU) and, for Mamba1, the scan on the Triton kernels
+    """On CUDA the FP models run RMSNorm, the conv (+ SiLU) and, for Mamba1, the scan on the Triton kernels
     (the int8 model's kernels fed floats: the FP16 baseline of the end-to-end benchmark). Same
     logits as PyTorch, whole and decoded token by token; a non-SiLU gate is applied outside the
     scan kernel."""
-    import archquant.models.mamba as mamba_module
+    from archquant.models import layers
     from archquant.kernels import mamba_conv1d
     from archquant.models.mamba import ScaledSiLU
 
@@ -112,11 +112,13 @@ def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
     ids = IDS[:2, :10]
     with torch.no_grad():
         want = model(ids)
+    from archquant.kernels import rmsnorm_quant
     calls = []
-    for name in ("causal_conv1d_silu_triton", "causal_conv1d_update_triton"):
-        orig = getattr(mamba_conv1d, name)
-        monkeypatch.setattr(mamba_conv1d, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
-    monkeypatch.setattr(mamba_module, "SCAN_BACKEND", "triton")
+    for mod, name in ((mamba_conv1d, "causal_conv1d_silu_triton"), (mamba_conv1d, "causal_conv1d_update_triton"),
+                      (rmsnorm_quant, "rmsnorm_triton")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    monkeypatch.setattr(layers, "FP_KERNELS", "triton")
     model = model.to(DEVICE)
     ids = ids.to(DEVICE)
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
         inc = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)], 1)
     assert rel_err(got.cpu(), want) < 1e-5
     assert rel_err(inc.cpu(), want) < 1e-5
-    assert set(calls) == {"causal_conv1d_silu_triton", "causal_conv1d_update_triton"}
+    assert set(calls) == {"causal_conv1d_silu_triton", "causal_conv1d_update_triton", "rmsnorm_triton"}
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
