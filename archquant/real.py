@@ -39,8 +39,8 @@ from .kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear
                                quantize_per_tensor_int8_torch, quantize_per_token_int8_torch,
                                quantize_static_int8_torch)
 
-__all__ = ["KERNELS", "RealQuantLinear", "convert_to_real", "real_eligibility", "register_real_converter",
-           "use_triton", "check_kernels"]
+__all__ = ["KERNELS", "RealQuantLinear", "act_kind", "check_kernels", "convert_to_real", "is_int8_symmetric",
+           "real_eligibility", "register_real_converter", "static_scale", "use_triton"]
 
 KERNELS = ("auto", "triton")
 
@@ -63,11 +63,12 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
     return x.is_cuda or kernels == "triton"
 
 
-def _static_scale(q: ActQuantizer) -> torch.Tensor:
+def static_scale(q: ActQuantizer) -> torch.Tensor:
+    """The frozen scale of a static quantizer."""
     return q.params.as_dict()["scale"]
 
 
-def _is_int8_symmetric(spec: QuantSpec) -> bool:
+def is_int8_symmetric(spec: QuantSpec) -> bool:
     return spec.format == "int" and spec.bits == 8 and spec.symmetric
 
 
@@ -76,9 +77,10 @@ def _spec_name(spec: QuantSpec) -> str:
     return f"{fmt}{'' if spec.symmetric else ' asymmetric'} {spec.granularity}"
 
 
-def _act_kind(q: ActQuantizer) -> str | None:
-    """How a real module quantizes this input, or None if it cannot."""
-    if not _is_int8_symmetric(q.spec) or q.mode != "quantize":
+def act_kind(q: ActQuantizer | None) -> str | None:
+    """How int8 kernels quantize this activation: "dynamic_token", "dynamic_tensor",
+    "static_tensor", or None if they cannot (or there is no quantizer)."""
+    if q is None or not is_int8_symmetric(q.spec) or q.mode != "quantize":
         return None
     if q.dynamic:
         return {"token": "dynamic_token", "tensor": "dynamic_tensor"}.get(q.spec.granularity)
@@ -96,12 +98,12 @@ def real_eligibility(module: nn.Module) -> str | None:
         return "weight not quantized"
     if not module.frozen:
         return "weight not frozen"
-    if not _is_int8_symmetric(spec):
+    if not is_int8_symmetric(spec):
         return f"weight {_spec_name(spec)}: only symmetric int8 weights run on int8 kernels"
     if spec.granularity not in ("tensor", "channel") or (spec.granularity == "channel" and spec.axis % 2 != 0):
         return f"weight granularity {spec.granularity!r} (axis {spec.axis}): needs per tensor or per output channel"
     q = module.input_quantizer
-    if q is not None and _act_kind(q) is None:
+    if q is not None and act_kind(q) is None:
         kind = "dynamic" if q.dynamic else f"static (mode {q.mode})"
         return f"input {_spec_name(q.spec)} {kind}: needs symmetric int8, dynamic per token/tensor or static per tensor"
     return None
@@ -132,9 +134,9 @@ class RealQuantLinear(nn.Module):
         self.input_transform = qlinear.input_transform
         self.input_quantizer = qlinear.input_quantizer
         self.output_quantizer = qlinear.output_quantizer
-        self.act_kind = "weight_only" if qlinear.input_quantizer is None else _act_kind(qlinear.input_quantizer)
+        self.act_kind = "weight_only" if qlinear.input_quantizer is None else act_kind(qlinear.input_quantizer)
         # int8 output quantizers take a shorter, bit-identical fake-quant (others run their module)
-        self.out_kind = None if qlinear.output_quantizer is None else _act_kind(qlinear.output_quantizer)
+        self.out_kind = None if qlinear.output_quantizer is None else act_kind(qlinear.output_quantizer)
         self._packed: Int8Weight | None = None
 
     @classmethod
@@ -171,14 +173,14 @@ class RealQuantLinear(nn.Module):
             if had is not None:
                 from .kernels.hadamard_quant import hadamard_quant_int8
 
-                scale = _static_scale(self.input_quantizer) if self.act_kind == "static_tensor" else None
+                scale = static_scale(self.input_quantizer) if self.act_kind == "static_tensor" else None
                 return hadamard_quant_int8(x2, scale, signs=had.signs)
             if self.input_transform is not None:
                 x2 = self.input_transform(x2)
             if self.act_kind == "dynamic_token":
                 return quantize_per_token_int8(x2)
             if self.act_kind == "static_tensor":
-                scale = _static_scale(self.input_quantizer)
+                scale = static_scale(self.input_quantizer)
                 return quantize_static_int8(x2, scale), scale
             return quantize_per_tensor_int8_torch(x2)
         if self.input_transform is not None:
@@ -187,7 +189,7 @@ class RealQuantLinear(nn.Module):
             return quantize_per_token_int8_torch(x2)
         if self.act_kind == "dynamic_tensor":
             return quantize_per_tensor_int8_torch(x2)
-        scale = _static_scale(self.input_quantizer)
+        scale = static_scale(self.input_quantizer)
         return quantize_static_int8_torch(x2, scale), scale
 
     def matmul_codes(self, x_q: torch.Tensor, x_scale, out_dtype: torch.dtype) -> torch.Tensor:
@@ -228,7 +230,7 @@ class RealQuantLinear(nn.Module):
             return y
         if self.out_kind is None:
             return self.output_quantizer(y)
-        scale = _static_scale(self.output_quantizer) if self.out_kind == "static_tensor" else None
+        scale = static_scale(self.output_quantizer) if self.out_kind == "static_tensor" else None
         return fake_quantize_int8_torch(y, scale, per_token=self.out_kind == "dynamic_token")
 
     def extra_repr(self) -> str:

@@ -32,20 +32,19 @@ from ..kernels import mamba_conv1d as conv_k
 from ..kernels import mamba_scan as scan_k
 from ..models.layers import RMSNorm
 from ..models.mamba import Mamba1Mixer, MambaBlock, MambaLayerState
-from ..real import RealQuantLinear, real_eligibility, register_real_converter, use_triton
+from ..real import (RealQuantLinear, act_kind, is_int8_symmetric, real_eligibility, register_real_converter,
+                    static_scale, use_triton)
 
 __all__ = ["RealQuantMamba1Mixer", "real_mixer_eligibility"]
 
 
 def _static_int8(q: ActQuantizer | None) -> bool:
-    return (q is not None and not q.dynamic and q.mode == "quantize" and q.spec.format == "int"
-            and q.spec.bits == 8 and q.spec.symmetric and q.spec.granularity == "tensor"
-            and "scale" in q.params.as_dict())
+    return act_kind(q) == "static_tensor"
 
 
 def _int8_weight(spec: QuantSpec | None) -> bool:
-    return (spec is not None and spec.format == "int" and spec.bits == 8 and spec.symmetric
-            and spec.granularity in ("tensor", "channel") and spec.axis == 0)
+    # conv taps (d, 1, k): per tensor or per output channel (axis 0)
+    return spec is not None and is_int8_symmetric(spec) and spec.granularity in ("tensor", "channel") and spec.axis == 0
 
 
 def real_mixer_eligibility(m: nn.Module) -> str | None:
@@ -215,8 +214,7 @@ class RealQuantMambaBlock(nn.Module):
         if use_triton(self.kernels, x):
             from ..kernels.rmsnorm_quant import rmsnorm_quant_int8
 
-            scale = (in_proj.input_quantizer.params.as_dict()["scale"] if in_proj.act_kind == "static_tensor"
-                     else None)
+            scale = static_scale(in_proj.input_quantizer) if in_proj.act_kind == "static_tensor" else None
             codes, scale, _ = rmsnorm_quant_int8(x.reshape(-1, x.shape[-1]), self.norm.weight, self.norm.eps, scale)
             return codes, scale
         return in_proj.quantize_input(self.norm(x).reshape(-1, x.shape[-1]))
@@ -231,17 +229,9 @@ class RealQuantMambaBlock(nn.Module):
 
 def _fusable_norm(block: MambaBlock) -> bool:
     in_proj = block.mixer.in_proj
+    fused_kinds = ("static_tensor", "dynamic_token")  # what rmsnorm_quant_int8 produces
     return (type(block.norm) is RMSNorm and in_proj.input_transform is None
-            and real_eligibility(in_proj) is None and _act_kind_of(in_proj) in ("static_tensor", "dynamic_token"))
-
-
-def _act_kind_of(lin: QuantLinear) -> str | None:
-    q = lin.input_quantizer
-    if q is None:
-        return None
-    if q.dynamic:
-        return "dynamic_token" if q.spec.granularity == "token" else None
-    return "static_tensor" if _static_int8(q) else None
+            and real_eligibility(in_proj) is None and act_kind(in_proj.input_quantizer) in fused_kinds)
 
 
 @register_real_converter(MambaBlock)
