@@ -90,6 +90,7 @@ import triton
 import triton.language as tl
 
 from archquant.core.formats import QuantSpec, quantize
+from archquant.models.layers import rms_norm
 
 from ._triton_utils import (
     OUT_DTYPES,
@@ -396,12 +397,8 @@ def rmsnorm_triton(
 # --------------------------------------------------------------------------- references
 
 
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``archquant.models.layers.RMSNorm.forward`` as a function (same ops, same dtypes)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
+#: the models' own RMSNorm (its PyTorch path), the oracle of both kernels here
+rmsnorm_reference = rms_norm
 
 
 def rmsnorm_quant_int8_reference(

@@ -32,7 +32,13 @@ class RMSNorm(nn.Module):
             from archquant.kernels.rmsnorm_quant import rmsnorm_triton  # one kernel, same values
 
             return rmsnorm_triton(x, self.weight, self.eps)[0]
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` in PyTorch: normalised in fp32, cast back to x's dtype, then times γ (so the
+    result has ``promote_types(weight.dtype, x.dtype)``). Also the fused kernels' reference."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)

@@ -130,7 +130,9 @@ def test_tolerance_is_not_vacuous():
 
 
 @pytest.mark.parametrize("model_dtype", DTYPES)
-def test_reference_is_the_rmsnorm_module(model_dtype):
+def test_reference_is_the_rmsnorm_module(model_dtype, monkeypatch):
+    from archquant.models import layers
+    monkeypatch.setattr(layers, "FP_KERNELS", "torch")  # the module's PyTorch path (on CUDA it would use the kernel)
     n = 96
     norm = RMSNorm(n, eps=EPS)
     with torch.no_grad():
