@@ -89,6 +89,13 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def check_pow2(v: int, name: str) -> int:
+    """``v`` if it is a power of two (a block size), else a ValueError naming it."""
+    if v < 1 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a power of two")
+    return v
+
+
 # --------------------------------------------------------------------------- jit helpers
 
 

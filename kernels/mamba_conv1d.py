@@ -111,6 +111,7 @@ from archquant.core.formats import QuantSpec, quantize
 from ._triton_utils import (
     OUT_DTYPES,
     check_launchable,
+    check_pow2,
     next_pow2,
     prepare_out,
     quantize_int8_tile,
@@ -396,12 +397,6 @@ def _check_state(conv_state, b, d, k, x_dtype=torch.int8):
     return conv_state
 
 
-def _pow2(v, name):
-    if v < 1 or v & (v - 1):
-        raise ValueError(f"{name}={v} must be a power of two")
-    return v
-
-
 def quant_causal_conv1d_silu(
     x_q: torch.Tensor,
     x_scale,
@@ -431,8 +426,8 @@ def quant_causal_conv1d_silu(
     check_launchable(x_q, w, ws, bias, xs, os_, conv_state, y)
     if b == 0 or d == 0 or l == 0:
         return y
-    bd = _pow2(block_d or 32, "block_d")
-    bl = _pow2(block_l or min(32, max(16, next_pow2(l))), "block_l")
+    bd = check_pow2(block_d or 32, "block_d")
+    bl = check_pow2(block_l or min(32, max(16, next_pow2(l))), "block_l")
     st = conv_state if conv_state is not None else x_q  # dummy pointer when unused
     s_st = conv_state.stride() if conv_state is not None else (0, 0, 0)
     _conv1d_silu_kernel[(b, triton.cdiv(d, bd), triton.cdiv(l, bl))](
@@ -482,7 +477,7 @@ def quant_causal_conv1d_update(
     check_launchable(x_q, w, ws, bias, xs, os_, conv_state, y)
     if b == 0 or d == 0:
         return y
-    bd = _pow2(block_d or 64, "block_d")
+    bd = check_pow2(block_d or 64, "block_d")
     _conv1d_update_kernel[(b, triton.cdiv(d, bd))](
         x_q, w, *(t if t is not None else w for t in (ws, bias)), conv_state, y,
         *(t if t is not None else w for t in (xs, os_)),  # dummies (w) are never read

@@ -82,7 +82,7 @@ import triton.language as tl
 
 from archquant.models.mamba import selective_scan
 
-from ._triton_utils import OUT_DTYPES, check_launchable, next_pow2, prepare_out, round_to_dtype_code
+from ._triton_utils import OUT_DTYPES, check_launchable, check_pow2, next_pow2, prepare_out, round_to_dtype_code
 
 __all__ = [
     "quant_selective_scan",
@@ -166,6 +166,18 @@ def _ssm_step(h, u, dt, z, bv, cv, A, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constex
 
 
 @triton.jit
+def _program_tiles(DIM, NST, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch row and 2-D index tiles: channels (BLOCK_D, 1), states (1, BLOCK_N),
+    as int64 offsets, with their masks."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+    offs_n = tl.arange(0, BLOCK_N)[None, :]
+    mask_d = offs_d < DIM
+    mask_n = offs_n < NST
+    return pid_b, offs_d.to(tl.int64), offs_n.to(tl.int64), mask_d, mask_n, mask_d & mask_n
+
+
+@triton.jit
 def _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     """A (BLOCK_D, N), D and dt_bias (BLOCK_D, 1) as fp32 (zeros when absent)."""
@@ -210,16 +222,7 @@ def _selective_scan_kernel(
     DT_SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATE: tl.constexpr,
     OUT_CODE: tl.constexpr, SCALED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    # 2-D index tiles: channels (BLOCK_D, 1), states (1, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-    offs_n = tl.arange(0, BLOCK_N)[None, :]
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NST
-    mask_dn = mask_d & mask_n
-    d64 = offs_d.to(tl.int64)
-    n64 = offs_n.to(tl.int64)
+    pid_b, d64, n64, mask_d, mask_n, mask_dn = _program_tiles(DIM, NST, BLOCK_D, BLOCK_N)
 
     u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED)
     A, Dv, dt_bias = _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
@@ -266,16 +269,7 @@ def _state_update_kernel(
     DT_SOFTPLUS: tl.constexpr, OUT_CODE: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    # 2-D index tiles: channels (BLOCK_D, 1), states (1, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-    offs_n = tl.arange(0, BLOCK_N)[None, :]
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NST
-    mask_dn = mask_d & mask_n
-    d64 = offs_d.to(tl.int64)
-    n64 = offs_n.to(tl.int64)
+    pid_b, d64, n64, mask_d, mask_n, mask_dn = _program_tiles(DIM, NST, BLOCK_D, BLOCK_N)
 
     u_scale, dt_scale, B_scale, C_scale, z_scale = _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED)
     A, Dv, dt_bias = _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
@@ -381,10 +375,7 @@ def _check_out_dtype(out_dtype):
 def _block_d(block_d, b, d):
     # 32 channels per program, or 16 when that leaves fewer than ~2 programs per SM of
     # an H100 (132 SMs): the loop over l is latency-bound, so more programs help.
-    bd = block_d or (32 if b * triton.cdiv(d, 32) >= 264 else 16)
-    if bd & (bd - 1):
-        raise ValueError(f"block_d={bd} must be a power of two")
-    return bd
+    return check_pow2(block_d or (32 if b * triton.cdiv(d, 32) >= 264 else 16), "block_d")
 
 
 def quant_selective_scan(

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from archquant.core.formats import _INT_MIN_SCALE, QuantSpec, params_from_tensor, quantize
 
-from ._triton_utils import check_launchable, next_pow2, prepare_out, quantize_int8_tile
+from ._triton_utils import check_launchable, check_pow2, next_pow2, prepare_out, quantize_int8_tile
 
 __all__ = [
     "INT8_QMAX",
@@ -129,10 +129,7 @@ def _as_rows(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 def _blocks(m: int, k: int, block_m: int | None, block_k: int | None) -> tuple[int, int]:
     bk = block_k or min(next_pow2(k), _MAX_TILE)
     bm = block_m or max(1, min(next_pow2(m), _MAX_TILE // bk, 64))
-    for name, b in (("block_m", bm), ("block_k", bk)):
-        if b & (b - 1):
-            raise ValueError(f"{name}={b} must be a power of two")
-    return bm, bk
+    return check_pow2(bm, "block_m"), check_pow2(bk, "block_k")
 
 
 def _rows_view(t: torch.Tensor, m: int, k: int, name: str) -> torch.Tensor:

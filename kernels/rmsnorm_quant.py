@@ -95,6 +95,7 @@ from archquant.models.layers import rms_norm
 from ._triton_utils import (
     OUT_DTYPES,
     check_launchable,
+    check_pow2,
     next_pow2,
     prepare_out,
     quantize_int8_tile,
@@ -290,9 +291,7 @@ def _check_args(x, weight, residual, scale) -> None:
 def _launch(x2, r2, ro, w, out2, s, eps, *, residual: bool, res_dtype, x_dtype, static: bool, quant: bool,
             block_n: int | None) -> None:
     m, n = x2.shape
-    bn = block_n or (next_pow2(n) if n <= MAX_SINGLE_TILE_N else _CHUNK_N)
-    if bn & (bn - 1):
-        raise ValueError(f"block_n={bn} must be a power of two")
+    bn = check_pow2(block_n or (next_pow2(n) if n <= MAX_SINGLE_TILE_N else _CHUNK_N), "block_n")
     if m == 0:
         return
     common = dict(
