@@ -190,7 +190,7 @@ def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | 
     state's window (the last k inputs, newest last) is updated in place.
     """
     l = x.shape[-1]
-    if _use_scan_kernel(x) and _plain_conv(conv):
+    if layers.use_fp_kernels(x) and _plain_conv(conv):
         return _kernel_conv_silu(conv, x, state)
     if state is None:
         return F.silu(conv(x)[..., :l])
@@ -229,10 +229,6 @@ def _kernel_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState |
     out = torch.empty(b, l, c, dtype=x.dtype, device=x.device).transpose(1, 2)
     return causal_conv1d_silu_triton(x, None, w, None, conv.bias, None, None if state is None else state.conv_state,
                                      out_dtype=x.dtype, out=out)
-
-
-def _use_scan_kernel(u: torch.Tensor) -> bool:
-    return layers.use_fp_kernels(u)  # read at call time: tests and benchmarks switch it
 
 
 def _ssm_params(mixer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +445,7 @@ class Mamba1Mixer(nn.Module):
         dt_raw = self.dt_proj(dt_low)
         A, D = _ssm_params(self)
         h0 = None if state is None else state.ssm_state
-        if _use_scan_kernel(u) and self._state_readout() is None:
+        if layers.use_fp_kernels(u) and self._state_readout() is None:
             y, h = self._kernel_scan(u, dt_raw, A, D, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
         else:
             y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, D, h0=h0,
@@ -588,7 +584,7 @@ class MambaLM(nn.Module):
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding with the recurrent cache: one prefill, then one-token steps.
     Returns the generated ids (b, max_new_tokens). Works for FP, fake-quant and real-quant models."""
-    cache = MambaCache(model.config.num_layers)
+    cache = model.new_cache()
     logits = model(input_ids, cache=cache)
     out = []
     for _ in range(max_new_tokens):
