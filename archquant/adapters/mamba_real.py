@@ -189,7 +189,7 @@ class RealQuantMamba1Mixer(nn.Module):
                         return_state=True, **scales)
             y = y.transpose(1, 2)  # (b, l, d)
             if state is not None:
-                state.ssm_state.copy_(h)
+                state.store("ssm_state", h)
         return self.out_proj(y)
 
     def extra_repr(self) -> str:
