@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.serialization import write_json_atomic
+from .core.safe_io import write_json_atomic, write_text_atomic
 
 
 def environment() -> dict:

@@ -103,10 +103,26 @@ def test_failed_save_leaves_nothing_behind(toy_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_saving_replaces_an_older_checkpoint_atomically(toy_model, tmp_path):
+def test_saving_replaces_an_older_checkpoint_but_keeps_files_someone_added(toy_model, tmp_path):
     aq.quantize_(toy_model, "rtn_dynamic", progress=False)
     aq.save_quantized(toy_model, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "stale.txt").write_text("old")
-    aq.save_quantized(toy_model, tmp_path / "ckpt")
+    aq.save_quantized(toy_model, tmp_path / "ckpt")  # archquant's own checkpoint: replaced, nothing left over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    aq.save_quantized(toy_model, tmp_path / "ckpt")
+    kept = [p for p in tmp_path.iterdir() if p.name != "ckpt"]
+    assert [p.name.startswith("ckpt.kept-") for p in kept] == [True]
+    assert sorted(p.name for p in kept[0].iterdir()) == ["notes.txt"]  # only the user's file, visibly kept
+    assert (kept[0] / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "ckpt" / "notes.txt").exists()
+
+
+def test_saving_refuses_a_directory_archquant_did_not_write(toy_model, tmp_path):
+    aq.quantize_(toy_model, "rtn_dynamic", progress=False)
+    step = tmp_path / "ckpt" / "step_1000"
+    step.mkdir(parents=True)
+    (step / "optimizer.pt").write_bytes(b"precious")
+    with pytest.raises(aq.OutputExistsError, match="ckpt already holds files archquant did not write"):
+        aq.save_quantized(toy_model, tmp_path / "ckpt")
+    assert (step / "optimizer.pt").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -10,15 +10,14 @@ Layout of a checkpoint directory::
 The JSON is in the spirit of compressed-tensors' ``quantization_config``: it alone says how
 to rebuild every module, without the recipe's code. Nothing is ever unpickled.
 
-Writes are atomic: everything goes to a hidden temporary directory next to the target, which
-is renamed into place only when complete, so a crash never leaves a checkpoint that looks whole.
+Writes go through ``core.safe_io.StagedDir``: a hidden staging directory next to the target is
+renamed into place only when complete (a crash never leaves a checkpoint that looks whole), and
+only a directory archquant wrote is ever replaced.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .modules import module_from_config
+from .safe_io import StagedDir, write_json_atomic
 from .recipe import quantized_modules, set_submodule
 
 WEIGHTS_FILE = "model.safetensors"
@@ -39,30 +39,15 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def is_legacy_checkpoint(directory: Path) -> bool:
+    """A checkpoint written before archquant marked its directories: only our two files, ours."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def replace_dir_atomic(tmp_dir: Path, target: Path) -> None:
-    """Move a finished ``tmp_dir`` to ``target``, replacing an older ``target`` if present."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp_dir, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        entries = set(os.listdir(directory))
+        if not entries or not entries <= {WEIGHTS_FILE, CONFIG_FILE} or CONFIG_FILE not in entries:
+            return False
+        return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("quant_method") == "archquant"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, family: str, model_config: dict,
@@ -85,14 +70,10 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, family: s
         "modules": {name: m.to_config() for name, m in modules.items()},
         "metadata": metadata or {},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": "archquant"})
-        write_json_atomic(tmp / CONFIG_FILE, qconfig)
-        replace_dir_atomic(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with StagedDir(directory, legacy=is_legacy_checkpoint, what="checkpoint directory") as stage:
+        save_model(model, str(stage.path / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": "archquant"})
+        write_json_atomic(stage.path / CONFIG_FILE, qconfig)
+        stage.publish()
     return directory
 
 
