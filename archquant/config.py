@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .core.formats import format_names
@@ -170,6 +170,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config key 'recipe.{key}' has value {v}: allowed values are 2..8")
     if cfg.recipe.alpha is not None and not 0 <= cfg.recipe.alpha <= 1:
         raise ConfigError(f"config key 'recipe.alpha' has value {cfg.recipe.alpha}: allowed values are in [0, 1]")
+    if cfg.recipe.w_group_size is not None and cfg.recipe.w_group_size <= 0:
+        raise ConfigError(f"config key 'recipe.w_group_size' has value {cfg.recipe.w_group_size}: "
+                          f"allowed values are positive integers (e.g. 64, 128)")
     if cfg.recipe.percentile is not None and not 0 < cfg.recipe.percentile <= 1:
         raise ConfigError(f"config key 'recipe.percentile' has value {cfg.recipe.percentile}: allowed values are in (0, 1]")
 
@@ -210,23 +213,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    conf = _read_yaml(path)
+    if overrides:
+        try:
+            conf = OmegaConf.merge(conf, _parse_overrides(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot apply overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+    return validate(_build(RunConfig, OmegaConf.to_container(conf, resolve=True), ""))
+
+
+def _read_yaml(path: Path):
+    """The config file as an omegaconf mapping; every problem names the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    if b"\0" in raw:
+        raise ConfigError(f"config {path} is not a YAML text file (it holds binary data)")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a YAML text file (not valid UTF-8)") from None
     try:
         conf = OmegaConf.load(path)
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(overrides))
-        data = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # YAML syntax errors come from the yaml package
         if type(e).__module__.startswith("yaml"):
             raise ConfigError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
         raise
-    if data is None:
-        data = {}
-    return validate(_build(RunConfig, data, ""))
+    if not isinstance(conf, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping of keys (family, model, recipe, ...), "
+                          f"got a {type(conf).__name__.removesuffix('Config').lower()}")
+    if not conf:
+        raise ConfigError(f"config {path} is empty: it needs at least 'family' and 'recipe' "
+                          f"(see configs/ for examples)")
+    return conf
+
+
+def _parse_overrides(overrides: list[str]):
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    for override in overrides:  # one at a time, so an error names the culprit
+        try:
+            OmegaConf.from_dotlist([override])
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot parse override {override!r}: {first}") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -1,7 +1,10 @@
 """report.json / report.md for a run, and the facts about the environment that go in them."""
 from __future__ import annotations
 
+import json
+import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,13 @@ import torch
 from torch import nn
 
 from .core.safe_io import write_json_atomic, write_text_atomic
+from .core.serialization import is_legacy_checkpoint
+
+CHECKPOINT_DIR = "checkpoint"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+# what an older runner left behind when interrupted: ".checkpoint.tmp-*", ".checkpoint.old-PID", ".report.md.tmp"
+_LEGACY_LEFTOVER = re.compile(r"^\.(checkpoint\.(tmp|old)-.*|report\.md\.tmp|report\.json\..*)$")
 
 
 def environment() -> dict:
@@ -64,6 +74,23 @@ def _mb(n) -> str:
     return "–" if n is None else f"{n / 2**20:.2f} MiB"
 
 
+def _disjointness(summary) -> str:
+    if not isinstance(summary, dict):
+        return "disjoint"
+    compared = summary.get("compared_by")
+    return (f"disjoint: no shared content among {summary.get('calibration_items')} calibration and "
+            f"{summary.get('evaluation_items')} evaluation items" + (f" ({compared})" if compared else ""))
+
+
+def _output_notes(output: dict) -> list[str]:
+    notes = [f"- removed the leftover of an interrupted run: `{p}`" for p in output.get("removed_leftovers") or []]
+    notes += [f"- a leftover of an interrupted run held other files; they were kept at `{p}`"
+              for p in output.get("kept_leftovers") or []]
+    if output.get("kept_aside"):
+        notes.append(f"- files someone added to the previous `{output['dir']}` were kept at `{output['kept_aside']}`")
+    return notes
+
+
 def render_markdown(report: dict) -> str:
     fp, q = report["metrics"]["fp"], report["metrics"]["quantized"]
     names = list(fp)
@@ -72,7 +99,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"- model: {report['model']['path'] or '(built-in default)'}",
         f"- calibration: {report['data']['calibration']} ({report['data']['calibration_items']} items); "
-        f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items), disjoint",
+        f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items); "
+        f"{_disjointness(report['data'].get('disjointness'))}",
+        *_output_notes(report.get("output") or {}),
         "",
         "| model | " + " | ".join(names) + " | size on disk | calibration+quantize time |",
         "|---|" + "---|" * len(names) + "---|---|",
@@ -108,8 +137,22 @@ def render_markdown(report: dict) -> str:
 def write_reports(report: dict, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "report.json", report)
-    md = out_dir / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(report))
-    tmp.replace(md)
+    write_json_atomic(out_dir / REPORT_JSON, report)
+    write_text_atomic(out_dir / REPORT_MD, render_markdown(report))
+
+
+def is_legacy_output(directory: Path) -> bool:
+    """An output_dir written by an archquant that predates marker files: only what the runner
+    writes (reports, checkpoint, and that version's temporary leftovers), with a report of ours."""
+    try:
+        entries = set(os.listdir(directory))
+        leftovers = {e for e in entries if _LEGACY_LEFTOVER.match(e)}
+        if REPORT_JSON not in entries or not entries - leftovers <= {CHECKPOINT_DIR, REPORT_JSON, REPORT_MD}:
+            return False
+        checkpoint = Path(directory) / CHECKPOINT_DIR
+        if CHECKPOINT_DIR in entries and not is_legacy_checkpoint(checkpoint):
+            return False
+        report = json.loads((Path(directory) / REPORT_JSON).read_text())
+        return isinstance(report, dict) and {"family", "method", "environment"} <= set(report)
+    except (OSError, ValueError):
+        return False

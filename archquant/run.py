@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -23,10 +24,11 @@ from .api import load_quantized, resolve_recipe
 from .config import ConfigError, RunConfig, load_config, to_dict
 from .core.calibration import NonFiniteActivationError
 from .core.recipe import Recipe, apply_recipe
+from .core.safe_io import StagedDir
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
 from .real import check_kernels, convert_to_real
-from .report import environment, model_size_bytes, write_reports
+from .report import CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, write_reports
 
 EXIT_USAGE = 2
 USAGE = "usage: python -m archquant.run CONFIG.yaml [key=value ...]"
@@ -49,14 +51,42 @@ class Timer:
         self.times[name] = round(time.perf_counter() - t0, 3)
 
 
+class RunFailed(RuntimeError):
+    """The work ran but its result cannot be trusted or written; nothing was published."""
+
+
 def run(cfg: RunConfig, log=print) -> dict:
-    """Run the whole job for a validated config; returns the report dict."""
+    """Run the whole job for a validated config; returns the report dict.
+
+    Everything (checkpoint, reports) is built in a hidden staging directory beside
+    ``output_dir`` and published in one step, only after the reload check passed
+    (``core.safe_io.StagedDir``): a run that fails or is interrupted leaves ``output_dir`` as it was.
+    """
     torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.family)
     if cfg.backend == "real":
         check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
+    # The output directory is checked (ours or new, writable) before the model is even loaded.
+    with StagedDir(cfg.output_dir, legacy=is_legacy_output, what="output_dir") as stage:
+        for path in stage.swept:
+            log(f"[archquant] removed the leftover of an interrupted run: {path}", flush=True)
+        for path in stage.kept:
+            log(f"[archquant] a leftover of an interrupted run held other files; kept them at {path}", flush=True)
+        report = _run_staged(cfg, adapter, stage, log)
+        try:
+            stage.publish()
+        except OSError as e:
+            raise RunFailed(f"could not publish the results to {stage.target}: {_os_message(e)}; "
+                            f"{stage.target} was left as it was") from None
+    if stage.moved_aside:
+        log(f"[archquant] files someone added to the previous {stage.target} were kept at {stage.moved_aside}",
+            flush=True)
+    return report
+
+
+def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     timer = Timer()
-    out = Path(cfg.output_dir)
+    out, staged = stage.target, stage.path
     cfg_dict = to_dict(cfg)
 
     with timer.stage("load model", log):
@@ -64,7 +94,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     with timer.stage("load data", log):
         calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
         evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
-        check_disjoint(calib, evaluation)
+        disjointness = check_disjoint(calib, evaluation)
     recipe = resolve_recipe(cfg.recipe, adapter)
     with timer.stage("evaluate FP", log):
         fp_metrics = adapter.evaluate(model, evaluation)
@@ -89,17 +119,24 @@ def run(cfg: RunConfig, log=print) -> dict:
     qmodel, q_metrics, step_times = quantize(recipe, model)
     del model
 
-    checkpoint_dir, ckpt_bytes, reload = None, None, None
+    ckpt_bytes, reload = None, None
     if cfg.save:
         with timer.stage("save", log):
-            checkpoint_dir = save_checkpoint(qmodel, out / "checkpoint", family=adapter.name,
-                                             model_config=adapter.model_config(qmodel), recipe=recipe.to_dict(),
-                                             metadata={"config": cfg_dict})
-            ckpt_bytes = sum(f.stat().st_size for f in checkpoint_dir.iterdir())
+            try:
+                save_checkpoint(qmodel, staged / CHECKPOINT_DIR, family=adapter.name,
+                                model_config=adapter.model_config(qmodel), recipe=recipe.to_dict(),
+                                metadata={"config": cfg_dict})
+            except OSError as e:
+                raise RunFailed(f"could not save the checkpoint: {_os_message(e)}; "
+                                f"nothing was published to {out}") from None
+            ckpt_bytes = sum(f.stat().st_size for f in (staged / CHECKPOINT_DIR).iterdir())
         if cfg.verify_reload:
             with timer.stage("verify reload", log):
-                reloaded_metrics = adapter.evaluate(load_quantized(checkpoint_dir), evaluation)
+                reloaded_metrics = adapter.evaluate(load_quantized(staged / CHECKPOINT_DIR), evaluation)
                 reload = {"metrics": reloaded_metrics, "identical": reloaded_metrics == q_metrics}
+            if not reload["identical"]:
+                raise RunFailed(f"the saved checkpoint reloaded to different metrics ({reloaded_metrics} vs "
+                                f"{q_metrics}); nothing was published to {out}")
 
     real = None
     if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; a copy runs in int8
@@ -117,21 +154,54 @@ def run(cfg: RunConfig, log=print) -> dict:
         "model": {"path": cfg.model.path, "config": model_config, "fp_bytes": fp_size},
         "method": recipe.to_dict(),
         "data": {"calibration": calib.description, "calibration_items": len(calib.item_ids),
-                 "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids)},
+                 "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids),
+                 "disjointness": disjointness},
         "metrics": {"fp": fp_metrics, "quantized": q_metrics, **({"real": real["metrics"]} if real else {})},
         "real": real,
         "compare": compared,
         "headline_metric": next(iter(adapter.metrics), None),
         "lower_is_better": adapter.metrics,
-        "checkpoint": None if checkpoint_dir is None else {"path": str(checkpoint_dir), "bytes": ckpt_bytes},
+        "checkpoint": None if not cfg.save else {"path": str(out / CHECKPOINT_DIR), "bytes": ckpt_bytes},
         "reload": reload,
+        "output": {"dir": str(out), "removed_leftovers": stage.swept, "kept_leftovers": stage.kept,
+                   "kept_aside": None if stage.planned_aside() is None else str(stage.planned_aside())},
         "timings": {**timer.times, "recipe_steps": {k: round(v, 3) for k, v in step_times.items()}},
         "environment": environment(),
     }
-    write_reports(report, out)
-    if reload is not None and not reload["identical"]:
-        raise RuntimeError(f"reloaded checkpoint gave different metrics: {reload['metrics']} vs {q_metrics}")
+    try:
+        write_reports(report, staged)
+    except OSError as e:
+        raise RunFailed(f"could not write the report: {_os_message(e)}; nothing was published to {out}") from None
     return report
+
+
+def _os_message(e: OSError) -> str:
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: staging is cleaned up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _error(msg: str) -> None:
+    print(f"archquant: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return _os_message(e)
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"missing key {msg}" if isinstance(e, KeyError) else msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,19 +210,37 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print(__doc__.strip().splitlines()[0])
         return 0 if argv else EXIT_USAGE
+    cfg = report = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         cfg = load_config(argv[0], argv[1:])
         report = run(cfg)
+        print(Path(report["config"]["output_dir"], "report.md").read_text())
+        return 0
+    except KeyboardInterrupt as e:
+        where = f"; nothing was published to {cfg.output_dir}, which was left as it was" if cfg else ""
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"archquant: {what}" + ("" if report is not None else where), file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+    except RunFailed as e:
+        if os.environ.get("ARCHQUANT_DEBUG"):
+            raise
+        _error(_first_line(e))
+        return EXIT_FAILED
     except USER_ERRORS as e:
         if os.environ.get("ARCHQUANT_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"archquant: error: {msg}", file=sys.stderr)
+        _error(_first_line(e))
         return EXIT_USAGE
-    print(Path(report["config"]["output_dir"], "report.md").read_text())
-    return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -61,6 +62,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unlink_quietly(path) -> None:
@@ -108,21 +115,30 @@ def discard_ours(directory: Path, legacy: Callable[[Path], bool] | None = None,
     """Delete what archquant wrote in ``directory``; if anything else is left there, rename the
     directory to ``aside`` (a visible name) and return that path, else remove it."""
     directory = Path(directory)
+    if not _remove_ours(directory, legacy):
+        directory.rmdir()
+        return None
+    aside = aside or unique_aside_name(directory)
+    os.replace(directory, aside)
+    return aside
+
+
+def _remove_ours(directory: Path, legacy: Callable[[Path], bool] | None) -> bool:
+    """Remove archquant's entries of ``directory`` (recursing into marked subdirectories, such as
+    a checkpoint inside an output_dir); True if someone else's files remain."""
     foreign = set(_foreign_entries(directory, legacy))
     for name in os.listdir(directory):
         if name in foreign:
             continue
         p = directory / name
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            if read_marker(p) is not None and _remove_ours(p, None):
+                foreign.add(name)  # it keeps someone's files: leave it, with them, in place
+            else:
+                shutil.rmtree(p)
         else:
             p.unlink()
-    if not foreign:
-        directory.rmdir()
-        return None
-    aside = aside or unique_aside_name(directory)
-    os.replace(directory, aside)
-    return aside
+    return bool(foreign)
 
 
 def unique_aside_name(target: Path) -> Path:
@@ -199,13 +215,14 @@ class StagedDir:
     # -- before any work
     def __enter__(self) -> "StagedDir":
         self.check_target()
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._sweep_leftovers()
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-",
-                                          dir=self.target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes it 0700; a published result gets the usual mode
+        try:  # creating the staging directory is the writability check, before any work
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep_leftovers()
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-",
+                                              dir=self.target.parent))
+        except OSError as e:
+            raise OSError(f"cannot write {self.what} {self.target}: {e.strerror or e}") from None
+        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published result gets the usual mode
         write_marker(self.path, _STAGING)
         return self
 
@@ -250,24 +267,24 @@ class StagedDir:
         write_marker(self.path, "result", [e for e in os.listdir(self.path) if e != MARKER])
         self.check_target()  # the target may have changed while we worked
         t = self.target
+        old = None
         if not t.exists():
             os.rename(self.path, t)
         elif not os.listdir(t):
             os.replace(self.path, t)  # rename onto an empty directory is atomic
         elif _exchange(self.path, t):
-            self._discard_old(self.path)
+            old = self.path  # the previous result now sits at the hidden staging name
         else:  # no exchange on this system: two renames, with a brief moment without a result
             old = t.with_name(f".{t.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             os.rename(t, old)
             os.rename(self.path, t)
-            self._discard_old(old)
+        # From here on the result is in place: nothing below may remove the staging path any more,
+        # since it may hold the previous result (with files someone added to it).
         self.published = True
         _fsync_dir(t.parent)
+        if old is not None:
+            self.moved_aside = discard_ours(old, self.legacy, aside=self.planned_aside() or unique_aside_name(t))
         return t
-
-    def _discard_old(self, old: Path) -> None:
-        aside = discard_ours(old, self.legacy, aside=self.planned_aside() or unique_aside_name(self.target))
-        self.moved_aside = aside
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.published and self.path is not None and self.path.exists():
