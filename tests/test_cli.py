@@ -42,8 +42,10 @@ def test_end_to_end_run_writes_reports_and_a_reloadable_checkpoint(config, tmp_p
     md = (out_dir / "report.md").read_text()
     assert "| FP |" in md and "| **hadamard_static** |" in md and md in out
     model = aq.load_quantized(out_dir / "checkpoint")
-    assert sorted(p.name for p in (out_dir / "checkpoint").iterdir()) == ["model.safetensors", "quantization_config.json"]
-    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert sorted(p.name for p in (out_dir / "checkpoint").iterdir()) == [".archquant", "model.safetensors",
+                                                                           "quantization_config.json"]
+    assert [p.name for p in out_dir.iterdir() if p.name.startswith(".")] == [".archquant"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "out"]  # nor staging beside it
     assert model.layers[0].down_proj.input_transform is not None
 
 
@@ -65,6 +67,9 @@ BAD = [
     (["calibration.split=evaluation"], "overlap"),
     (["recipe.rotation=givens"], "'recipe.rotation' has value 'givens'"),
     (["justaword"], "not of the form key=value"),
+    (["recipe.w_group_size=-5"], "'recipe.w_group_size' has value -5: allowed values are positive"),
+    (["compare=[unclosed"], "cannot parse override 'compare=[unclosed'"),
+    (["recipe=5"], "config key 'recipe' must be a mapping"),
 ]
 
 
@@ -85,6 +90,24 @@ def test_missing_and_corrupt_config_files(tmp_path, capsys):
     bad.write_text("family: toy\nrecipe: [unclosed\n")
     code, _, err = run_cli(capsys, bad)
     assert code == 2 and "cannot parse config" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+    (b"- family: toy\n- recipe: {}\n", "must be a mapping of keys"),
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), "is not a YAML text file"),
+    (b"family: toy\nrecipe: {name: \xff\xfe}\n", "is not a YAML text file"),
+])
+@pytest.mark.parametrize("with_overrides", [False, True])
+def test_unusable_config_files_are_named_in_one_line(tmp_path, capsys, content, message, with_overrides):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    overrides = [*FAST, f"output_dir={tmp_path / 'o'}"] if with_overrides else []
+    code, _, err = run_cli(capsys, path, *overrides)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and str(path) in lines[0], err
+    assert not (tmp_path / "o").exists()
 
 
 def test_no_arguments_prints_usage(capsys):
