@@ -26,10 +26,12 @@ def _adapter(model: nn.Module, family: str | None) -> FamilyAdapter:
 
 
 def resolve_recipe(recipe: Recipe | str | RecipeOptions, adapter: FamilyAdapter) -> Recipe:
-    """A ``Recipe`` from a recipe object, a preset name, or preset options."""
+    """A ``Recipe`` from a recipe object, a preset name, or preset options (validated first)."""
     if isinstance(recipe, Recipe):
         return recipe
-    options = RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe
+    if not isinstance(recipe, (str, RecipeOptions)):
+        raise ValueError(f"recipe must be a Recipe, a preset name or RecipeOptions, got a {type(recipe).__name__}")
+    options = (RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe).validate()
     presets = adapter.recipes()
     if options.name not in presets:
         raise ValueError(f"unknown recipe {options.name!r} for family {adapter.name!r}: "
@@ -44,6 +46,13 @@ def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_d
 
     The family adapter is found from the model's type unless ``family`` or an explicit
     ``structure`` is given; ``forward_fn(model, batch)`` defaults to the adapter's.
+    ``calib_data`` is any iterable of batches (a generator too), needed only by recipes that
+    calibrate.
+
+    Everything is checked before the model is touched (a model the family does not recognise,
+    a recipe meant for another architecture, NaN/Inf parameters, nothing to quantize, missing,
+    empty or malformed calibration batches), and a failure in a later step restores the model
+    exactly (see ``apply_recipe``: one extra copy of the parameters while the recipe runs).
     """
     try:
         adapter = _adapter(model, family)
@@ -53,9 +62,16 @@ def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_d
             raise
         adapter = None
     recipe = resolve_recipe(recipe, adapter) if adapter is not None else recipe
+    # the family's own checks need a model of the family; an explicit structure= may describe any model
+    recognised = adapter is not None and (structure is None or adapter.matches(model))
+    if recognised:
+        adapter.check_model(model, recipe)
     structure = structure or adapter.structure(model)
+    # the family checks batches for its own forward; a caller's forward_fn may take anything
+    validate_batch = adapter.validate_batch if recognised and forward_fn is None else None
     forward_fn = forward_fn or (adapter.forward if adapter is not None else None)
-    apply_recipe(model, recipe, structure, calib_batches=calib_data, forward_fn=forward_fn, progress=progress)
+    apply_recipe(model, recipe, structure, calib_batches=calib_data, forward_fn=forward_fn, progress=progress,
+                 validate_batch=validate_batch)
     model._archquant_recipe = recipe.to_dict()  # remembered so save_quantized can record it
     return model
 

@@ -175,6 +175,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"allowed values are positive integers (e.g. 64, 128)")
     if cfg.recipe.percentile is not None and not 0 < cfg.recipe.percentile <= 1:
         raise ConfigError(f"config key 'recipe.percentile' has value {cfg.recipe.percentile}: allowed values are in (0, 1]")
+    try:
+        cfg.recipe.validate()  # the same checks the Python API applies
+    except ValueError as e:
+        raise ConfigError(f"config key {e}") from None
 
     adapter = get_adapter(cfg.family)
     _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))

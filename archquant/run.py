@@ -22,7 +22,7 @@ import torch
 from .adapters import get_adapter
 from .api import load_quantized, resolve_recipe
 from .config import ConfigError, RunConfig, load_config, to_dict
-from .core.calibration import NonFiniteActivationError
+from .core.calibration import NonFiniteActivationError, check_finite_parameters
 from .core.recipe import Recipe, apply_recipe
 from .core.safe_io import StagedDir
 from .core.serialization import CheckpointError, save_checkpoint
@@ -89,13 +89,17 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     out, staged = stage.target, stage.path
     cfg_dict = to_dict(cfg)
 
+    recipe = resolve_recipe(cfg.recipe, adapter)
+    baselines = [resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter) for name in cfg.compare]
     with timer.stage("load model", log):
         model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
+        for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work
+            adapter.check_model(model, r)
+        check_finite_parameters(model)
     with timer.stage("load data", log):
         calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
         evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
         disjointness = check_disjoint(calib, evaluation)
-    recipe = resolve_recipe(cfg.recipe, adapter)
     with timer.stage("evaluate FP", log):
         fp_metrics = adapter.evaluate(model, evaluation)
     fp_size = model_size_bytes(model)
@@ -103,18 +107,19 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     def quantize(recipe: Recipe, fp_model):
         qmodel = copy.deepcopy(fp_model)
         with timer.stage(f"quantize ({recipe.name})", log):
+            # qmodel is a throw-away copy: no snapshot needed to undo a failed recipe
             steps = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
-                                 forward_fn=adapter.forward, progress=cfg.progress)
+                                 forward_fn=adapter.forward, progress=cfg.progress,
+                                 validate_batch=adapter.validate_batch, restore_on_failure=False)
         with timer.stage(f"evaluate {recipe.name}", log):
             metrics = adapter.evaluate(qmodel, evaluation)
         return qmodel, metrics, steps
 
     compared = {}
-    for name in cfg.compare:  # baselines first, so the saved model is the last one in memory
-        other = resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter)
+    for name, other in zip(cfg.compare, baselines):  # baselines first: the saved model is the last in memory
         cmodel, cmetrics, _ = quantize(other, model)
         compared[name] = {"metrics": cmetrics, "bytes": model_size_bytes(cmodel), "method": other.to_dict(),
-                          "seconds": timer.times[f"quantize ({name})"]}
+                          "seconds": timer.times[f"quantize ({other.name})"]}
         del cmodel
     qmodel, q_metrics, step_times = quantize(recipe, model)
     del model

@@ -24,6 +24,8 @@ class FamilyAdapter(ABC):
     data_sources: ClassVar[tuple[str, ...]] = ()
     #: metric names, first = the headline metric; and whether lower is better for each
     metrics: ClassVar[dict[str, bool]] = {}
+    #: how messages name the architectures that ``architecture`` returns (default: as returned)
+    architecture_names: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
@@ -62,6 +64,34 @@ class FamilyAdapter(ABC):
         """Whether this adapter understands ``model`` (for ``quantize_`` without an explicit family)."""
         return False
 
+    def architecture(self, model: nn.Module) -> str | None:
+        """The architecture of ``model`` within the family (e.g. "mamba1"), matched against the
+        ``Step.architectures`` a recipe's steps declare; None: the family has one."""
+        return None
+
+    def validate_batch(self, model: nn.Module, batch: Any) -> None:
+        """Raise ``ValueError`` (one line, no batch index: the caller adds it) when ``batch`` is not
+        something ``forward(model, batch)`` can run, e.g. wrong dtype, rank or token ids out of
+        vocabulary. Called for every calibration batch before the model is touched."""
+
+    def check_model(self, model: nn.Module, recipe: Recipe) -> None:
+        """Refuse, before anything is changed, a model this family does not recognise or a recipe
+        meant for another architecture (``Recipe.architectures`` vs ``architecture(model)``)."""
+        if not self.matches(model):
+            raise ValueError(f"family {self.name!r} does not recognise a model of class {type(model).__name__}: "
+                             f"pass a model of that family, or structure= with a Recipe object")
+        allowed = recipe.architectures()
+        arch = self.architecture(model)
+        if allowed is not None and arch not in allowed:
+            steps = [s.kind for s in recipe.steps if s.architectures is not None and arch not in s.architectures]
+            if not allowed:
+                raise ValueError(f"recipe {recipe.name!r} mixes steps meant for different architectures: "
+                                 f"it fits no {type(model).__name__} model")
+            names = self.architecture_names
+            raise ValueError(f"recipe {recipe.name!r} is for {' / '.join(names.get(a, a) for a in allowed)} models "
+                             f"(step {steps[0]!r}), but this {type(model).__name__} is a "
+                             f"{names.get(arch, arch)} model")
+
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 
@@ -81,8 +111,9 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
     for adapter in _ADAPTERS.values():
         if adapter.matches(model):
             return adapter
-    raise ValueError(f"no family adapter recognises a {type(model).__name__}: pass structure= explicitly "
-                     f"or one of the families {', '.join(sorted(_ADAPTERS))}")
+    raise ValueError(f"no family recognises a model of class {type(model).__name__} "
+                     f"(families: {', '.join(sorted(_ADAPTERS))}): "
+                     f"pass structure= with a Recipe object to quantize it")
 
 
 def families() -> list[str]:

@@ -28,7 +28,7 @@ from ..core.presets import RecipeOptions, act_spec, weight_spec
 from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
                            Step, get_submodule, register_step)
 from ..core.structure import LinearGroup, LinearPair, ModelStructure
-from ..corpus import hf_documents, stdlib_documents, text_file_documents
+from ..corpus import document_digests, hf_documents, stdlib_documents, text_file_documents, token_window_digests
 from ..data import DataSplit
 from ..eval import lm
 from ..models.mamba import Mamba1Mixer, MambaConfig, MambaLM, ScaledSiLU
@@ -63,7 +63,11 @@ class MambaQuantSmooth(Step):
     """
 
     kind: ClassVar[str] = "mambaquant_smooth"
+    architectures: ClassVar[tuple[str, ...]] = ("mamba1",)
     alpha: float = 0.5
+
+    def needs_calibration(self) -> bool:
+        return True
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mamba1Mixer)}
@@ -122,6 +126,7 @@ class StateRotation(Step):
     """
 
     kind: ClassVar[str] = "state_rotation"
+    architectures: ClassVar[tuple[str, ...]] = ("mamba1",)
     seed: int = 0
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
@@ -147,8 +152,12 @@ class Quamba2Quantize(Quantize):
     """
 
     kind: ClassVar[str] = "quamba2_quantize"
+    architectures: ClassVar[tuple[str, ...]] = ("mamba2",)
     head_groups: int = 4
     channel_groups: int = 4
+
+    def needs_calibration(self) -> bool:
+        return True  # the groups come from the data even when every scale were dynamic
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         sites = [n for n in ctx.structure.act_sites if n.endswith("xbc_site")]
@@ -329,6 +338,7 @@ class MambaAdapter(FamilyAdapter):
     model_options = {"reference": "mamba1-byte"}
     data_sources = ("stdlib", "text_files", "wikitext2", "pile_val")
     metrics = {"perplexity": True, "last_token_accuracy": False}
+    architecture_names = {"mamba1": "Mamba1", "mamba2": "Mamba2"}
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
         if path is None:
@@ -351,6 +361,23 @@ class MambaAdapter(FamilyAdapter):
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, MambaLM)
+
+    def architecture(self, model: nn.Module) -> str | None:
+        return model.config.arch
+
+    def validate_batch(self, model: nn.Module, batch: Any) -> None:
+        """A batch is a (batch, seq_len) tensor of token ids (int64 or int32) in [0, vocab_size)."""
+        if not torch.is_tensor(batch):
+            raise ValueError(f"expected a tensor of token ids of shape (batch, seq_len), got a {type(batch).__name__}")
+        if batch.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be torch.int64 or torch.int32, got {batch.dtype}")
+        if batch.dim() != 2 or batch.numel() == 0:
+            hint = " (add the batch dimension: x[None])" if batch.dim() == 1 else ""
+            raise ValueError(f"token ids must have shape (batch, seq_len) with both > 0, got {tuple(batch.shape)}{hint}")
+        vocab = model.config.vocab_size
+        lo, hi = int(batch.min()), int(batch.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary [0, {vocab})")
 
     def structure(self, model: nn.Module) -> ModelStructure:
         cfg = model.config
@@ -404,11 +431,16 @@ class MambaAdapter(FamilyAdapter):
         if role == "calibration":
             windows, used = lm.calibration_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"],
                                                    seed=data_cfg.get("seed", 0), shuffle=data_cfg.get("shuffle", True))
-            return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(used))
+            # content identity: the documents that reached the windows, and the windows themselves
+            digests = {**document_digests([d for d in docs if d.id in used]), **token_window_digests(windows, desc)}
+            return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(used), digests=digests)
         windows = lm.eval_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"])
         examples = (lm.build_last_token_task(docs, tok, data_cfg["task_examples"])
                     if data_cfg.get("task_examples", 0) > 0 else [])
+        # every document (the last-token task may draw on any), and the inputs w[:-1] the model is fed
+        digests = {**document_digests(docs), **token_window_digests(windows[:, :-1], desc)}
         return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(d.id for d in docs),
+                         digests=digests,
                          extra={"examples": examples, "tokenizer": tok,
                                 "lm_eval_tasks": list(data_cfg.get("lm_eval_tasks") or []),
                                 "lm_eval_limit": data_cfg.get("lm_eval_limit") or None})

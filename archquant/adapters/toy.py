@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.presets import GENERIC_PRESETS
 from ..core.structure import LinearGroup, ModelStructure
-from ..data import DataSplit
+from ..data import DataSplit, digest_tensor, label_digests
 from ..models.toy import ToyConfig, ToyResMLP, toy_task, train_toy_model
 from .base import FamilyAdapter, register_adapter
 
@@ -97,13 +97,29 @@ class ToyAdapter(FamilyAdapter):
         x, y = toy_task(cfg, n, split_seed=seed)
         batches = [x[i:i + bs] for i in range(0, n, bs)]
         labels = [y[i:i + bs] for i in range(0, n, bs)]
+        # content identity: each input sample's tensor (a same-seed split repeats them all)
+        digests = label_digests((digest_tensor(x[i]), f"synthetic/{split}[{i}]") for i in range(n))
         data = DataSplit(f"synthetic/{split}", batches if role == "calibration" else list(zip(batches, labels)),
-                         frozenset((split, i) for i in range(n)))
+                         frozenset((split, i) for i in range(n)), digests=digests)
         return data
+
+    def validate_batch(self, model: nn.Module, batch: Any) -> None:
+        """A batch is a float tensor of shape (..., in_features), or an (x, labels) tuple."""
+        x = batch[0] if isinstance(batch, tuple) and batch else batch
+        n = model.config.in_features
+        if not torch.is_tensor(x):
+            raise ValueError(f"expected a float tensor of shape (batch, {n}), got a {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"inputs must be a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != n or x.numel() == 0:
+            raise ValueError(f"inputs must have shape (batch, {n}), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("inputs hold NaN/Inf values")
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, tuple) else batch
-        return model(x)
+        dtype = next(model.parameters()).dtype
+        return model(x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x)
 
     def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
         correct, total, nll = 0, 0, 0.0

@@ -69,6 +69,59 @@ def nonfinite_guard(model: nn.Module):
             h.remove()
 
 
+def calibration_batches(data: Iterable[Any] | None, *, needed_by: str | None = None,
+                        validate: Callable[[Any], None] | None = None) -> list[Any] | None:
+    """The calibration data as a list, checked before any model is touched.
+
+    ``data`` is None or any iterable of batches (list, tuple, generator, DataLoader, ...); it is
+    iterated exactly once here, so a single-use generator serves every step of a recipe (the
+    list holds all its batches in memory; a list passed in is only copied shallowly).
+    ``needed_by`` names what needs the data ("recipe 'quamba' (step 'quantize')"): then None or
+    no batch at all (an empty list, an exhausted generator) is a ``ValueError``; when None, the
+    data is optional. ``validate(batch)`` raises ``ValueError`` saying what is wrong with one
+    batch; the message is prefixed with the batch's index.
+    """
+    if data is None:
+        if needed_by is not None:
+            raise ValueError(f"{needed_by} needs calibration data, but calib_data is None")
+        return None
+    if torch.is_tensor(data):
+        raise ValueError(f"calib_data is a single tensor of shape {tuple(data.shape)}: pass an iterable of batches, "
+                         "e.g. [x] or list(x.split(batch_size))")
+    try:
+        it = iter(data)
+    except TypeError:
+        raise ValueError(f"calib_data must be an iterable of batches (a list, a generator, ...), "
+                         f"got a {type(data).__name__}") from None
+    one_shot = it is data  # a generator / iterator: it can be read once only
+    batches = list(it)
+    if not batches and needed_by is not None:
+        what = ("the iterator yielded no batch (a generator can be read only once: pass a list, "
+                "or a fresh generator per call)" if one_shot else f"got an empty {type(data).__name__}")
+        raise ValueError(f"calibration data is empty: {needed_by} needs calibration batches, {what}")
+    if validate is not None:
+        for i, batch in enumerate(batches):
+            try:
+                validate(batch)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"calibration batch {i}: {e}") from None
+    return batches
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuse a model with a NaN or Inf parameter, naming the first one: every scale, rotation
+    and smoothing factor computed from it would be garbage (buffers are not checked: a mask
+    buffer may hold -inf legitimately)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p).all()):
+                bad = p.numel() - int(torch.isfinite(p).sum())
+                if bad:
+                    raise ValueError(f"parameter {name!r} of {type(model).__name__} has {bad} NaN/Inf value"
+                                     f"{'s' if bad > 1 else ''} (of {p.numel()}): refusing to quantize a "
+                                     f"non-finite model")
+
+
 def run_batches(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn | None = None,
                 desc: str = "calibrating", max_batches: int | None = None, progress: bool = True) -> int:
     """Run ``model`` over ``batches`` without gradients, guarded against non-finite outputs."""

@@ -41,25 +41,62 @@ class RecipeOptions:
         value = getattr(self, name)
         return default if value is None else value
 
+    def validate(self) -> "RecipeOptions":
+        """Return ``self`` if the family-independent values are usable, else raise a one-line
+        ``ValueError`` naming the option and what is allowed (``resolve_recipe`` calls it, so the
+        Python API gets the same refusals as a config file)."""
+        for name in ("w_bits", "a_bits", "w_group_size", "rotation_seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"recipe.{name} has value {v!r}: allowed values are integers")
+        for name in ("percentile", "alpha"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"recipe.{name} has value {v!r}: allowed values are numbers")
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if v is not None and not 2 <= v <= 8:
+                raise ValueError(f"recipe.{name} has value {v}: allowed values are 2..8")
+        if self.w_group_size is not None and self.w_group_size <= 0:
+            raise ValueError(f"recipe.w_group_size has value {self.w_group_size}: allowed values are positive "
+                             f"integers (e.g. 64, 128; used with w_granularity=group)")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"recipe.alpha has value {self.alpha}: allowed values are in [0, 1]")
+        if self.percentile is not None and not 0 < self.percentile <= 1:
+            raise ValueError(f"recipe.percentile has value {self.percentile}: allowed values are in (0, 1]")
+        return self
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
 
-def _spec(fmt: str, bits: int, symmetric: bool, granularity: str, group_size: int = 0, axis: int = 0) -> QuantSpec:
+#: group size of group-wise weights when ``recipe.w_group_size`` is unset
+DEFAULT_GROUP_SIZE = 128
+
+
+def _spec(fmt: str, bits: int, symmetric: bool, granularity: str, group_size: int | None = None,
+          axis: int = 0) -> QuantSpec:
+    """``group_size`` (None: ``DEFAULT_GROUP_SIZE``) applies to granularity "group" only; an invalid one
+    is refused, never replaced."""
     if fmt == "mxfp4":
         return QuantSpec.mxfp4()
     if fmt == "nvfp4":
         return QuantSpec.nvfp4()
-    if granularity == "group" and group_size <= 0:
-        group_size = 128
+    if granularity != "group":
+        group_size = 0
+    elif group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"recipe.w_group_size has value {group_size!r}: allowed values are positive integers "
+                         f"(e.g. 64, 128; used with w_granularity=group)")
     return QuantSpec(format=fmt, bits=bits, symmetric=symmetric, granularity=granularity,
-                     axis=axis, group_size=group_size if granularity == "group" else 0).validate()
+                     axis=axis, group_size=group_size).validate()
 
 
 def weight_spec(o: RecipeOptions, granularity: str = "channel", bits: int = 8) -> QuantSpec:
     return _spec(o.get("w_format", "int"), o.get("w_bits", bits), o.get("w_symmetric", True),
-                 o.get("w_granularity", granularity), o.get("w_group_size", 0), axis=0)
+                 o.get("w_granularity", granularity), o.w_group_size, axis=0)
 
 
 def act_spec(o: RecipeOptions, granularity: str) -> QuantSpec:

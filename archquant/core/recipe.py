@@ -10,13 +10,13 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from . import transforms as T
-from .calibration import ForwardFn, calibrate, collect_stats
+from .calibration import ForwardFn, calibrate, calibration_batches, check_finite_parameters, collect_stats
 from .formats import QuantSpec
 from .modules import (QUANT_MODULES, ActQuantizer, ActSite, QuantConv1d, QuantLinear, act_quantizers,
                       freeze_model)
@@ -26,17 +26,23 @@ from .structure import ModelStructure
 
 @dataclass
 class Context:
-    """What steps may need besides the model: its structure and the calibration batches."""
+    """What steps may need besides the model: its structure and the calibration batches.
+
+    ``calib_batches`` is a list (``apply_recipe`` materialises any iterable once), so every step
+    that calibrates sees all the batches, a generator included.
+    """
 
     structure: ModelStructure
-    calib_batches: Iterable[Any] | None = None
+    calib_batches: list[Any] | None = None
     forward_fn: ForwardFn | None = None
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
 
-    def batches(self, step: str) -> Iterable[Any]:
-        if self.calib_batches is None:
+    def batches(self, step: str) -> list[Any]:
+        if self.calib_batches is None:  # only reached when a step's needs_calibration() said no
             raise ValueError(f"recipe step '{step}' needs calibration data, but none was given")
+        if not self.calib_batches:
+            raise ValueError(f"recipe step '{step}' needs calibration data, but calib_data is empty")
         return self.calib_batches
 
 
@@ -51,9 +57,18 @@ def register_step(cls: type["Step"]) -> type["Step"]:
 @dataclass
 class Step:
     kind: ClassVar[str] = "step"
+    #: the model architectures this step is meant for, as the family adapter names them
+    #: (``FamilyAdapter.architecture``, e.g. "mamba1"); None = any. A preset's support is the
+    #: intersection over its steps (``Recipe.architectures``), checked by ``FamilyAdapter.check_model``.
+    architectures: ClassVar[tuple[str, ...] | None] = None
 
     def apply(self, model: nn.Module, ctx: Context) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def needs_calibration(self) -> bool:
+        """Whether ``apply`` runs calibration batches (asked before the model is touched, so that
+        missing or malformed data is refused up front)."""
+        return False
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind}
@@ -98,6 +113,9 @@ class SmoothQuant(Step):
     kind: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def apply(self, model: nn.Module, ctx: Context) -> None:
         groups = ctx.structure.smoothing_groups()
         stats = {g.linears[0]: ChannelAbsMaxObserver(axis=-1) for g in groups}
@@ -125,6 +143,9 @@ class RotateResidual(Step):
     kind: ClassVar[str] = "rotate_residual"
     rotation: str = "random_hadamard"
     seed: int = 0
+
+    def needs_calibration(self) -> bool:
+        return self.rotation in T.DATA_DEPENDENT_ROTATIONS
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         s = ctx.structure
@@ -173,6 +194,9 @@ class OnlineHadamard(Step):
     #: MambaQuant R2: T = K·H with K the KLT of each site's input covariance (a dense online matrix)
     klt: bool = False
 
+    def needs_calibration(self) -> bool:
+        return self.klt
+
     def apply(self, model: nn.Module, ctx: Context) -> None:
         sites = self.sites if self.sites is not None else ctx.structure.online_rotation_sites
         linears = {}
@@ -208,6 +232,9 @@ class RotatePairs(Step):
     kind: ClassVar[str] = "rotate_pairs"
     rotation: str = "random_hadamard"
     seed: int = 0
+
+    def needs_calibration(self) -> bool:
+        return self.rotation in T.DATA_DEPENDENT_ROTATIONS
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         pairs = ctx.structure.linear_pairs
@@ -258,6 +285,34 @@ class Quantize(Step):
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
 
+    def _site_configs(self) -> list[dict]:
+        """The activation settings a site can end up with: the step's own, each override on top of
+        them, and all of them in order (a site may match several patterns)."""
+        base = {"activation": self.activation, "dynamic": self.dynamic}
+        merged = dict(base)
+        for over in self.overrides.values():
+            merged.update(over)
+        return [base, *({**base, **over} for over in self.overrides.values()), merged]
+
+    def needs_calibration(self) -> bool:
+        if self.activation is None and not self.overrides:
+            return False
+        return any(c.get("activation") is not None and not c.get("dynamic") for c in self._site_configs())
+
+    def _targets(self, s: ModelStructure) -> list[str]:
+        skip = set(s.skip) | set(self.ignore)
+        return [n for n in (self.targets if self.targets is not None else s.quantize) if n not in skip]
+
+    def quantizes_anything(self, s: ModelStructure) -> bool:
+        """Whether this step has any weight or activation to quantize in a model of structure ``s``."""
+        if self._targets(s):
+            return True
+        if self.activation is None and not self.overrides:
+            return False
+        skip = set(s.skip) | set(self.ignore)
+        optional = [n for n in s.optional_act_sites if any(fnmatch.fnmatchcase(n, p) for p in self.optional_sites)]
+        return any(n not in skip for n in (s.act_inputs or []) + s.act_outputs) or bool(s.act_sites or optional)
+
     def _act(self, site: str) -> ActQuantizer | None:
         cfg = {"observer": self.act_observer, "observer_kwargs": dict(self.act_observer_kwargs),
                "activation": self.activation, "dynamic": self.dynamic}
@@ -301,7 +356,7 @@ class Quantize(Step):
     def apply(self, model: nn.Module, ctx: Context) -> None:
         s = ctx.structure
         skip = set(s.skip) | set(self.ignore)
-        targets = [n for n in (self.targets if self.targets is not None else s.quantize) if n not in skip]
+        targets = self._targets(s)
         for name in targets:
             self._wrap(model, name, weight=True)
         if self.activation is not None or self.overrides:
@@ -339,6 +394,18 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
 
+    def calibrating_steps(self) -> list[str]:
+        """Kinds of the steps that run calibration batches (empty: the recipe needs no data)."""
+        return [s.kind for s in self.steps if s.needs_calibration()]
+
+    def architectures(self) -> tuple[str, ...] | None:
+        """The architectures every step supports (see ``Step.architectures``); None = any."""
+        allowed: tuple[str, ...] | None = None
+        for step in self.steps:
+            if step.architectures is not None:
+                allowed = step.architectures if allowed is None else tuple(a for a in allowed if a in step.architectures)
+        return allowed
+
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         steps = []
@@ -357,15 +424,87 @@ class Recipe:
 
 def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
                  calib_batches: Iterable[Any] | None = None, forward_fn: ForwardFn | None = None,
-                 progress: bool = True) -> dict[str, float]:
-    """Run every step of ``recipe`` on ``model`` in place; returns seconds spent per step."""
-    ctx = Context(structure, calib_batches, forward_fn, progress)
-    model.eval()
-    for i, step in enumerate(recipe.steps):
-        t0 = time.perf_counter()
-        step.apply(model, ctx)
-        ctx.timings[f"{i}:{step.kind}"] = time.perf_counter() - t0
+                 progress: bool = True, validate_batch: Callable[[nn.Module, Any], None] | None = None,
+                 restore_on_failure: bool = True) -> dict[str, float]:
+    """Run every step of ``recipe`` on ``model`` in place; returns seconds spent per step.
+
+    Before the model is touched: a recipe with a ``Quantize`` step must have something to
+    quantize (a model with zero layers has not), every parameter must be finite, and the
+    calibration data is materialised once into a list (any iterable: a generator works, and
+    every step sees all of its batches) and checked (see ``calibration_batches``; the batches
+    are checked by ``validate_batch(model, batch)``, e.g. ``FamilyAdapter.validate_batch``).
+    Data is demanded only when a step calibrates (``Recipe.calibrating_steps``).
+
+    With ``restore_on_failure`` (the default), a step that fails leaves ``model`` exactly as it
+    was (``ModelSnapshot``): this costs one copy of the model's parameters and buffers while the
+    recipe runs. A caller that works on a throw-away copy anyway may pass False.
+    """
+    calibrating = recipe.calibrating_steps()
+    quantizers = [s for s in recipe.steps if isinstance(s, Quantize)]
+    if quantizers and not any(s.quantizes_anything(structure) for s in quantizers):
+        raise ValueError(f"nothing to quantize: {type(model).__name__} has no layers to quantize "
+                         f"(its structure names no target for recipe {recipe.name!r})")
+    check_finite_parameters(model)
+    batches = calibration_batches(
+        calib_batches, needed_by=f"recipe {recipe.name!r} (step {calibrating[0]!r})" if calibrating else None,
+        validate=None if validate_batch is None else (lambda batch: validate_batch(model, batch)))
+    ctx = Context(structure, batches, forward_fn, progress)
+    snapshot = ModelSnapshot(model) if restore_on_failure else None
+    try:
+        model.eval()
+        for i, step in enumerate(recipe.steps):
+            t0 = time.perf_counter()
+            step.apply(model, ctx)
+            ctx.timings[f"{i}:{step.kind}"] = time.perf_counter() - t0
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
     return ctx.timings
+
+
+class ModelSnapshot:
+    """Everything a recipe may change in a model, taken so that a failure can be undone exactly.
+
+    Taken: for every module of the tree, a shallow copy of its attribute dict and of the
+    containers in it (children, parameters, buffers, hooks, ...), and for every parameter and
+    buffer its storage and a clone of its values. ``restore()`` puts back the same module
+    objects with the same children and attributes (modules, hooks and attributes added since
+    are dropped) and the same ``Parameter`` objects on their original storage with bit-identical
+    values, whatever was fused into them in place or assigned to ``.data`` meanwhile.
+
+    Memory: one extra copy of all parameters and buffers (on their device, in their dtype),
+    held until the snapshot is dropped. Not rolled back: objects outside the module tree's own
+    containers that were mutated in place (e.g. a config object; no step does that).
+    """
+
+    _CONTAINERS = (dict, set, list)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = []
+        tensors: dict[int, torch.Tensor] = {}
+        for m in model.modules():
+            attrs = dict(m.__dict__)
+            containers = {k: (v, v.copy()) for k, v in attrs.items() if isinstance(v, self._CONTAINERS)}
+            self.modules.append((m, attrs, containers))
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None:
+                    tensors.setdefault(id(t), t)
+        with torch.no_grad():
+            self.tensors = [(t, t.data, t.detach().clone(), t.requires_grad) for t in tensors.values()]
+
+    def restore(self) -> None:
+        for m, attrs, containers in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for original, saved in containers.values():
+                original.clear()
+                original.update(saved) if not isinstance(original, list) else original.extend(saved)
+        with torch.no_grad():
+            for t, storage, values, requires_grad in self.tensors:
+                t.data = storage
+                t.copy_(values)  # through t: its version counter moves, so caches keyed on it are dropped
+                t.requires_grad_(requires_grad)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -380,4 +519,5 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 __all__ = ["Recipe", "Step", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "apply_recipe",
-           "register_step", "STEPS", "Context", "quantized_modules"]
+           "register_step", "STEPS", "Context", "ModelSnapshot",
+           "quantized_modules"]
