@@ -70,6 +70,7 @@ BAD = [
     (["recipe.w_group_size=-5"], "'recipe.w_group_size' has value -5: allowed values are positive"),
     (["compare=[unclosed"], "cannot parse override 'compare=[unclosed'"),
     (["recipe=5"], "config key 'recipe' must be a mapping"),
+    (["model.options.num_layers=0"], "nothing to quantize: ToyResMLP has no layers"),
 ]
 
 

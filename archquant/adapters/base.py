@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from ..core.recipe import Recipe
+from ..core.recipe import Recipe, check_something_to_quantize
 from ..core.structure import ModelStructure
 from ..data import DataSplit
 
@@ -75,8 +75,9 @@ class FamilyAdapter(ABC):
         vocabulary. Called for every calibration batch before the model is touched."""
 
     def check_model(self, model: nn.Module, recipe: Recipe) -> None:
-        """Refuse, before anything is changed, a model this family does not recognise or a recipe
-        meant for another architecture (``Recipe.architectures`` vs ``architecture(model)``)."""
+        """Refuse, before anything is changed, a model this family does not recognise, a recipe
+        meant for another architecture (``Recipe.architectures`` vs ``architecture(model)``), or
+        one that finds nothing to quantize in it."""
         if not self.matches(model):
             raise ValueError(f"family {self.name!r} does not recognise a model of class {type(model).__name__}: "
                              f"pass a model of that family, or structure= with a Recipe object")
@@ -91,6 +92,7 @@ class FamilyAdapter(ABC):
             raise ValueError(f"recipe {recipe.name!r} is for {' / '.join(names.get(a, a) for a in allowed)} models "
                              f"(step {steps[0]!r}), but this {type(model).__name__} is a "
                              f"{names.get(arch, arch)} model")
+        check_something_to_quantize(model, recipe, self.structure(model))
 
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}

@@ -422,6 +422,14 @@ class Recipe:
         return cls(d["name"], steps)
 
 
+def check_something_to_quantize(model: nn.Module, recipe: Recipe, structure: ModelStructure) -> None:
+    """Refuse a recipe whose Quantize steps find no target in ``structure`` (e.g. zero layers)."""
+    quantizers = [s for s in recipe.steps if isinstance(s, Quantize)]
+    if quantizers and not any(s.quantizes_anything(structure) for s in quantizers):
+        raise ValueError(f"nothing to quantize: {type(model).__name__} has no layers to quantize "
+                         f"(its structure names no target for recipe {recipe.name!r})")
+
+
 def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
                  calib_batches: Iterable[Any] | None = None, forward_fn: ForwardFn | None = None,
                  progress: bool = True, validate_batch: Callable[[nn.Module, Any], None] | None = None,
@@ -440,10 +448,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
     recipe runs. A caller that works on a throw-away copy anyway may pass False.
     """
     calibrating = recipe.calibrating_steps()
-    quantizers = [s for s in recipe.steps if isinstance(s, Quantize)]
-    if quantizers and not any(s.quantizes_anything(structure) for s in quantizers):
-        raise ValueError(f"nothing to quantize: {type(model).__name__} has no layers to quantize "
-                         f"(its structure names no target for recipe {recipe.name!r})")
+    check_something_to_quantize(model, recipe, structure)
     check_finite_parameters(model)
     batches = calibration_batches(
         calib_batches, needed_by=f"recipe {recipe.name!r} (step {calibrating[0]!r})" if calibrating else None,
