@@ -1,7 +1,8 @@
 """Language-model data and metrics: tokenizers, token windows, perplexity, a LAMBADA-style task.
 
-Everything works on ``archquant.corpus.Document`` lists, so the document ids that went into
-calibration can be compared with those used for evaluation (see ``archquant.data``).
+Everything works on ``archquant.corpus.Document`` lists, so the documents (and token windows)
+that went into calibration can be compared, by content, with those used for evaluation (see
+``archquant.data``).
 
 * ``eval_windows`` / ``perplexity``: non-overlapping windows from the start of the token
   stream, scored by exp(mean next-token NLL) accumulated in float64.
