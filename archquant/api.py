@@ -17,7 +17,8 @@ from .adapters import FamilyAdapter, adapter_for, get_adapter
 from .core.calibration import ForwardFn
 from .core.presets import RecipeOptions
 from .core.recipe import Recipe, apply_recipe
-from .core.serialization import read_checkpoint_config, restore_quantized, save_checkpoint
+from .core.serialization import (CONFIG_FILE, CheckpointError, read_checkpoint_config, read_checkpoint_tensors,
+                                 restore_quantized, save_checkpoint)
 from .core.structure import ModelStructure
 
 
@@ -90,10 +91,23 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, family: st
 
 
 def load_quantized(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by ``save_quantized``/the runner; outputs are bit-identical."""
+    """Rebuild a model saved by ``save_quantized``/the runner; outputs are bit-identical.
+
+    A damaged or edited checkpoint raises a one-line ``CheckpointError`` naming the file and the
+    field, tensor or module, before the model is used (checks: ``core.serialization``)."""
     qconfig = read_checkpoint_config(directory)
-    adapter = get_adapter(qconfig["family"])
-    skeleton = adapter.build_model(qconfig["model_config"])
-    model = restore_quantized(skeleton, qconfig, directory)
+    tensors = read_checkpoint_tensors(directory, qconfig)  # every checksum verified before anything is built
+    where, family = os.path.join(directory, CONFIG_FILE), qconfig["family"]
+    try:
+        adapter = get_adapter(family)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: field 'family': {e}") from None
+    try:
+        skeleton = adapter.build_model(qconfig["model_config"])
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: field 'model_config' does not describe a {family} model: "
+                              f"{type(e).__name__}: {first}") from None
+    model = restore_quantized(skeleton, qconfig, directory, tensors=tensors)
     model._archquant_recipe = qconfig.get("recipe")
     return model

@@ -160,11 +160,26 @@ def _read_weight_files(directory: Path):
     except (SafetensorError, RuntimeError, OSError, KeyError, ValueError, TypeError, AttributeError, EOFError,
             pickle.UnpicklingError) as e:
         msg = str(e).strip()
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in msg:
+            raise MambaLoadError(f"cannot read weights {current}: it cannot be read safely as a weights-only "
+                                 f"checkpoint ({_unpickler_detail(msg)}); archquant never unpickles code") from None
         if isinstance(e, KeyError):
             msg = f"no field {msg}"
         first = msg.splitlines()[0] if msg else type(e).__name__
         raise MambaLoadError(f"cannot read weights {current}: {type(e).__name__}: {first}") from None
     raise MambaLoadError(f"no weights in {directory}: expected model.safetensors, an index, or pytorch_model.bin")
+
+
+def _unpickler_detail(msg: str) -> str:
+    """What torch's weights-only unpickler refused (e.g. "Unsupported global: GLOBAL x.Y"), without
+    torch's advice around it: that advice is to load the file as code (``weights_only=False``)."""
+    _, found, rest = msg.partition("WeightsUnpickler error:")
+    paragraphs = [" ".join(p.split()) for p in rest.split("\n\n") if p.strip()] if found else []
+    detail = paragraphs[0] if paragraphs else ""
+    detail = detail.split(" was not an allowed global")[0].split(". Please")[0].rstrip(".")
+    if not detail or "weights_only" in detail:
+        return "not a plain tensor file"
+    return detail
 
 
 def _resolve(path: str) -> Path:
@@ -239,6 +254,11 @@ def load_mamba(path: str, dtype: torch.dtype = torch.float32) -> MambaLM:
         want = own[k].shape
         if tuple(v.shape) != tuple(want):
             raise MambaLoadError(f"weights in {directory}: {k} has shape {tuple(v.shape)}, config says {tuple(want)}")
+        if own[k].is_floating_point() and not v.is_floating_point():  # float16 → float32 is a cast; int32 is not
+            raise MambaLoadError(f"weights in {directory}: {k} is stored as {str(v.dtype).removeprefix('torch.')}, "
+                                 "expected a floating-point tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v.float() if v.element_size() == 1 else v).all()):
+            raise MambaLoadError(f"weights in {directory}: {k} holds NaN or Inf values")
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval()
 

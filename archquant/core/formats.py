@@ -51,6 +51,8 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "qrange",
+    "range_shape",
+    "check_stored",
 ]
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -245,6 +247,24 @@ class Format(ABC):
         codes = self.quantize(x, spec, params)
         return self.dequantize(codes, spec, params, dtype=torch.float32).to(x.dtype)
 
+    def check_stored(
+        self,
+        spec: QuantSpec,
+        params: dict[str, Tensor],
+        codes: Tensor | None,
+        shape: tuple[int, ...] | None,
+        name: Callable[[str], str],
+    ) -> None:
+        """Raise a one-line ``ValueError`` naming the tensor (``name("codes")``,
+        ``name(param)``) if codes/params read from a checkpoint cannot be what this format
+        produces (see :func:`check_stored`).  Default, for plug-in formats that know no
+        better: codes have ``shape``, floating-point params are finite."""
+        if codes is not None and shape is not None:
+            _expect_shape(codes, shape, name("codes"))
+        for key, value in params.items():
+            if value.is_floating_point():
+                _expect_finite(value, name(key))
+
 
 _FORMATS: dict[str, Format] = {}
 
@@ -342,6 +362,25 @@ class IntFormat(Format):
             q = q - params["zero_point"]
         return (q * params["scale"]).reshape(codes.shape).to(dtype)
 
+    def check_stored(self, spec, params, codes, shape, name):
+        qmin, qmax = qrange(spec)
+        keys = ("scale",) if spec.symmetric else ("scale", "zero_point")
+        _expect_names(self.name, spec, params, keys, name)
+        _expect_range_layout(spec, params, keys, shape, name)
+        _expect_scale(params["scale"], torch.float32, name("scale"))
+        if not spec.symmetric:
+            zp = params["zero_point"]
+            _expect_dtype(zp, torch.float32, name("zero_point"))
+            _expect_finite(zp, name("zero_point"))
+            if not torch.equal(zp, torch.round(zp)):
+                raise ValueError(f"tensor {name('zero_point')!r} holds a non-integer zero point")
+            _expect_within(zp, qmin, qmax, name("zero_point"), "zero points")
+        if codes is not None:
+            _expect_dtype(codes, torch.int8 if spec.symmetric else torch.uint8, name("codes"))
+            if shape is not None:
+                _expect_shape(codes, shape, name("codes"))
+            _expect_within(codes, qmin, qmax, name("codes"), f"{spec.bits}-bit codes")
+
 
 # --------------------------------------------------------------------------- fp8
 
@@ -366,6 +405,16 @@ class _Fp8Format(Format):
     def dequantize(self, codes, spec, params, dtype=torch.float32):
         q = scale_view(codes.to(torch.float32), spec)
         return (q * params["scale"]).reshape(codes.shape).to(dtype)
+
+    def check_stored(self, spec, params, codes, shape, name):
+        _expect_names(self.name, spec, params, ("scale",), name)
+        _expect_range_layout(spec, params, ("scale",), shape, name)
+        _expect_scale(params["scale"], torch.float32, name("scale"))
+        if codes is not None:
+            _expect_dtype(codes, self.dtype, name("codes"))
+            if shape is not None:
+                _expect_shape(codes, shape, name("codes"))
+            _expect_finite(codes, name("codes"))  # quantize clamps to ±max: never NaN or inf
 
 
 @register_format("fp8_e4m3")
@@ -446,6 +495,13 @@ class _E2M1Format(Format):
         values = scale_view(_decode_e2m1(codes), spec) * self.effective_scale(params)
         return values.reshape(codes.shape).to(dtype)
 
+    def _check_codes(self, codes, shape, name) -> None:
+        if codes is not None:
+            _expect_dtype(codes, torch.uint8, name("codes"))
+            if shape is not None:
+                _expect_shape(codes, shape, name("codes"))
+            _expect_within(codes, 0, 15, name("codes"), "E2M1 codes")
+
 
 @register_format("mxfp4")
 class MxFp4Format(_E2M1Format):
@@ -469,6 +525,17 @@ class MxFp4Format(_E2M1Format):
     def effective_scale(self, params):
         return params["scale"]
 
+    def check_stored(self, spec, params, codes, shape, name):
+        _expect_names(self.name, spec, params, ("scale",), name)
+        _expect_range_layout(spec, params, ("scale",), shape, name)
+        scale = params["scale"]
+        _expect_scale(scale, torch.float32, name("scale"))
+        mantissa, exponent = torch.frexp(scale)
+        if not (bool((mantissa == 0.5).all()) and bool(((exponent >= -126) & (exponent <= 128)).all())):
+            raise ValueError(f"tensor {name('scale')!r} holds a scale that is not a power of two "
+                             "in [2**-127, 2**127] (E8M0)")
+        self._check_codes(codes, shape, name)
+
 
 @register_format("nvfp4")
 class NvFp4Format(_E2M1Format):
@@ -491,6 +558,19 @@ class NvFp4Format(_E2M1Format):
 
     def effective_scale(self, params):
         return params["scale"].to(torch.float32) * params["global_scale"]
+
+    def check_stored(self, spec, params, codes, shape, name):
+        _expect_names(self.name, spec, params, ("scale", "global_scale"), name)
+        _expect_range_layout(spec, params, ("scale",), shape, name)
+        scale = params["scale"]
+        _expect_dtype(scale, torch.float8_e4m3fn, name("scale"))
+        _expect_finite(scale, name("scale"))
+        if bool((scale.to(torch.float32) < 0).any()):  # 0 is allowed: a group that underflowed
+            raise ValueError(f"tensor {name('scale')!r} holds a negative scale")
+        gs = params["global_scale"]
+        _expect_shape(gs, (), name("global_scale"))
+        _expect_scale(gs, torch.float32, name("global_scale"))
+        self._check_codes(codes, shape, name)
 
 
 # --------------------------------------------------------------------------- top level
@@ -528,3 +608,124 @@ def fake_quantize(x: Tensor, spec: QuantSpec, params: dict[str, Tensor] | None =
     spec.validate()
     return get_format(spec.format).fake_quantize(x, spec, params)
 
+
+
+# --------------------------------------------------------------------------- stored tensors
+
+
+def range_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The range shape of ``spec`` (that of its scales, zero points) for a tensor of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    if spec.granularity == "tensor":
+        return ()
+    if not shape:
+        raise ValueError(f"granularity {spec.granularity!r} needs a tensor with at least 1 dim")
+    if spec.granularity == "channel":
+        if not -len(shape) <= spec.axis < len(shape):
+            raise ValueError(f"QuantSpec.axis={spec.axis} out of range for a tensor of shape {shape}")
+        axis = spec.axis % len(shape)
+        return tuple(s if i == axis else 1 for i, s in enumerate(shape))
+    if spec.granularity == "token":
+        return shape[:-1] + (1,)
+    if shape[-1] % spec.group_size:
+        raise ValueError(f"last dim {shape[-1]} is not divisible by QuantSpec.group_size={spec.group_size}")
+    return shape[:-1] + (shape[-1] // spec.group_size, 1)
+
+
+def check_stored(
+    spec: QuantSpec,
+    params: Mapping[str, Tensor],
+    codes: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+    *,
+    codes_name: str = "codes",
+    params_prefix: str = "",
+) -> None:
+    """Check codes and params read from a checkpoint against what ``spec`` produces.
+
+    Raises a one-line ``ValueError`` naming the tensor (``codes_name``, or
+    ``params_prefix + param``) for: a missing or unexpected param, a wrong dtype or shape,
+    a NaN/Inf, a scale that is not > 0 (and, per format, not a power of two, not e4m3…),
+    a zero point or code outside the format's range.  ``shape`` is the shape of the
+    quantized tensor (a weight): codes must have it and params its range shape.  For the
+    params of a static *activation* quantizer (``shape=None``) only their layout is checked,
+    since their range shape follows the activations.
+    """
+    spec.validate()
+
+    def name(key: str) -> str:
+        return codes_name if key == "codes" else params_prefix + key
+
+    get_format(spec.format).check_stored(spec, dict(params), codes, None if shape is None else tuple(shape), name)
+
+
+def _expect_names(fmt: str, spec: QuantSpec, params: Mapping[str, Tensor], keys, name) -> None:
+    for key in keys:
+        if key not in params:
+            raise ValueError(f"tensor {name(key)!r} is missing (format {fmt!r} needs {_quoted(keys)})")
+    for key in sorted(params):
+        if key not in keys:
+            raise ValueError(f"tensor {name(key)!r} is not expected (format {fmt!r} has only {_quoted(keys)})")
+
+
+def _expect_dtype(t: Tensor, dtype: torch.dtype, what: str) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"tensor {what!r} is {str(t.dtype).removeprefix('torch.')}, "
+                         f"the format stores {str(dtype).removeprefix('torch.')}")
+
+
+def _expect_shape(t: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tensor {what!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _expect_finite(t: Tensor, what: str) -> None:
+    values = t.to(torch.float32) if t.element_size() == 1 else t  # float8: no isfinite of its own
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"tensor {what!r} holds NaN or Inf values")
+
+
+def _expect_scale(t: Tensor, dtype: torch.dtype, what: str) -> None:
+    _expect_dtype(t, dtype, what)
+    _expect_finite(t, what)
+    if t.numel() and not bool((t > 0).all()):
+        raise ValueError(f"tensor {what!r} holds a scale <= 0 ({float(t.min()):g}): scales must be finite and > 0")
+
+
+def _expect_within(t: Tensor, lo: int, hi: int, what: str, kind: str) -> None:
+    if t.numel() == 0:
+        return
+    tmin, tmax = t.min().item(), t.max().item()
+    if tmin < lo or tmax > hi:
+        bad = tmin if tmin < lo else tmax
+        raise ValueError(f"tensor {what!r} holds {bad:g}, outside the range of {kind} [{lo}, {hi}]")
+
+
+def _expect_range_layout(spec: QuantSpec, params: Mapping[str, Tensor], keys, shape, name) -> None:
+    """Params of ``keys`` have the range shape of ``spec`` for ``shape`` (a weight), or, for
+    an activation (``shape`` None), a layout that broadcasts like one: () per tensor, one
+    non-1 dim at ``axis`` per channel, the same shape for every param."""
+    if shape is not None:
+        want = range_shape(spec, shape)
+        for key in keys:
+            _expect_shape(params[key], want, name(key))
+        return
+    first = tuple(params[keys[0]].shape)
+    for key in keys:
+        got = tuple(params[key].shape)
+        if got != first:
+            raise ValueError(f"tensor {name(key)!r} has shape {got}, but {name(keys[0])!r} has {first}")
+    if spec.granularity == "tensor":
+        if first != ():
+            raise ValueError(f"tensor {name(keys[0])!r} has shape {first}, expected () (granularity 'tensor')")
+        return
+    if not first or 0 in first:
+        raise ValueError(f"tensor {name(keys[0])!r} has shape {first}, which does not fit "
+                         f"granularity {spec.granularity!r}")
+    if spec.granularity == "channel":
+        axes = [i for i, s in enumerate(first) if s != 1]
+        if not -len(first) <= spec.axis < len(first) or any(i != spec.axis % len(first) for i in axes):
+            raise ValueError(f"tensor {name(keys[0])!r} has shape {first}, expected one value per channel "
+                             f"on axis {spec.axis}")
+    elif spec.granularity == "group" and (len(first) < 2 or first[-1] != 1):
+        raise ValueError(f"tensor {name(keys[0])!r} has shape {first}, expected (..., n_groups, 1)")

@@ -9,6 +9,11 @@ quantizers (spec, static/dynamic, observer) and its online input transform. Life
    replaced by its integer/low-bit codes plus parameters. From then on the forward pass
    dequantizes those codes, so a model that is saved and loaded again computes exactly the
    same thing as the one in memory.
+
+A wrapper rebuilt from its config and filled from a checkpoint is checked with
+``check_loaded(prefix)``: every buffer its formats need is there and nothing else, with the
+format's dtype and shape, finite positive scales, zero points and codes in range. A wrong
+file fails then, with a ``ValueError`` naming the tensor, instead of at the first forward.
 """
 from __future__ import annotations
 
@@ -91,6 +96,25 @@ class ActQuantizer(nn.Module):
             self.params.set(self.observer.params())
             self.observer = None
         self.mode = "quantize"
+
+    def check_loaded(self, prefix: str = "", channels: int | None = None) -> None:
+        """A dynamic quantizer holds no parameters; a static one exactly its format's (see module doc).
+        ``channels``: the size of the last axis of the activations, when the owner knows it."""
+        params = self.params.as_dict()
+        if self.dynamic:
+            if params:
+                raise ValueError(f"tensor {prefix + 'params.' + sorted(params)[0]!r} is not expected: the quantizer "
+                                 "is dynamic (it computes its parameters from each input)")
+            return
+        if not params:
+            raise ValueError(f"tensor {prefix + 'params.scale'!r} is missing: a static activation quantizer "
+                             "needs its calibrated parameters")
+        formats.check_stored(self.spec, params, params_prefix=prefix + "params.")
+        scale = params.get("scale")
+        if (channels is not None and scale is not None and self.spec.granularity == "channel" and scale.ndim
+                and self.spec.axis % scale.ndim == scale.ndim - 1 and scale.shape[-1] != channels):
+            raise ValueError(f"tensor {prefix + 'params.scale'!r} has {scale.shape[-1]} channels, "
+                             f"the activations {channels}")
 
     def to_config(self) -> dict:
         return {"spec": self.spec.to_dict(), "dynamic": self.dynamic,
@@ -189,6 +213,27 @@ class _QuantWeightMixin:
             self.weight_codes = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _check_weight(self, prefix: str) -> None:
+        params = self.weight_params.as_dict()
+        if self.weight_spec is None:
+            if params:
+                raise ValueError(f"tensor {prefix + 'weight_params.' + sorted(params)[0]!r} is not expected: "
+                                 "the weight is not quantized")
+            return
+        spec, shape, name = self.weight_spec, self.weight_shape, prefix + "weight_codes"
+        codes = self.weight_codes
+        if self.weight_packed:
+            if not _packable(spec, shape):
+                raise ValueError(f"tensor {name!r}: packing 'int4x2' needs an int format of <= 4 bits and an "
+                                 f"even last dim, the weight is {spec.format} {spec.bits}-bit of shape {shape}")
+            packed_shape = shape[:-1] + (shape[-1] // 2,)
+            if codes.dtype != torch.uint8 or tuple(codes.shape) != packed_shape:
+                raise ValueError(f"tensor {name!r} is {str(codes.dtype).removeprefix('torch.')} of shape "
+                                 f"{tuple(codes.shape)}, packed int4x2 codes are uint8 of shape {packed_shape}")
+            codes = unpack_nibbles(codes, spec.symmetric)
+        formats.check_stored(spec, params, codes=codes, shape=shape, codes_name=name,
+                             params_prefix=prefix + "weight_params.")
+
     def _weight_config(self) -> dict:
         return {"weight": None if self.weight_spec is None else {
             "spec": self.weight_spec.to_dict(), "observer": self.weight_observer,
@@ -198,6 +243,37 @@ class _QuantWeightMixin:
 
 def _maybe(q: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
+
+
+def _int_field(config: dict, key: str, minimum: int) -> int:
+    value = config[key]
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{key}={value!r} not allowed: allowed integers >= {minimum}")
+    return value
+
+
+def _packing(wcfg: dict | None) -> bool:
+    """Whether a weight config says its codes are packed two per byte."""
+    packing = (wcfg or {}).get("packing")
+    if packing not in (None, "int4x2"):
+        raise ValueError(f"unknown weight packing {packing!r}: allowed None, 'int4x2'")
+    return packing == "int4x2"
+
+
+def _check_quantizers(module: nn.Module, prefix: str, names: tuple[str, ...],
+                      channels: tuple[int | None, ...] | None = None) -> None:
+    for i, child in enumerate(names):
+        q = getattr(module, child)
+        if q is not None:
+            q.check_loaded(f"{prefix}{child}.", channels=None if channels is None else channels[i])
+
+
+def _transform_size(t: nn.Module) -> int | None:
+    if isinstance(t, HadamardTransform):
+        return t.size
+    if isinstance(t, MatrixTransform):
+        return int(t.weight.shape[-1])
+    return None
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):
@@ -233,6 +309,14 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     def freeze(self) -> None:
         self.freeze_weight()
 
+    def check_loaded(self, prefix: str = "") -> None:
+        """Raise a ``ValueError`` naming the tensor if the loaded buffers do not fit the config."""
+        self._check_weight(prefix)
+        size = None if self.input_transform is None else _transform_size(self.input_transform)
+        if size is not None and size != self.in_features:
+            raise ValueError(f"its input transform has size {size}, in_features={self.in_features}")
+        _check_quantizers(self, prefix, ("input_quantizer", "output_quantizer"), (self.in_features, self.out_features))
+
     def to_config(self) -> dict:
         return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, **self._weight_config(),
@@ -243,6 +327,8 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
         wcfg = config["weight"]
+        for key in ("in_features", "out_features"):
+            _int_field(config, key, 1)
         m = cls(config["in_features"], config["out_features"],
                 torch.zeros(config["out_features"], config["in_features"], dtype=dtype),
                 torch.zeros(config["out_features"], dtype=dtype) if config["bias"] else None,
@@ -254,7 +340,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
                 weight_observer=(wcfg or {}).get("observer", "minmax"),
                 weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
         m._prepare_frozen(dtype)
-        m.weight_packed = (wcfg or {}).get("packing") == "int4x2"
+        m.weight_packed = _packing(wcfg)
         return m
 
     def extra_repr(self) -> str:
@@ -289,6 +375,11 @@ class QuantConv1d(_QuantWeightMixin, nn.Module):
     def freeze(self) -> None:
         self.freeze_weight()
 
+    def check_loaded(self, prefix: str = "") -> None:
+        """Raise a ``ValueError`` naming the tensor if the loaded buffers do not fit the config."""
+        self._check_weight(prefix)
+        _check_quantizers(self, prefix, ("input_quantizer", "output_quantizer"))
+
     def to_config(self) -> dict:
         return {"type": "QuantConv1d", "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "padding": self.padding, "groups": self.groups,
@@ -298,6 +389,9 @@ class QuantConv1d(_QuantWeightMixin, nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "QuantConv1d":
+        for key, minimum in (("in_channels", 1), ("out_channels", 1), ("kernel_size", 1), ("padding", 0),
+                             ("groups", 1)):
+            _int_field(config, key, minimum)
         conv = nn.Conv1d(config["in_channels"], config["out_channels"], config["kernel_size"],
                          padding=config["padding"], groups=config["groups"], bias=config["bias"], dtype=dtype)
         wcfg = config["weight"]
@@ -307,7 +401,7 @@ class QuantConv1d(_QuantWeightMixin, nn.Module):
                 weight_observer=(wcfg or {}).get("observer", "minmax"),
                 weight_observer_kwargs=(wcfg or {}).get("observer_kwargs"))
         m._prepare_frozen(dtype)
-        m.weight_packed = (wcfg or {}).get("packing") == "int4x2"
+        m.weight_packed = _packing(wcfg)
         return m
 
 
@@ -323,6 +417,9 @@ class QuantMatmul(nn.Module):
 
     def freeze(self) -> None:
         pass
+
+    def check_loaded(self, prefix: str = "") -> None:
+        _check_quantizers(self, prefix, ("a_quantizer", "b_quantizer"))
 
     def to_config(self) -> dict:
         return {"type": "QuantMatmul",
@@ -355,6 +452,9 @@ class ActSite(nn.Module):
     def is_quantized(self) -> bool:
         return self.quantizer is not None
 
+    def check_loaded(self, prefix: str = "") -> None:
+        _check_quantizers(self, prefix, ("quantizer",))
+
     def to_config(self) -> dict:
         return {"type": "ActSite", "quantizer": None if self.quantizer is None else self.quantizer.to_config()}
 
@@ -376,7 +476,8 @@ QUANT_MODULES: dict[str, type] = {"QuantLinear": QuantLinear, "QuantConv1d": Qua
 
 
 def register_module_type(cls: type) -> type:
-    """Let checkpoints rebuild ``cls`` (it needs ``to_config`` and ``from_config(config, dtype)``)."""
+    """Let checkpoints rebuild ``cls`` (it needs ``to_config`` and ``from_config(config, dtype)``;
+    an optional ``check_loaded(prefix)`` runs once its tensors are loaded, see the module doc)."""
     QUANT_MODULES[cls.__name__] = cls
     return cls
 
@@ -386,6 +487,31 @@ def module_from_config(config: dict, dtype: torch.dtype = torch.float32) -> nn.M
     if kind not in QUANT_MODULES:
         raise ValueError(f"unknown quantized module type {kind!r}: allowed {', '.join(QUANT_MODULES)}")
     return QUANT_MODULES[kind].from_config(config, dtype=dtype)
+
+
+def check_replaces(module: nn.Module, old: nn.Module | None) -> None:
+    """Raise a ``ValueError`` if the rebuilt wrapper ``module`` cannot stand where a model has ``old``
+    (a QuantLinear for a Linear of the same size, a QuantConv1d for the same conv, an ActSite for
+    an ActSite). Other types are the model's business."""
+    if isinstance(module, QuantLinear):
+        if not isinstance(old, (nn.Linear, QuantLinear)):
+            raise ValueError(f"a QuantLinear cannot replace the model's {type(old).__name__}")
+        if (old.in_features, old.out_features) != (module.in_features, module.out_features):
+            raise ValueError(f"QuantLinear in={module.in_features}, out={module.out_features} does not fit the "
+                             f"model's Linear in={old.in_features}, out={old.out_features}")
+    elif isinstance(module, QuantConv1d):
+        if not isinstance(old, (nn.Conv1d, QuantConv1d)):
+            raise ValueError(f"a QuantConv1d cannot replace the model's {type(old).__name__}")
+        geometry = ("in_channels", "out_channels", "kernel_size", "padding", "groups")
+
+        def get(m, key):
+            v = getattr(m, key)
+            return v[0] if isinstance(v, tuple) else v
+        if any(get(old, k) != get(module, k) for k in geometry):
+            raise ValueError("QuantConv1d (" + ", ".join(f"{k}={get(module, k)}" for k in geometry) + ") does not "
+                             "fit the model's conv (" + ", ".join(f"{k}={get(old, k)}" for k in geometry) + ")")
+    elif isinstance(module, ActSite) and not isinstance(old, ActSite):
+        raise ValueError(f"an ActSite cannot replace the model's {type(old).__name__}")
 
 
 def act_quantizers(model: nn.Module):
