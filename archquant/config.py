@@ -164,21 +164,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         _allowed(f"recipe.{key}", getattr(cfg.recipe, key), format_names())
     for key in ("w_observer", "a_observer"):
         _allowed(f"recipe.{key}", getattr(cfg.recipe, key), sorted(OBSERVERS))
-    for key in ("w_bits", "a_bits"):
-        v = getattr(cfg.recipe, key)
-        if v is not None and not 2 <= v <= 8:
-            raise ConfigError(f"config key 'recipe.{key}' has value {v}: allowed values are 2..8")
-    if cfg.recipe.alpha is not None and not 0 <= cfg.recipe.alpha <= 1:
-        raise ConfigError(f"config key 'recipe.alpha' has value {cfg.recipe.alpha}: allowed values are in [0, 1]")
-    if cfg.recipe.w_group_size is not None and cfg.recipe.w_group_size <= 0:
-        raise ConfigError(f"config key 'recipe.w_group_size' has value {cfg.recipe.w_group_size}: "
-                          f"allowed values are positive integers (e.g. 64, 128)")
-    if cfg.recipe.percentile is not None and not 0 < cfg.recipe.percentile <= 1:
-        raise ConfigError(f"config key 'recipe.percentile' has value {cfg.recipe.percentile}: allowed values are in (0, 1]")
     try:
-        cfg.recipe.validate()  # the same checks the Python API applies
+        cfg.recipe.validate()  # bits, group size, alpha, percentile: the same checks the Python API applies
     except ValueError as e:
-        raise ConfigError(f"config key {e}") from None
+        key, _, rest = str(e).partition(" ")  # "recipe.w_bits has value ..." -> "config key 'recipe.w_bits' has value ..."
+        raise ConfigError(f"config key '{key}' {rest}") from None
 
     adapter = get_adapter(cfg.family)
     _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))

@@ -76,7 +76,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         try:
             stage.publish()
         except OSError as e:
-            raise RunFailed(f"could not publish the results to {stage.target}: {_os_message(e)}; "
+            raise RunFailed(f"could not publish the results to {stage.target}: {_first_line(e)}; "
                             f"{stage.target} was left as it was") from None
     if stage.moved_aside:
         log(f"[archquant] files someone added to the previous {stage.target} were kept at {stage.moved_aside}",
@@ -132,7 +132,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
                                 model_config=adapter.model_config(qmodel), recipe=recipe.to_dict(),
                                 metadata={"config": cfg_dict})
             except OSError as e:
-                raise RunFailed(f"could not save the checkpoint: {_os_message(e)}; "
+                raise RunFailed(f"could not save the checkpoint: {_first_line(e)}; "
                                 f"nothing was published to {out}") from None
             ckpt_bytes = sum(f.stat().st_size for f in (staged / CHECKPOINT_DIR).iterdir())
         if cfg.verify_reload:
@@ -169,21 +169,17 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         "checkpoint": None if not cfg.save else {"path": str(out / CHECKPOINT_DIR), "bytes": ckpt_bytes},
         "reload": reload,
         "output": {"dir": str(out), "removed_leftovers": stage.swept, "kept_leftovers": stage.kept,
-                   "kept_aside": None if stage.planned_aside() is None else str(stage.planned_aside())},
+                   "kept_aside": str(aside) if (aside := stage.planned_aside()) else None},
         "timings": {**timer.times, "recipe_steps": {k: round(v, 3) for k, v in step_times.items()}},
         "environment": environment(),
     }
     try:
         write_reports(report, staged)
     except OSError as e:
-        raise RunFailed(f"could not write the report: {_os_message(e)}; nothing was published to {out}") from None
+        raise RunFailed(f"could not write the report: {_first_line(e)}; nothing was published to {out}") from None
     return report
 
 
-def _os_message(e: OSError) -> str:
-    if e.strerror and e.filename:
-        return f"{e.strerror}: {e.filename}"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 EXIT_FAILED = 1
@@ -203,8 +199,9 @@ def _error(msg: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return _os_message(e)
+    """The one line shown for an error: an OS error's cause and path, else its message's first line."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"missing key {msg}" if isinstance(e, KeyError) else msg
 

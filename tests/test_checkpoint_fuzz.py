@@ -322,20 +322,23 @@ def _run(tmp_path: Path, bases: list[Base], sealed: bool) -> tuple[Counter, Coun
     return outcomes, kinds, failures
 
 
-def test_raw_corruption_loads_identical_or_is_refused(bases, tmp_path):
-    outcomes, kinds, failures = _run(tmp_path, bases, sealed=False)
+def _fuzz(tmp_path, bases, sealed: bool) -> tuple[dict, int]:
+    """Run every variant, print the tally (the numbers quoted in the README), assert no failure."""
+    outcomes, kinds, failures = _run(tmp_path, bases, sealed=sealed)
     total = sum(outcomes.values())
-    print(f"\nraw fuzz: {total} variants, {outcomes['refused']} refused (CheckpointError), "
-          f"{outcomes['identical']} loaded bit-identical; by kind {dict(sorted(kinds.items()))}")
+    print(f"\n{'resealed' if sealed else 'raw'} fuzz: {total} variants, {outcomes['refused']} refused "
+          f"(CheckpointError), {outcomes['identical']} loaded bit-identical, {outcomes['different']} loaded a "
+          f"consistent other model; by kind {dict(sorted(kinds.items()))}")
     assert not failures, "\n".join(failures[:20])
+    return outcomes, total
+
+
+def test_raw_corruption_loads_identical_or_is_refused(bases, tmp_path):
+    outcomes, total = _fuzz(tmp_path, bases, sealed=False)
     assert total >= 200 and outcomes["refused"] + outcomes["identical"] == total
     assert outcomes["identical"] > 0 and outcomes["refused"] > 0
 
 
 def test_resealed_edits_are_refused_or_run(bases, tmp_path):
-    outcomes, kinds, failures = _run(tmp_path, bases, sealed=True)
-    total = sum(outcomes.values())
-    print(f"\nresealed fuzz: {total} variants, {outcomes['refused']} refused, {outcomes['identical']} identical, "
-          f"{outcomes['different']} loaded a consistent other model; by kind {dict(sorted(kinds.items()))}")
-    assert not failures, "\n".join(failures[:20])
+    outcomes, total = _fuzz(tmp_path, bases, sealed=True)
     assert outcomes["refused"] > total // 2
