@@ -15,7 +15,7 @@ import archquant as aq
 from archquant.core.modules import unpack_nibbles
 from archquant import RecipeOptions
 from archquant.adapters import get_adapter
-from archquant.adapters.mamba import MambaQuantSmooth, StateRotation, mambaquant, quamba2_groups
+from archquant.adapters.mamba_recipes import MambaQuantSmooth, StateRotation, mambaquant, quamba2_groups
 from archquant.core import hadamard
 from archquant.core.modules import QuantLinear
 from archquant.core.recipe import (OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,

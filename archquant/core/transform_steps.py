@@ -1,0 +1,175 @@
+"""The transform steps of a recipe: smoothing and rotations, fused into weights where possible.
+
+Each is exact in floating point (the model's outputs do not change); they only move outliers
+out of the way before ``Quantize`` runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from . import transforms as T
+from .calibration import collect_stats
+from .modules import QuantLinear
+from .observers import ChannelAbsMaxObserver
+from .recipe import Context, Step, get_submodule, register_step, set_submodule
+
+
+def _untie(modules: Iterable[nn.Module]) -> None:
+    """Give every weight its own storage: fusing into one of two tied weights must not touch the other."""
+    seen: set[int] = set()
+    for m in modules:
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter):
+            if id(w) in seen:
+                m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            seen.add(id(m.weight))
+
+
+@register_step
+@dataclass
+class SmoothQuant(Step):
+    """Move activation outliers into the weights: X·diag(s)⁻¹ hides in the norm, diag(s) in W."""
+
+    kind: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        groups = ctx.structure.smoothing_groups()
+        stats = {g.linears[0]: ChannelAbsMaxObserver(axis=-1) for g in groups}
+        collect_stats(model, ctx.batches(self.kind), stats, forward_fn=ctx.forward_fn,
+                      desc="smoothing statistics", progress=ctx.progress)
+        _untie([get_submodule(model, n) for g in groups for n in g.linears])
+        for g in groups:
+            linears = [get_submodule(model, n) for n in g.linears]
+            w_amax = torch.stack([lin.weight.detach().abs().amax(dim=0).float() for lin in linears]).amax(0)
+            s = T.smoothquant_scales(stats[g.linears[0]].amax, w_amax, self.alpha)
+            T.scale_norm_output(get_submodule(model, g.norm), s)
+            for lin in linears:
+                T.scale_linear_input(lin, s)
+
+
+@register_step
+@dataclass
+class RotateResidual(Step):
+    """QuaRot-style rotation Q of the residual stream, fused into the weights (exact in FP).
+
+    Norms' γ are folded into the Linears they feed first; then embeddings emit e·Q, readers
+    accept x·Q (W ← W·Q) and writers emit y·Q (W ← Qᵀ·W).
+    """
+
+    kind: ClassVar[str] = "rotate_residual"
+    rotation: str = "random_hadamard"
+    seed: int = 0
+
+    def needs_calibration(self) -> bool:
+        return self.rotation in T.DATA_DEPENDENT_ROTATIONS
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        s = ctx.structure
+        if s.norm_kind != "rms":
+            raise ValueError(f"residual rotation needs RMSNorm-style norms, model has norm_kind={s.norm_kind!r}")
+        touched = [get_submodule(model, n) for n in s.embeddings + s.residual_writers]
+        touched += [get_submodule(model, n) for g in s.residual_readers for n in g.linears]
+        _untie(touched)
+        for g in s.residual_readers:
+            if g.norm is not None:
+                T.fold_norm_into_linears(get_submodule(model, g.norm), [get_submodule(model, n) for n in g.linears])
+        cov = None
+        if self.rotation in T.DATA_DEPENDENT_ROTATIONS:
+            # MambaQuant: one K for the whole stream, from the first reader's (normalised) input
+            first = s.residual_readers[0].linears[0]
+            cov = collect_stats(model, ctx.batches(self.kind), {first: T.RunningCovariance()},
+                                forward_fn=ctx.forward_fn, desc="residual covariance",
+                                progress=ctx.progress)[first].covariance()
+        q = T.rotation_matrix(self.rotation, s.hidden_size, self.seed, covariance=cov)
+        for name in s.embeddings:
+            emb = get_submodule(model, name)
+            if isinstance(emb, nn.Embedding):
+                T.rotate_embedding(emb, q)
+            else:
+                T.rotate_linear_output(emb, q)
+        for g in s.residual_readers:
+            for name in g.linears:
+                T.rotate_linear_input(get_submodule(model, name), q)
+        for name in s.residual_writers:
+            T.rotate_linear_output(get_submodule(model, name), q)
+
+
+@register_step
+@dataclass
+class OnlineHadamard(Step):
+    """Rotate the input of chosen Linears online by H (randomised by ``seed``), W ← W·H.
+
+    Used where no neighbouring weight can absorb the rotation (after a nonlinearity or a
+    scan), e.g. Quamba's Hadamard at Mamba's out_proj input. ``sites=None`` takes the
+    adapter's ``online_rotation_sites``.
+    """
+
+    kind: ClassVar[str] = "online_hadamard"
+    sites: list[str] | None = None
+    seed: int | None = None
+    #: MambaQuant R2: T = K·H with K the KLT of each site's input covariance (a dense online matrix)
+    klt: bool = False
+
+    def needs_calibration(self) -> bool:
+        return self.klt
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        sites = self.sites if self.sites is not None else ctx.structure.online_rotation_sites
+        linears = {}
+        for name in sites:
+            lin = get_submodule(model, name)
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"online rotation site {name!r} is a {type(lin).__name__}, expected nn.Linear")
+            linears[name] = lin
+        covs = {}
+        if self.klt:
+            covs = collect_stats(model, ctx.batches(self.kind), {n: T.RunningCovariance() for n in linears},
+                                 forward_fn=ctx.forward_fn, desc="site covariances", progress=ctx.progress)
+        for name, lin in linears.items():
+            if self.klt:
+                matrix = T.rotation_matrix("klt_hadamard", lin.in_features, self.seed or 0,
+                                           covariance=covs[name].covariance())
+                transform = T.MatrixTransform(matrix, name="klt_hadamard")
+            else:
+                transform = T.HadamardTransform(lin.in_features, seed=self.seed)
+            T.rotate_linear_input(lin, transform.matrix())
+            set_submodule(model, name, QuantLinear.from_float(lin, input_transform=transform))
+
+
+@register_step
+@dataclass
+class RotatePairs(Step):
+    """Rotate the tensor between each producer → consumer pair of the structure, offline.
+
+    The producer's output rows get Qᵀ, the consumer's input gets Q (MambaQuant's R5 on the dt
+    path). ``klt_hadamard`` takes K from the consumer's input covariance.
+    """
+
+    kind: ClassVar[str] = "rotate_pairs"
+    rotation: str = "random_hadamard"
+    seed: int = 0
+
+    def needs_calibration(self) -> bool:
+        return self.rotation in T.DATA_DEPENDENT_ROTATIONS
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        pairs = ctx.structure.linear_pairs
+        covs = {}
+        if self.rotation in T.DATA_DEPENDENT_ROTATIONS:
+            covs = collect_stats(model, ctx.batches(self.kind), {p.consumer: T.RunningCovariance() for p in pairs},
+                                 forward_fn=ctx.forward_fn, desc="pair covariances", progress=ctx.progress)
+        for p in pairs:
+            producer, consumer = get_submodule(model, p.producer), get_submodule(model, p.consumer)
+            rows = p.rows or (0, producer.out_features)
+            cov = covs[p.consumer].covariance() if covs else None
+            q = T.rotation_matrix(self.rotation, rows[1] - rows[0], self.seed, covariance=cov)
+            T.rotate_linear_output_rows(producer, q, rows)
+            T.rotate_linear_input(consumer, q)
