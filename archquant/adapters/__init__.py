@@ -1,5 +1,6 @@
-"""Family adapters. Importing this package registers every family."""
-from .base import FamilyAdapter, adapter_for, families, get_adapter, register_adapter
-from . import mamba, mamba_real, toy  # noqa: F401  (registers the families and their real-quant blocks)
+"""Family adapters. Families register lazily: ``get_adapter("mamba")`` imports the Mamba adapter
+(and its model code) the first time it is asked for (``base.FAMILY_MODULES``)."""
+from .base import FAMILY_MODULES, FamilyAdapter, adapter_for, families, get_adapter, register_adapter, register_family
 
-__all__ = ["FamilyAdapter", "adapter_for", "families", "get_adapter", "register_adapter"]
+__all__ = ["FAMILY_MODULES", "FamilyAdapter", "adapter_for", "families", "get_adapter", "register_adapter",
+           "register_family"]

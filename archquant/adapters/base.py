@@ -6,6 +6,7 @@ model. It never rotates or quantizes anything itself: the core does that.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
@@ -96,6 +97,12 @@ class FamilyAdapter(ABC):
 
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
+#: family name -> module that registers it, imported on first use: ``import archquant`` loads no
+#: family (and so no model code and no Triton) until one is asked for. A new family adds a line.
+FAMILY_MODULES: dict[str, str] = {
+    "mamba": "archquant.adapters.mamba",
+    "toy": "archquant.adapters.toy",
+}
 
 
 def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
@@ -103,20 +110,28 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     return cls
 
 
+def register_family(name: str, module: str) -> None:
+    """Declare a family living outside this package (a plugin): ``module`` registers it on import."""
+    FAMILY_MODULES[name] = module
+
+
 def get_adapter(name: str) -> FamilyAdapter:
+    if name not in _ADAPTERS and name in FAMILY_MODULES:
+        importlib.import_module(FAMILY_MODULES[name])
     if name not in _ADAPTERS:
-        raise ValueError(f"unknown family {name!r}: allowed {', '.join(sorted(_ADAPTERS))}")
+        raise ValueError(f"unknown family {name!r}: allowed {', '.join(families())}")
     return _ADAPTERS[name]
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
-    for adapter in _ADAPTERS.values():
+    for name in families():
+        adapter = get_adapter(name)
         if adapter.matches(model):
             return adapter
     raise ValueError(f"no family recognises a model of class {type(model).__name__} "
-                     f"(families: {', '.join(sorted(_ADAPTERS))}): "
+                     f"(families: {', '.join(families())}): "
                      f"pass structure= with a Recipe object to quantize it")
 
 
 def families() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(set(FAMILY_MODULES) | set(_ADAPTERS))

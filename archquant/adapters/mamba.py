@@ -26,6 +26,7 @@ from ..models.mamba import MambaConfig, MambaLM
 from ..models.mamba_loading import load_mamba
 from .base import FamilyAdapter, register_adapter
 from .mamba_recipes import MAMBA_PRESETS
+from . import mamba_real  # noqa: F401,E402  (registers the real-quant Mamba blocks; TODO backends: lazily)
 
 REFERENCE_MODELS = ("mamba1-byte", "mamba2-byte")
 
