@@ -18,6 +18,7 @@ from .core.formats import format_names
 from .core.observers import OBSERVERS
 from .core.presets import RecipeOptions
 from .core.transforms import ROTATION_KINDS
+from .options import OptionError, validate_options
 
 
 class ConfigError(ValueError):
@@ -35,20 +36,21 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    """A calibration or evaluation split. What a sample *is* (a token window, a prompt and seed,
+    a scene) is the family's business: its keys go under ``options`` (the adapter's ``data_options``)."""
+
     source: str = "synthetic"
     split: Optional[str] = None
     #: file or directory for file-based sources
     path: Optional[str] = None
     num_samples: int = 256
     batch_size: int = 32
-    seq_len: int = 256
-    shuffle: bool = True
     seed: int = 0
-    #: evaluation only: examples of the last-token (LAMBADA-style) task, 0 to skip it
-    task_examples: int = 256
-    #: evaluation only: lm-evaluation-harness tasks (optional extra, online), e.g. [lambada_openai, piqa]
-    lm_eval_tasks: list = field(default_factory=list)
-    lm_eval_limit: int = 0
+    #: family-specific options (see the family adapter's ``data_options``), e.g. Mamba's seq_len
+    options: dict = field(default_factory=dict)
+
+
+DATA_SECTIONS = ("calibration", "evaluation")
 
 
 @dataclass
@@ -174,20 +176,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))
     for name in cfg.compare:
         _allowed("compare", name, sorted(adapter.recipes()))
-    unknown = [k for k in cfg.model.options if k not in adapter.model_options]
-    if unknown:
-        raise ConfigError(f"unknown config key 'model.options.{unknown[0]}' for family {cfg.family!r}: "
-                          f"allowed keys are {', '.join(sorted(adapter.model_options))}")
-    for key, value in cfg.model.options.items():
-        default = adapter.model_options[key]
-        if default is not None:
-            cfg.model.options[key] = _check_type(f"model.options.{key}", value, type(default))
-    for section in ("calibration", "evaluation"):
-        data: DataSection = getattr(cfg, section)
+    try:
+        cfg.model.options = validate_options(cfg.model.options, adapter.model_options, "model.options",
+                                             family=cfg.family)
+        for section in DATA_SECTIONS:
+            data: DataSection = getattr(cfg, section)
+            data.options = validate_options(data.options, adapter.data_options, f"{section}.options",
+                                            family=cfg.family, role=section)
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+    for section in DATA_SECTIONS:
+        data = getattr(cfg, section)
         _allowed(f"{section}.source", data.source, adapter.data_sources)
-        if data.lm_eval_tasks and section != "evaluation":
-            raise ConfigError(f"config key '{section}.lm_eval_tasks' is only meaningful under 'evaluation'")
-        for name in ("num_samples", "batch_size", "seq_len"):
+        for name in ("num_samples", "batch_size"):
             if getattr(data, name) <= 0:
                 raise ConfigError(f"config key '{section}.{name}' must be positive, got {getattr(data, name)}")
         if data.path is not None and not Path(data.path).exists():
@@ -213,7 +214,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             conf = OmegaConf.merge(conf, _parse_overrides(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot apply overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
-    return validate(_build(RunConfig, OmegaConf.to_container(conf, resolve=True), ""))
+    return validate(_build(RunConfig, _move_data_options(OmegaConf.to_container(conf, resolve=True)), ""))
+
+
+def _move_data_options(raw: dict) -> dict:
+    """Older configs put a family's data keys (Mamba's seq_len, task_examples, lm_eval_tasks, shuffle)
+    beside ``source``; they are read as ``<section>.options.<key>``. A key the family does not
+    declare is left for ``_build`` to refuse, with the section's allowed keys."""
+    from .adapters import get_adapter
+
+    try:
+        declared = get_adapter(raw.get("family", RunConfig.family)).data_options
+    except (ValueError, TypeError):
+        return raw  # an unknown family is refused by validate(), naming the allowed ones
+    generic = {f.name for f in dataclasses.fields(DataSection)}
+    for section in DATA_SECTIONS:
+        data = raw.get(section)
+        if not isinstance(data, dict):
+            continue
+        moved = {k: data[k] for k in list(data) if k not in generic and k in declared}
+        if not moved:
+            continue
+        options = data.get("options") or {}
+        if not isinstance(options, dict):
+            continue  # _build names the bad type
+        twice = [k for k in moved if k in options]
+        if twice:
+            raise ConfigError(f"config key '{section}.{twice[0]}' is given twice: as '{section}.{twice[0]}' and "
+                              f"'{section}.options.{twice[0]}' (its name now); keep the second")
+        raw[section] = {**{k: v for k, v in data.items() if k not in moved}, "options": {**options, **moved}}
+    return raw
 
 
 def _read_yaml(path: Path):

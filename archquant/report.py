@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -60,14 +61,38 @@ def _fmt(v) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)  # nan, inf, -inf: a collapsed model is reported, not hidden
+        if v != 0 and not 1e-3 <= abs(v) < 1e6:
+            return f"{v:.3e}"  # a perplexity of 1e106 is not 107 digits
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
 
 
 def _rel(q, fp) -> str:
     if not isinstance(q, (int, float)) or not isinstance(fp, (int, float)) or fp == 0:
-        return "–"
-    return f"{100.0 * (q - fp) / abs(fp):+.2f}%"
+        return ""
+    if not (math.isfinite(q) and math.isfinite(fp)):
+        return ""
+    return f" ({100.0 * (q - fp) / abs(fp):+.2f}%)"
+
+
+def _columns(report: dict) -> list[tuple[str, dict]]:
+    """The metric columns: the family's declared metrics first (their order), then any other
+    metric a row has (e.g. lm-eval tasks), each with its metadata (direction, unit, vs FP)."""
+    info = dict(report.get("metrics_info") or {})
+    rows = [report["metrics"].get("fp") or {}, report["metrics"].get("quantized") or {},
+            *((c.get("metrics") or {}) for c in (report.get("compare") or {}).values()),
+            (report.get("real") or {}).get("metrics") or {}]
+    names = [n for n in info if any(n in r for r in rows)]
+    names += [n for r in rows for n in r if n not in info and n not in names]
+    return [(n, info.get(n, {})) for n in dict.fromkeys(names)]
+
+
+def _header(name: str, meta: dict) -> str:
+    arrow = {True: " ↓", False: " ↑"}.get(meta.get("lower_is_better"), "")
+    unit = f" ({meta['unit']})" if meta.get("unit") else ""
+    return f"{name}{unit}{arrow}" + (" vs FP" if meta.get("relative_to_fp") and "vs_fp" not in name else "")
 
 
 def _mb(n) -> str:
@@ -92,8 +117,9 @@ def _output_notes(output: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    fp, q = report["metrics"]["fp"], report["metrics"]["quantized"]
-    names = list(fp)
+    fp = report["metrics"]["fp"]
+    q = report["metrics"]["quantized"]
+    cols = _columns(report)
     lines = [
         f"# archquant report: {report['family']} / {report['method']['name']}",
         "",
@@ -102,15 +128,26 @@ def render_markdown(report: dict) -> str:
         f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items); "
         f"{_disjointness(report['data'].get('disjointness'))}",
         *_output_notes(report.get("output") or {}),
+        *(f"- note ({report['method']['name']}): {n}" for n in report.get("method_notes") or []),
+        *(f"- note ({name}): {n}" for name, c in (report.get("compare") or {}).items() for n in c.get("notes") or []),
         "",
-        "| model | " + " | ".join(names) + " | size on disk | calibration+quantize time |",
-        "|---|" + "---|" * len(names) + "---|---|",
-        "| FP | " + " | ".join(_fmt(fp[n]) for n in names) + f" | {_mb(report['model']['fp_bytes'])} | – |",
+        "| model | " + " | ".join(_header(n, m) for n, m in cols) + " | size on disk | calibration+quantize time |",
+        "|---|" + "---|" * len(cols) + "---|---|",
     ]
-    def row(label: str, metrics: dict, size, seconds) -> str:
-        return (f"| {label} | " + " | ".join(f"{_fmt(metrics[n])} ({_rel(metrics[n], fp[n])})" for n in names)
+
+    def cell(metrics: dict, name: str, meta: dict, is_fp: bool) -> str:
+        if name not in metrics:
+            return "–"
+        v = metrics[name]
+        if is_fp or meta.get("relative_to_fp"):
+            return _fmt(v)  # a metric against FP has no FP value to be relative to
+        return _fmt(v) + _rel(v, fp.get(name))
+
+    def row(label: str, metrics: dict, size, seconds, is_fp: bool = False) -> str:
+        return (f"| {label} | " + " | ".join(cell(metrics, n, m, is_fp) for n, m in cols)
                 + f" | {size} | {'–' if seconds is None else f'{_fmt(seconds)} s'} |")
 
+    lines.append(row("FP", fp, _mb(report["model"]["fp_bytes"]), None, is_fp=True))
     for name, c in (report.get("compare") or {}).items():
         lines.append(row(name, c["metrics"], f"{_mb(c['bytes'])} (in memory)", c["seconds"]))
     ckpt = report.get("checkpoint") or {}
@@ -126,11 +163,19 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Real int8 backend ({real.get('kernels', 'auto')} kernels): {real['converted']} Linears on int8 "
                      f"kernels{whole}, {len(real['kept'])} quantized modules kept fake-quant; evaluation "
                      f"{_fmt(real['eval_seconds']['fake'])} s fake-quant, {_fmt(real['eval_seconds']['real'])} s real.")
-    if report.get("reload") is not None:
-        ok = "identical" if report["reload"]["identical"] else "DIFFERENT"
-        lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded: metrics {ok}.")
+    reload = report.get("reload")
+    if reload is not None:
+        ok = "identical" if reload["identical"] else "DIFFERENT"
+        outputs = " probe-batch outputs bit-identical (torch.equal);" if reload.get("outputs_identical") else ""
+        loose = reload.get("not_reproducible") or []
+        extra = f" (not bit-reproducible, not checked: {', '.join(loose)})" if loose else ""
+        lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded:{outputs} metrics {ok}{extra}.")
     lines.append("Stage timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()
                                                     if not isinstance(v, dict)))
+    artifacts = report.get("artifacts") or []
+    if artifacts:
+        lines += ["", "## Files", ""]
+        lines += [f"- [{a['title']}]({a['path']})" for a in artifacts]
     return "\n".join(lines) + "\n"
 
 

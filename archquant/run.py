@@ -1,20 +1,24 @@
 """``python -m archquant.run CONFIG.yaml [key=value ...]``: the config-driven quantization job.
 
-Stages: load model → load calibration and evaluation data (checked disjoint) → quantize
-(the recipe calibrates what it needs) → evaluate FP and quantized → save → verify the saved
-checkpoint reloads to the same metrics → (``backend=real``: evaluate a copy running on int8
-kernels) → report. The runner only wires stages together and turns user mistakes into
-one-line errors (exit code 2); the algorithms live in the core and the family adapters.
+Stages: load model → load calibration and evaluation data (checked disjoint) → evaluate FP
+(its outputs kept for the FP-relative metrics) → quantize each baseline and the recipe (the
+recipe calibrates what it needs) and evaluate them against FP → save → verify that the saved
+checkpoint reloads to bit-identical probe outputs and the same metrics → (``backend=real``:
+the model converted to int8 kernels, evaluated) → report. The runner only wires stages
+together; what is family-specific comes from the adapter (options, data, metrics, artifacts).
+Mistakes in the input (config, model files, data) are one-line errors with exit code 2; a
+failure inside an algorithm is a bug and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -24,19 +28,38 @@ from .api import load_quantized, resolve_recipe
 from .config import ConfigError, RunConfig, load_config, to_dict
 from .core.calibration import NonFiniteActivationError, check_finite_parameters
 from .core.recipe import Recipe, apply_recipe
-from .core.safe_io import StagedDir
+from .core.safe_io import OutputExistsError, StagedDir
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
+from .evaluation import EvalContext, metric_table
 from .real import check_kernels, convert_to_real
 from .report import CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, write_reports
 
 EXIT_USAGE = 2
 USAGE = "usage: python -m archquant.run CONFIG.yaml [key=value ...]"
 
-# Errors that mean "the input is wrong", reported in one line. Anything else is a bug and
-# keeps its traceback. ARCHQUANT_DEBUG=1 shows the traceback for these too.
-USER_ERRORS = (ConfigError, DataOverlapError, CheckpointError, NonFiniteActivationError, FileNotFoundError,
-               ValueError, KeyError, OSError)
+
+class InputError(ValueError):
+    """A problem with what the user gave (config, model files, data), found while reading it."""
+
+
+# Errors that mean "the input is wrong", reported in one line with exit code 2: these classes
+# anywhere, and any ValueError / KeyError / OSError raised while the input-facing stages read
+# the config, the model and the data (``_input_stage``). Anything else is a bug: it keeps its
+# traceback and exits 1. ARCHQUANT_DEBUG=1 shows the traceback for these too.
+USER_ERRORS = (ConfigError, InputError, DataOverlapError, CheckpointError, NonFiniteActivationError,
+               OutputExistsError)
+
+
+@contextmanager
+def _input_stage():
+    """Inside, a ValueError / KeyError / OSError is the user's input being wrong, not a bug."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(_first_line(e)) from e
 
 
 class Timer:
@@ -58,16 +81,18 @@ class RunFailed(RuntimeError):
 def run(cfg: RunConfig, log=print) -> dict:
     """Run the whole job for a validated config; returns the report dict.
 
-    Everything (checkpoint, reports) is built in a hidden staging directory beside
+    Everything (checkpoint, artifacts, reports) is built in a hidden staging directory beside
     ``output_dir`` and published in one step, only after the reload check passed
     (``core.safe_io.StagedDir``): a run that fails or is interrupted leaves ``output_dir`` as it was.
     """
     torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.family)
-    if cfg.backend == "real":
-        check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
-    # The output directory is checked (ours or new, writable) before the model is even loaded.
-    with StagedDir(cfg.output_dir, legacy=is_legacy_output, what="output_dir") as stage:
+    with ExitStack() as stack:
+        with _input_stage():
+            if cfg.backend == "real":
+                check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
+            # The output directory is checked (ours or new, writable) before the model is even loaded.
+            stage = stack.enter_context(StagedDir(cfg.output_dir, legacy=is_legacy_output, what="output_dir"))
         for path in stage.swept:
             log(f"[archquant] removed the leftover of an interrupted run: {path}", flush=True)
         for path in stage.kept:
@@ -88,39 +113,48 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     timer = Timer()
     out, staged = stage.target, stage.path
     cfg_dict = to_dict(cfg)
+    artifacts: list[dict] = []
 
-    recipe = resolve_recipe(cfg.recipe, adapter)
-    baselines = [resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter) for name in cfg.compare]
-    with timer.stage("load model", log):
-        model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
-        for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work
-            adapter.check_model(model, r)
-        check_finite_parameters(model)
-    with timer.stage("load data", log):
-        calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
-        evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
-        disjointness = check_disjoint(calib, evaluation)
-    with timer.stage("evaluate FP", log):
-        fp_metrics = adapter.evaluate(model, evaluation)
+    with _input_stage():
+        recipe = resolve_recipe(cfg.recipe, adapter)
+        baselines = [resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter) for name in cfg.compare]
+        with timer.stage("load model", log):
+            model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
+            for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work
+                adapter.check_model(model, r)
+            check_finite_parameters(model)
+        with timer.stage("load data", log):
+            calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
+            evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
+            disjointness = check_disjoint(calib, evaluation)
+
+    def evaluate(label: str, m, fp=None, keep_files: bool = True) -> tuple[dict, EvalContext]:
+        ctx = EvalContext(label=label, fp=fp, output_dir=staged if keep_files else None)
+        with timer.stage(f"evaluate {'FP' if label == 'fp' else label}", log):
+            metrics = adapter.evaluate(m, evaluation, ctx)
+        artifacts.extend(ctx.artifacts)
+        return metrics, ctx
+
+    fp_metrics, fp_ctx = evaluate("fp", model)
+    fp_outputs = fp_ctx.kept  # computed once; every quantized evaluation is compared with it
     fp_size = model_size_bytes(model)
 
-    def quantize(recipe: Recipe, fp_model):
-        qmodel = copy.deepcopy(fp_model)
+    def quantize(recipe: Recipe, qmodel):
         with timer.stage(f"quantize ({recipe.name})", log):
-            # qmodel is a throw-away copy: no snapshot needed to undo a failed recipe
+            # qmodel is a throw-away copy (or the FP model, used last): no snapshot to undo a failure
             steps = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
                                  forward_fn=adapter.forward, progress=cfg.progress,
                                  validate_batch=adapter.validate_batch, restore_on_failure=False)
-        with timer.stage(f"evaluate {recipe.name}", log):
-            metrics = adapter.evaluate(qmodel, evaluation)
+        metrics, _ = evaluate(recipe.name, qmodel, fp_outputs)
         return qmodel, metrics, steps
 
     compared = {}
-    for name, other in zip(cfg.compare, baselines):  # baselines first: the saved model is the last in memory
-        cmodel, cmetrics, _ = quantize(other, model)
+    for name, other in zip(cfg.compare, baselines):  # one copy at a time, dropped before the next
+        cmodel, cmetrics, _ = quantize(other, copy.deepcopy(model))
         compared[name] = {"metrics": cmetrics, "bytes": model_size_bytes(cmodel), "method": other.to_dict(),
-                          "seconds": timer.times[f"quantize ({other.name})"]}
+                          "notes": _notes(other), "seconds": timer.times[f"quantize ({other.name})"]}
         del cmodel
+    # the saved model is quantized from the FP model itself: FP outputs are kept, the FP weights are not needed
     qmodel, q_metrics, step_times = quantize(recipe, model)
     del model
 
@@ -137,35 +171,32 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
             ckpt_bytes = sum(f.stat().st_size for f in (staged / CHECKPOINT_DIR).iterdir())
         if cfg.verify_reload:
             with timer.stage("verify reload", log):
-                reloaded_metrics = adapter.evaluate(load_quantized(staged / CHECKPOINT_DIR), evaluation)
-                reload = {"metrics": reloaded_metrics, "identical": reloaded_metrics == q_metrics}
-            if not reload["identical"]:
-                raise RunFailed(f"the saved checkpoint reloaded to different metrics ({reloaded_metrics} vs "
-                                f"{q_metrics}); nothing was published to {out}")
+                reload = _verify_reload(adapter, qmodel, staged / CHECKPOINT_DIR, evaluation, q_metrics,
+                                        fp_outputs, out)
 
     real = None
-    if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; a copy runs in int8
+    if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; the model now runs in int8
         with timer.stage("convert to real", log):
-            rmodel = convert_to_real(copy.deepcopy(qmodel), kernels=cfg.real_kernels)
-        with timer.stage("evaluate real", log):
-            real_metrics = adapter.evaluate(rmodel, evaluation)
+            rmodel = convert_to_real(qmodel, kernels=cfg.real_kernels)  # in place: no second copy
+        real_metrics, _ = evaluate("real", rmodel, fp_outputs)
         real = {**rmodel._archquant_real, "metrics": real_metrics, "bytes": model_size_bytes(rmodel),
                 "eval_seconds": {"fake": timer.times[f"evaluate {recipe.name}"], "real": timer.times["evaluate real"]}}
-        del rmodel
+    del qmodel
 
     report = {
         "config": cfg_dict,
         "family": adapter.name,
         "model": {"path": cfg.model.path, "config": model_config, "fp_bytes": fp_size},
         "method": recipe.to_dict(),
+        "method_notes": _notes(recipe),
         "data": {"calibration": calib.description, "calibration_items": len(calib.item_ids),
                  "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids),
                  "disjointness": disjointness},
         "metrics": {"fp": fp_metrics, "quantized": q_metrics, **({"real": real["metrics"]} if real else {})},
+        "metrics_info": metric_table(adapter.metrics),
         "real": real,
         "compare": compared,
-        "headline_metric": next(iter(adapter.metrics), None),
-        "lower_is_better": adapter.metrics,
+        "artifacts": artifacts,
         "checkpoint": None if not cfg.save else {"path": str(out / CHECKPOINT_DIR), "bytes": ckpt_bytes},
         "reload": reload,
         "output": {"dir": str(out), "removed_leftovers": stage.swept, "kept_leftovers": stage.kept,
@@ -180,6 +211,53 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     return report
 
 
+def _notes(recipe: Recipe) -> list[str]:
+    notes = getattr(recipe, "notes", None)
+    return list(notes()) if callable(notes) else []
+
+
+def _verify_reload(adapter, qmodel, checkpoint, evaluation, q_metrics: dict, fp_outputs, out) -> dict:
+    """The saved checkpoint, reloaded, must give bit-identical outputs on a fixed probe batch
+    (``torch.equal``) and the same metrics; a metric its family declares not bit-reproducible
+    (``Metric.reproducible``) is compared for the report only."""
+    reloaded = load_quantized(checkpoint)
+    probe = adapter.probe_batch(evaluation)
+    with torch.no_grad():
+        same_outputs = _outputs_equal(adapter.forward(qmodel, probe), adapter.forward(reloaded, probe))
+    if not same_outputs:
+        raise RunFailed(f"the saved checkpoint reloaded to a model with different outputs on the probe batch; "
+                        f"nothing was published to {out}")
+    metrics = adapter.evaluate(reloaded, evaluation, EvalContext(label="reload", fp=fp_outputs))
+    del reloaded
+    loose = {m.name for m in adapter.metrics if not m.reproducible}
+    differ = sorted(k for k in set(metrics) | set(q_metrics) if not _same(metrics.get(k), q_metrics.get(k)))
+    strict = [k for k in differ if k not in loose]
+    if strict:
+        k = strict[0]
+        raise RunFailed(f"the saved checkpoint reloaded to different metrics ({k}: {metrics.get(k)} vs "
+                        f"{q_metrics.get(k)}); nothing was published to {out}")
+    return {"metrics": metrics, "identical": not differ, "outputs_identical": True,
+            "not_reproducible": [k for k in differ if k in loose]}
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return [t for v in vars(x).values() for t in _tensors(v)] if hasattr(x, "__dict__") else []
+
+
+def _outputs_equal(a, b) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return len(ta) == len(tb) and bool(ta) and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+                                                   for x, y in zip(ta, tb))
 
 
 EXIT_FAILED = 1
@@ -215,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = report = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
-        cfg = load_config(argv[0], argv[1:])
+        with _input_stage():
+            cfg = load_config(argv[0], argv[1:])
         report = run(cfg)
         print(Path(report["config"]["output_dir"], "report.md").read_text())
         return 0

@@ -90,7 +90,7 @@ def test_rerun_replaces_archquants_own_result_and_keeps_what_someone_added(previ
     code, stdout, err = run_cli(capsys, CONFIG, *FAST, f"output_dir={out}", "recipe.name=rtn_dynamic")
     assert code == 0, err
     assert recipe_of(out) == "rtn_dynamic"
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "checkpoint", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "artifacts", "checkpoint", "report.json", "report.md"]
     kept = [p for p in tmp_path.iterdir() if p.name != "out"]
     assert len(kept) == 1 and kept[0].name.startswith("out.kept-")
     assert (kept[0] / "notes.txt").read_text() == "my notes"
@@ -105,6 +105,7 @@ def test_an_older_archquants_output_dir_is_recognised_and_replaced(previous_resu
     out = copy_result(previous_result, tmp_path)
     for marker in (out / MARKER, out / "checkpoint" / MARKER):  # what archquant wrote before markers existed
         marker.unlink()
+    shutil.rmtree(out / "artifacts", ignore_errors=True)  # nor did it write artifacts
     (out / ".report.md.tmp").write_text("leftover of that version")
     code, _, err = run_cli(capsys, CONFIG, *FAST, f"output_dir={out}", "recipe.name=rtn_dynamic")
     assert code == 0, err
@@ -212,7 +213,7 @@ def test_a_reload_mismatch_publishes_nothing(previous_result, tmp_path, capsys, 
     monkeypatch.setattr(run_module, "load_quantized", corrupt_reload)
     code, _, err = run_cli(capsys, CONFIG, *FAST, f"output_dir={out}", "recipe.name=rtn_dynamic")
     line = one_error_line(err)
-    assert code == 1 and "reloaded to different metrics" in line and f"nothing was published to {out}" in line
+    assert code == 1 and "reloaded to a model with different outputs on the probe batch" in line and f"nothing was published to {out}" in line
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -15,16 +15,23 @@ from torch import nn
 from ..core.recipe import Recipe, check_something_to_quantize
 from ..core.structure import ModelStructure
 from ..data import DataSplit
+from ..evaluation import EvalContext, Metric
+from ..options import validate_options
 
 
 class FamilyAdapter(ABC):
+    """A family is this adapter, a model package and configs: the config loader, the runner and
+    the report learn everything family-specific from the declarations below."""
+
     name: ClassVar[str]
-    #: model.options accepted in a config, with their defaults
+    #: ``model.options`` accepted in a config: name → ``archquant.options.Option`` (or a plain default)
     model_options: ClassVar[dict[str, Any]] = {}
+    #: ``calibration.options`` / ``evaluation.options``: name → ``Option`` (its ``roles`` say which section)
+    data_options: ClassVar[dict[str, Any]] = {}
     #: data.source values this family can read
     data_sources: ClassVar[tuple[str, ...]] = ()
-    #: metric names, first = the headline metric; and whether lower is better for each
-    metrics: ClassVar[dict[str, bool]] = {}
+    #: what ``evaluate`` returns, first = the headline metric (``archquant.evaluation.Metric``)
+    metrics: ClassVar[tuple[Metric, ...]] = ()
     #: how messages name the architectures that ``architecture`` returns (default: as returned)
     architecture_names: ClassVar[dict[str, str]] = {}
 
@@ -54,8 +61,27 @@ class FamilyAdapter(ABC):
         """A calibration or evaluation split (``role`` is "calibration" or "evaluation")."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
-        """Metrics of ``model`` on an evaluation split."""
+    def evaluate(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None = None) -> dict[str, float]:
+        """Metrics of ``model`` on an evaluation split (names and meaning: ``metrics``).
+
+        The runner evaluates the FP model first with ``ctx.is_fp``; what it ``ctx.keep``s (its outputs
+        on these inputs and seeds) comes back as ``ctx.fp`` to every quantized evaluation, for the
+        FP-relative metrics. ``ctx.artifact_path`` gives files the report links (None: keep none).
+        ``ctx`` is None when called outside the runner."""
+
+    def probe_batch(self, data: DataSplit) -> Any:
+        """A fixed batch whose outputs must be bit-identical between the saved and the reloaded
+        model (``forward`` runs it): the first evaluation batch."""
+        return data.batches[0]
+
+    def data_options_of(self, data_cfg: dict, role: str) -> dict[str, Any]:
+        """The validated ``options`` of a data section, defaults filled in. Keys of ``data_options``
+        given at the top of the section (the older config form, or a direct caller's dict) count too."""
+        raw = dict(data_cfg.get("options") or {})
+        for key in self.data_options:
+            if key in data_cfg and key not in raw:
+                raw[key] = data_cfg[key]
+        return validate_options(raw, self.data_options, f"{role}.options", family=self.name, role=role)
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """How to run one calibration batch through the model."""

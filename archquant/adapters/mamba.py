@@ -24,6 +24,8 @@ from ..data import DataSplit
 from ..eval import lm
 from ..models.mamba import MambaConfig, MambaLM
 from ..models.mamba_loading import load_mamba
+from ..evaluation import EvalContext, Metric
+from ..options import Option, validate_options
 from .base import FamilyAdapter, register_adapter
 from .mamba_recipes import MAMBA_PRESETS
 from . import mamba_real  # noqa: F401,E402  (registers the real-quant Mamba blocks; TODO backends: lazily)
@@ -46,18 +48,33 @@ def reference_model_dir(name: str) -> Path:
 @register_adapter
 class MambaAdapter(FamilyAdapter):
     name = "mamba"
-    model_options = {"reference": "mamba1-byte"}
+    model_options = {
+        "reference": Option("mamba1-byte", allowed=REFERENCE_MODELS,
+                            help="the committed reference model used when model.path is null"),
+        "tokenizer": Option(None, type=str, help="'bytes', a tokenizer directory or hub id; default: the one "
+                                                 "saved in the model directory, else the config's"),
+    }
+    data_options = {
+        "seq_len": Option(256, minimum=1, help="tokens per window"),
+        "shuffle": Option(True, roles=("calibration",),
+                          help="shuffle the documents before cutting calibration windows"),
+        "task_examples": Option(256, minimum=0, roles=("evaluation",),
+                                help="examples of the last-token (LAMBADA-style) task, 0 to skip it"),
+        "lm_eval_tasks": Option([], items=str, roles=("evaluation",),
+                                help="lm-evaluation-harness tasks (optional extra, online)"),
+        "lm_eval_limit": Option(0, minimum=0, roles=("evaluation",), help="examples per lm-eval task, 0: all"),
+    }
     data_sources = ("stdlib", "text_files", "wikitext2", "pile_val")
-    metrics = {"perplexity": True, "last_token_accuracy": False}
+    metrics = (
+        Metric("perplexity", lower_is_better=True, description="exp of the mean next-token NLL"),
+        Metric("last_token_accuracy", lower_is_better=False, description="LAMBADA-style last-word accuracy"),
+    )
     architecture_names = {"mamba1": "Mamba1", "mamba2": "Mamba2"}
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
+        options = validate_options(options, self.model_options, "model.options", family=self.name)
         if path is None:
-            name = options.get("reference", "mamba1-byte")
-            if name not in REFERENCE_MODELS:
-                raise ValueError(f"config key 'model.options.reference' has value {name!r}: "
-                                 f"allowed values are {', '.join(REFERENCE_MODELS)}")
-            path = str(reference_model_dir(name))
+            path = str(reference_model_dir(options["reference"]))
         model = load_mamba(path, dtype=getattr(torch, dtype))
         return model, self.model_config(model)
 
@@ -137,29 +154,25 @@ class MambaAdapter(FamilyAdapter):
         return hf_documents(source, split or default), f"{source}/{split or default}"
 
     def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:
+        opts = self.data_options_of(data_cfg, role)
         docs, desc = self._documents(data_cfg, role)
         tok = lm.get_tokenizer(model_config.get("tokenizer", "bytes"))
         if role == "calibration":
-            windows, used = lm.calibration_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"],
-                                                   seed=data_cfg.get("seed", 0), shuffle=data_cfg.get("shuffle", True))
+            windows, used = lm.calibration_windows(docs, tok, opts["seq_len"], data_cfg["num_samples"],
+                                                   seed=data_cfg.get("seed", 0), shuffle=opts["shuffle"])
             # content identity: the documents that reached the windows, and the windows themselves
             digests = {**document_digests([d for d in docs if d.id in used]), **token_window_digests(windows, desc)}
             return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(used), digests=digests)
-        windows = lm.eval_windows(docs, tok, data_cfg["seq_len"], data_cfg["num_samples"])
-        examples = (lm.build_last_token_task(docs, tok, data_cfg["task_examples"])
-                    if data_cfg.get("task_examples", 0) > 0 else [])
+        windows = lm.eval_windows(docs, tok, opts["seq_len"], data_cfg["num_samples"])
+        examples = lm.build_last_token_task(docs, tok, opts["task_examples"]) if opts["task_examples"] > 0 else []
         # every document (the last-token task may draw on any), and the inputs w[:-1] the model is fed
         digests = {**document_digests(docs), **token_window_digests(windows[:, :-1], desc)}
         return DataSplit(desc, list(windows.split(data_cfg["batch_size"])), frozenset(d.id for d in docs),
                          digests=digests,
                          extra={"examples": examples, "tokenizer": tok,
-                                "lm_eval_tasks": list(data_cfg.get("lm_eval_tasks") or []),
-                                "lm_eval_limit": data_cfg.get("lm_eval_limit") or None})
+                                "lm_eval_tasks": opts["lm_eval_tasks"], "lm_eval_limit": opts["lm_eval_limit"] or None})
 
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch)
-
-    def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None = None) -> dict[str, float]:
         windows = torch.cat(data.batches)
         bs = data.batches[0].shape[0]
         metrics = {"perplexity": lm.perplexity(model, windows, batch_size=bs)}

@@ -17,6 +17,7 @@ from ..core.presets import GENERIC_PRESETS
 from ..core.structure import LinearGroup, ModelStructure
 from ..data import DataSplit, digest_tensor, label_digests
 from ..models.toy import ToyConfig, ToyResMLP, toy_task, train_toy_model
+from ..evaluation import EvalContext, Metric, snr_db
 from .base import FamilyAdapter, register_adapter
 
 # Seeds of the synthetic splits: different seeds are different (disjoint) samples.
@@ -38,7 +39,14 @@ class ToyAdapter(FamilyAdapter):
     name = "toy"
     model_options = {k: v for k, v in ToyConfig().to_dict().items()} | {"train_steps": 300}
     data_sources = ("synthetic",)
-    metrics = {"accuracy": False, "cross_entropy": True}
+    metrics = (
+        Metric("accuracy", lower_is_better=False, description="top-1 accuracy on the evaluation split"),
+        Metric("cross_entropy", lower_is_better=True, unit="nats"),
+        Metric("output_snr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,
+               description="signal-to-noise ratio of the logits against the FP model's on the same inputs"),
+        Metric("agreement_vs_fp", lower_is_better=False, relative_to_fp=True,
+               description="fraction of samples whose predicted class is the FP model's"),
+    )
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
         options = dict(options)
@@ -121,13 +129,33 @@ class ToyAdapter(FamilyAdapter):
         dtype = next(model.parameters()).dtype
         return model(x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x)
 
-    def evaluate(self, model: nn.Module, data: DataSplit) -> dict[str, float]:
-        correct, total, nll = 0, 0, 0.0
+    def evaluate(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None = None) -> dict[str, float]:
         dtype = next(model.parameters()).dtype
         with torch.no_grad():
-            for x, y in data.batches:
-                logits = model(x.to(dtype)).float()
-                nll += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(-1) == y).sum().item()
-                total += y.numel()
-        return {"accuracy": correct / total, "cross_entropy": nll / total}
+            logits = torch.cat([model(x.to(dtype)).float() for x, _ in data.batches])
+        labels = torch.cat([y for _, y in data.batches])
+        metrics = {"accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+                   "cross_entropy": F.cross_entropy(logits, labels).item()}
+        if ctx is None:
+            return metrics
+        if ctx.is_fp:
+            ctx.keep(logits)  # a few KB: what every quantized row is compared with
+        elif ctx.fp is not None:
+            metrics["output_snr_vs_fp"] = snr_db(ctx.fp, logits)
+            metrics["agreement_vs_fp"] = (logits.argmax(-1) == ctx.fp.argmax(-1)).float().mean().item()
+            self._write_predictions(ctx, ctx.fp, logits, labels)
+        return metrics
+
+    @staticmethod
+    def _write_predictions(ctx: EvalContext, fp: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> None:
+        """Per-sample FP vs quantized predictions, where they disagree first (a file to open, not to read)."""
+        path = ctx.artifact_path("predictions.csv")
+        if path is None:
+            return
+        fp_pred, q_pred = fp.argmax(-1), q.argmax(-1)
+        order = sorted(range(len(labels)), key=lambda i: (bool(fp_pred[i] == q_pred[i]), i))
+        rows = ["sample,label,fp_prediction,quantized_prediction,max_abs_logit_error"]
+        rows += [f"{i},{int(labels[i])},{int(fp_pred[i])},{int(q_pred[i])},{float((q[i] - fp[i]).abs().max()):.6g}"
+                 for i in order]
+        path.write_text("\n".join(rows) + "\n")
+        ctx.add_artifact(path, f"FP vs {ctx.label} predictions per sample (disagreements first)")
