@@ -209,22 +209,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     conf = _read_yaml(path)
-    if overrides:
-        try:
-            conf = OmegaConf.merge(conf, _parse_overrides(overrides))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot apply overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
-    return validate(_build(RunConfig, _move_data_options(OmegaConf.to_container(conf, resolve=True)), ""))
+    over = _parse_overrides(overrides) if overrides else OmegaConf.create({})
+    # older data keys are moved into options in the file and in the overrides separately, so that
+    # "calibration.seq_len=64" on the command line still overrides the file's options.seq_len
+    family = over.get("family", conf.get("family", RunConfig.family))
+    try:
+        conf = OmegaConf.create(_move_data_options(OmegaConf.to_container(conf, resolve=True), family))
+        over = OmegaConf.create(_move_data_options(OmegaConf.to_container(over, resolve=True), family))
+        merged = OmegaConf.merge(conf, over)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot apply overrides {' '.join(overrides or [])}: {str(e).splitlines()[0]}") from None
+    return validate(_build(RunConfig, OmegaConf.to_container(merged, resolve=True), ""))
 
 
-def _move_data_options(raw: dict) -> dict:
+def _move_data_options(raw: dict, family: Any) -> dict:
     """Older configs put a family's data keys (Mamba's seq_len, task_examples, lm_eval_tasks, shuffle)
     beside ``source``; they are read as ``<section>.options.<key>``. A key the family does not
     declare is left for ``_build`` to refuse, with the section's allowed keys."""
     from .adapters import get_adapter
 
     try:
-        declared = get_adapter(raw.get("family", RunConfig.family)).data_options
+        declared = get_adapter(family).data_options
     except (ValueError, TypeError):
         return raw  # an unknown family is refused by validate(), naming the allowed ones
     generic = {f.name for f in dataclasses.fields(DataSection)}

@@ -74,7 +74,8 @@ def _rel(q, fp) -> str:
         return ""
     if not (math.isfinite(q) and math.isfinite(fp)):
         return ""
-    return f" ({100.0 * (q - fp) / abs(fp):+.2f}%)"
+    pct = 100.0 * (q - fp) / abs(fp)
+    return f" ({pct:+.2f}%)" if abs(pct) < 1000 else f" (×{q / fp:.3g})"  # a collapse reads as a ratio
 
 
 def _columns(report: dict) -> list[tuple[str, dict]]:
