@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .adapters import FamilyAdapter, adapter_for, get_adapter
+from .adapters import FamilyAdapter, adapter_for, families, get_adapter
 from .core.calibration import ForwardFn
 from .core.presets import RecipeOptions
 from .core.recipe import Recipe, apply_recipe
@@ -79,8 +79,18 @@ def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_d
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *, family: str | None = None,
                    model_config: dict | None = None, metadata: dict | None = None):
-    """Save a quantized model (safetensors + quantization_config.json), atomically."""
-    adapter = _adapter(model, family)
+    """Save a quantized model (safetensors + quantization_config.json), atomically.
+
+    The checkpoint names the model's family, whose adapter rebuilds the model at load time: a
+    model quantized with an explicit ``structure=`` and no family cannot be saved this way."""
+    try:
+        adapter = _adapter(model, family)
+    except ValueError as e:
+        if family is not None:
+            raise
+        raise ValueError(f"cannot save a {type(model).__name__}: no family adapter recognises it, and "
+                         f"load_quantized needs one to rebuild the model (families: "
+                         f"{', '.join(families())}); pass family= or save its state_dict yourself") from e
     if model_config is None:
         try:
             model_config = adapter.model_config(model)  # asked now: a recipe may have untied weights

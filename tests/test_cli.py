@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import archquant as aq
-from archquant.run import main
+from cli_testing import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["model.options.train_steps=20", "calibration.num_samples=64", "evaluation.num_samples=256", "progress=false"]
@@ -19,12 +19,6 @@ def config(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text((ROOT / "configs" / "toy_w8a8.yaml").read_text())
     return cfg
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_end_to_end_run_writes_reports_and_a_reloadable_checkpoint(config, tmp_path, capsys):

@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from archquant.core.structure import ModelStructure
 from archquant.data import DataSplit, digest_tensor, label_digests
 from archquant.evaluation import EvalContext, Metric, snr_db
 from archquant.options import Option
-from archquant.run import main
+
+from cli_testing import FAST_TOY, TOY_CONFIG, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,12 +106,6 @@ def write_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_a_family_declared_outside_the_runner_runs_end_to_end(tmp_path, capsys):
@@ -207,12 +201,8 @@ sys.exit(main(sys.argv[1:]))
 
 def _toy_config(tmp_path) -> Path:
     cfg = tmp_path / "toy.yaml"
-    cfg.write_text((ROOT / "configs" / "toy_w8a8.yaml").read_text())
+    cfg.write_text(TOY_CONFIG.read_text())
     return cfg
-
-
-FAST_TOY = ["model.options.train_steps=20", "calibration.num_samples=64", "evaluation.num_samples=256",
-            "progress=false"]
 
 
 def test_a_bug_inside_an_algorithm_keeps_its_traceback_and_exits_1(tmp_path):
@@ -257,3 +247,14 @@ def test_a_metric_only_quantized_rows_have_renders_without_the_fp_value():
     md = render_markdown(report)
     row = next(line for line in md.splitlines() if line.startswith("| **m** |"))
     assert "1.000e+106" in row and "inf" in row and len(row) < 120
+
+
+def test_a_model_quantized_without_a_family_gets_a_clear_save_error(tmp_path):
+    import archquant as aq
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    recipe = aq.Recipe("w8", [aq.Quantize(weight=aq.QuantSpec(bits=8, granularity="channel"))])
+    aq.quantize_(model, recipe, structure=ModelStructure(hidden_size=8, quantize=["0", "2"]))
+    with pytest.raises(ValueError, match=r"^cannot save a Sequential: no family adapter recognises it.*pass family="):
+        aq.save_quantized(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -23,21 +23,11 @@ from archquant.core import safe_io
 from archquant.core.safe_io import MARKER, StagedDir, write_text_atomic
 from archquant.run import main
 
+from cli_testing import run_cli, one_error_line
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "toy_w8a8.yaml"
 FAST = ["model.options.train_steps=20", "calibration.num_samples=64", "evaluation.num_samples=256", "progress=false"]
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def visible_checkpoints(root: Path) -> list[Path]:
