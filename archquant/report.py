@@ -173,6 +173,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Saved checkpoint `{ckpt.get('path')}` reloaded:{outputs} metrics {ok}{extra}.")
     lines.append("Stage timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()
                                                     if not isinstance(v, dict)))
+    peaks = {k: v for k, v in (report.get("peak_rss_mib") or {}).items() if v is not None}
+    if peaks:
+        lines.append(f"Peak resident memory: {max(peaks.values()):.0f} MiB (after each stage: "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + ").")
     artifacts = report.get("artifacts") or []
     if artifacts:
         lines += ["", "## Files", ""]

@@ -63,8 +63,11 @@ def _input_stage():
 
 
 class Timer:
+    """Seconds per stage, and the process's peak resident memory when each stage ended."""
+
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
+        self.peak_rss_mib: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str, log=print):
@@ -72,6 +75,17 @@ class Timer:
         t0 = time.perf_counter()
         yield
         self.times[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_mib[name] = _peak_rss_mib()
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return round(kib / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except (ImportError, OSError):
+        return None
 
 
 class RunFailed(RuntimeError):
@@ -202,6 +216,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         "output": {"dir": str(out), "removed_leftovers": stage.swept, "kept_leftovers": stage.kept,
                    "kept_aside": str(aside) if (aside := stage.planned_aside()) else None},
         "timings": {**timer.times, "recipe_steps": {k: round(v, 3) for k, v in step_times.items()}},
+        "peak_rss_mib": timer.peak_rss_mib,
         "environment": environment(),
     }
     try:
