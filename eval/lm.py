@@ -1,11 +1,12 @@
 """Language-model data and metrics: tokenizers, token windows, perplexity, a LAMBADA-style task.
 
-Everything works on ``archquant.corpus.Document`` lists, so the documents (and token windows)
+Everything works on ``archquant.eval.corpus.Document`` lists, so the documents (and token windows)
 that went into calibration can be compared, by content, with those used for evaluation (see
 ``archquant.data``).
 
 * ``eval_windows`` / ``perplexity``: non-overlapping windows from the start of the token
-  stream, scored by exp(mean next-token NLL) accumulated in float64.
+  stream, scored by exp(mean next-token NLL) accumulated in float64 (inf when that overflows:
+  a collapsed model is a result to report, not an error).
 * ``calibration_windows``: consecutive windows of a (seeded) shuffle of the documents, together
   with the ids of the documents that actually contributed tokens.
 * ``build_last_token_task`` / ``last_token_accuracy``: predict the last word of a line of text
@@ -25,10 +26,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from archquant.corpus import Document
+from archquant.eval.corpus import Document
 
 __all__ = [
-    "ByteTokenizer", "HFTokenizer", "get_tokenizer", "token_stream", "eval_windows", "calibration_windows",
+    "ByteTokenizer", "HFTokenizer", "get_tokenizer", "check_tokenizer_fits", "token_stream", "eval_windows", "calibration_windows",
     "perplexity", "LastTokenExample", "build_last_token_task", "last_token_accuracy",
 ]
 
@@ -42,6 +43,7 @@ class ByteTokenizer:
     """Token id = byte value: lossless on any input, no files needed."""
 
     vocab_size: int = 256
+    name: str = "bytes"
 
     def encode(self, data: bytes) -> list[int]:
         return list(data)
@@ -70,6 +72,10 @@ class HFTokenizer:
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False).encode("utf-8")
 
 
+#: the files ``AutoTokenizer.from_pretrained`` needs one of in a tokenizer directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _looks_like_local_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~"))
 
@@ -79,16 +85,35 @@ def get_tokenizer(name: str):
     if name == "bytes":
         return ByteTokenizer()
     # A path that is clearly local and missing gets a plain message instead of a hub-id error.
-    if _looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    if _looks_like_local_path(name) and not os.path.isdir(path):
         raise ValueError(f"tokenizer {name!r}: no such directory")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"tokenizer {name!r}: the directory has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                         "name one: 'bytes', a tokenizer directory or a hub id")
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError, ValueError, HFValidationError, ...
         raise ValueError(f"cannot load tokenizer {name!r} ({type(e).__name__}): not a tokenizer directory, "
                          f"or a hub id that is not available offline") from None
     return HFTokenizer(tokenizer, name)
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """Refuse, in one line, a tokenizer whose ids reach beyond the model's embedding table.
+
+    Fewer tokens than the vocabulary is fine (checkpoints pad it, e.g. 50277 -> 50280); more
+    would end in an embedding lookup's ``IndexError`` deep in the first forward. ``where``
+    names the model (or the setting that paired the two) for the message.
+    """
+    size = int(tokenizer.vocab_size)
+    if size > vocab_size:
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        raise ValueError(f"tokenizer {name!r} has {size} tokens but the model's vocabulary is {vocab_size}: "
+                         f"ids {vocab_size}..{size - 1} have no embedding in {where}; "
+                         "use the tokenizer the model was trained with")
 
 
 def _encode_tensor(tokenizer, data: bytes) -> torch.Tensor:
@@ -207,7 +232,10 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 1 
 
 @torch.no_grad()
 def perplexity(model_fn: ModelFn, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean NLL) of every target token of ``windows`` (from ``eval_windows``)."""
+    """exp(mean NLL) of every target token of ``windows`` (from ``eval_windows``).
+
+    A mean NLL beyond ~709 nats (a collapsed model) gives ``inf`` rather than an OverflowError,
+    so one broken model does not lose the rest of a report; NaN logits give NaN."""
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must have shape (n >= 1, seq_len + 1 >= 2), got {tuple(windows.shape)}")
     _require_positive(batch_size=batch_size)
@@ -219,7 +247,14 @@ def perplexity(model_fn: ModelFn, windows: torch.Tensor, batch_size: int = 8) ->
         # model_fn may move the inputs to its own device; follow it there.
         total_nll += _nll_sum(logits, targets.to(logits.device))
         total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
+    return _exp_or_inf(total_nll / total_tokens)
+
+
+def _exp_or_inf(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # the true value is beyond float64: inf is the honest float for it
+        return float("inf")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from archquant.corpus import Document, stdlib_documents
+from archquant.eval.corpus import Document, stdlib_documents
 from archquant.eval.lm import (
     ByteTokenizer,
     LastTokenExample,
     build_last_token_task,
     calibration_windows,
+    check_tokenizer_fits,
     eval_windows,
     get_tokenizer,
     last_token_accuracy,
@@ -43,6 +44,45 @@ def test_get_tokenizer_bytes_and_missing_dir():
         get_tokenizer("/no/such/dir")
 
 
+def test_get_tokenizer_on_a_directory_without_a_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory, say, with no tokenizer saved
+    with pytest.raises(ValueError) as ei:
+        get_tokenizer(str(tmp_path))
+    msg = str(ei.value)
+    assert "\n" not in msg and str(tmp_path) in msg and "no tokenizer" in msg and "tokenizer.json" in msg
+
+
+def test_check_tokenizer_fits():
+    check_tokenizer_fits(BYTES, 256, "model m")
+    check_tokenizer_fits(BYTES, 50280, "model m")  # a padded vocabulary is fine
+    with pytest.raises(ValueError) as ei:
+        check_tokenizer_fits(BYTES, 200, "model /ckpt/m")
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith("tokenizer 'bytes' has 256 tokens but the model's vocabulary is 200: ")
+    assert "ids 200..255" in msg and "/ckpt/m" in msg
+
+
+def test_check_tokenizer_fits_guards_the_embedding_lookup(tmp_path):
+    """The IndexError it replaces: a word-level tokenizer of 300 tokens, a model of 64."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    from archquant.models.mamba import MambaConfig, MambaLM
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 300)}}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]").save_pretrained(tmp_path)
+    tok = get_tokenizer(str(tmp_path))
+    model = MambaLM(MambaConfig(vocab_size=64, hidden_size=16, num_layers=1))
+    ids = torch.tensor([tok.encode(b"w1 w299")])
+    with pytest.raises(IndexError):
+        model(ids)
+    with pytest.raises(ValueError, match=r"^tokenizer '.+' has 300 tokens but the model's vocabulary is 64: "):
+        check_tokenizer_fits(tok, model.config.vocab_size, "the model")
+
+
 def test_get_tokenizer_wraps_a_local_hf_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
@@ -68,6 +108,15 @@ def test_get_tokenizer_wraps_a_local_hf_tokenizer(tmp_path):
     assert tok.decode(ids) == text
     assert tok.decode(tok.encode(b"ab\xffc")) == "ab\ufffdc".encode()  # invalid UTF-8 is replaced
     assert tok.decode(token_stream([Document("a", b"ab"), Document("b", b"de")], tok)) == b"ab\nde"
+
+
+def test_old_corpus_module_re_exports_the_moved_one():
+    import archquant.corpus as old
+    import archquant.eval.corpus as moved
+
+    assert len(moved.__all__) >= 10
+    for name in moved.__all__:
+        assert getattr(old, name) is getattr(moved, name), name
 
 
 def test_token_stream_joins_documents_with_separator():
@@ -158,6 +207,31 @@ def test_perplexity_of_perfect_model_is_one():
         return torch.nn.functional.one_hot(targets, 50).float() * 50.0
 
     assert perplexity(perfect, windows, batch_size=2) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity_of_a_collapsed_model_is_inf_not_an_error():
+    """A mean NLL of ~1e4 nats: math.exp overflows, the metric is inf and the run goes on."""
+    windows = torch.zeros(2, 6, dtype=torch.long)
+
+    def sure_and_wrong(ids):  # every target is 0; this model puts all its mass on token 1
+        logits = torch.zeros(*ids.shape, 4)
+        logits[..., 1] = 1e4
+        return logits
+
+    assert perplexity(sure_and_wrong, windows) == math.inf
+
+    def nan_logits(ids):
+        return torch.full((*ids.shape, 4), math.nan)
+
+    assert math.isnan(perplexity(nan_logits, windows))
+
+    # just below the overflow the value is still exact: NLL = 700 nats per token
+    def seven_hundred(ids):
+        logits = torch.zeros(*ids.shape, 2)
+        logits[..., 1] = 700.0  # log(1 + e^700) ≈ 700 nats for target 0
+        return logits
+
+    assert perplexity(seven_hundred, windows) == pytest.approx(math.exp(700.0), rel=1e-9)
 
 
 def test_perplexity_checks_logit_shape():
