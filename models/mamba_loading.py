@@ -32,34 +32,114 @@ class MambaLoadError(ValueError):
 # config translation
 # ----------------------------------------------------------------------------------------
 
+#: what a field of transformers' ``MambaConfig`` / ``Mamba2Config`` means to us. ``READ`` fields
+#: are translated into our ``MambaConfig`` (or checked, and refused with a one-line
+#: ``MambaLoadError`` naming the field when their value is one we do not run); every other
+#: entry says why the field does not change the logits. tests/test_mamba_loading.py fails when
+#: the installed transformers writes a field that is in neither table, so this stays complete.
+#: Fields in no table (mamba_ssm leftovers such as ``d_model`` or ``fused_add_norm`` in old HF
+#: configs, or anything newer) are ignored, as transformers ignores them.
+READ = "read"
+_INIT = "initialisation only (the weights are loaded, not initialised)"
+_OUTPUTS = "which outputs forward returns, not the logits"
+_PROVENANCE = "provenance, not architecture"
+_TOKEN_IDS = "special token ids for generation and padding; the logits do not depend on them"
+_CLASSIFICATION = "sequence-classification heads only"
+HF_FIELDS_COMMON = {
+    "model_type": READ, "vocab_size": READ, "hidden_size": READ, "num_hidden_layers": READ, "state_size": READ,
+    "expand": READ, "conv_kernel": READ, "use_bias": READ, "use_conv_bias": READ, "layer_norm_epsilon": READ,
+    "residual_in_fp32": READ, "tie_word_embeddings": READ,
+    "hidden_act": READ,  # checked: only SiLU
+    "initializer_range": _INIT, "rescale_prenorm_residual": _INIT,
+    "time_step_min": _INIT, "time_step_max": _INIT, "time_step_floor": _INIT,
+    "pad_token_id": _TOKEN_IDS, "bos_token_id": _TOKEN_IDS, "eos_token_id": _TOKEN_IDS,
+    "use_cache": "whether forward returns a recurrent cache; the logits are the same",
+    "output_hidden_states": _OUTPUTS, "output_attentions": _OUTPUTS, "return_dict": _OUTPUTS,
+    "dtype": "the storage dtype: the weights carry their own, load_mamba(dtype=...) sets the compute dtype",
+    "torch_dtype": "transformers 4.x name of dtype",
+    "architectures": _PROVENANCE, "transformers_version": _PROVENANCE, "_name_or_path": _PROVENANCE,
+    "id2label": _CLASSIFICATION, "label2id": _CLASSIFICATION, "problem_type": _CLASSIFICATION,
+    "chunk_size_feed_forward": "feed-forward chunking, which no Mamba block uses",
+    "is_encoder_decoder": "transformers' Mamba models are decoder-only whatever it says",
+}
+HF_FIELDS = {
+    "mamba": {
+        **HF_FIELDS_COMMON,
+        "time_step_rank": READ, "intermediate_size": READ,  # checked: expand * hidden_size, as transformers sets it
+        "time_step_scale": _INIT, "time_step_init_scheme": _INIT,
+        "use_mambapy": "which slow-path scan implementation transformers runs, not what it computes",
+        "use_associative_scan": "which slow-path scan implementation transformers runs, not what it computes",
+    },
+    "mamba2": {
+        **HF_FIELDS_COMMON,
+        "num_heads": READ, "head_dim": READ, "n_groups": READ, "chunk_size": READ, "time_step_limit": READ,
+        "time_step_rank": "Mamba2 has no dt projection: transformers stores the rank and never uses it",
+        "rms_norm": "transformers 4.x Mamba2Config field; its Mamba2 uses the gated RMSNorm whatever it says",
+    },
+}
+#: transformers' defaults for absent fields (the same in 4.x and 5.x). vocab_size, hidden_size
+#: and num_hidden_layers have defaults there too, but a config without them cannot describe the
+#: weights beside it: they are required here, so the error names the missing field.
+HF_DEFAULTS = {
+    "mamba": dict(state_size=16, expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+                  layer_norm_epsilon=1e-5, residual_in_fp32=True, tie_word_embeddings=True, hidden_act="silu",
+                  time_step_rank="auto"),
+    "mamba2": dict(state_size=128, expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+                   layer_norm_epsilon=1e-5, residual_in_fp32=True, tie_word_embeddings=False, hidden_act="silu",
+                   num_heads=128, head_dim=64, n_groups=8, chunk_size=256, time_step_limit=(0.0, float("inf"))),
+}
+#: the names transformers' ACT2FN gives SiLU (the only activation our mixers run)
+SILU_NAMES = ("silu", "swish")
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def decode_special_floats(obj):
+    """``obj`` with transformers 5.x's encoding of non-finite floats undone.
+
+    JSON has no Infinity or NaN: transformers 5 writes them as ``{"__float__": "Infinity"}``
+    (4.x wrote the non-standard bare ``Infinity``, which ``json.loads`` reads directly). This
+    is how transformers reads them back: a dict whose only key is ``__float__`` with a known tag.
+    """
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj["__float__"]]
+        return {k: decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_special_floats(v) for v in obj]
+    return obj
+
+
+def _time_step_limit(value, field: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise MambaLoadError(f"config.json {field}={value!r} is not a pair (min, max)")
+    return tuple(float("inf") if x is None else float(x) for x in value)
+
 
 def config_from_hf(d: dict) -> MambaConfig:
+    """Our ``MambaConfig`` for a transformers ``config.json`` (already parsed), read as
+    transformers reads it: non-finite floats decoded, its defaults for absent fields."""
     mt = d.get("model_type")
-    if mt not in ("mamba", "mamba2"):
+    if mt not in HF_FIELDS:
         raise MambaLoadError(f"config.json model_type {mt!r} is not a Mamba model ('mamba' or 'mamba2')")
-    # defaults are transformers' MambaConfig / Mamba2Config ones (they differ for state_size)
+    d = {**HF_DEFAULTS[mt], **decode_special_floats(d)}
+    if d["hidden_act"] not in SILU_NAMES:
+        raise MambaLoadError(f"config.json hidden_act={d['hidden_act']!r} is not supported: only 'silu'")
     common = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-                  state_size=d.get("state_size", 16 if mt == "mamba" else 128), expand=d.get("expand", 2),
-                  conv_kernel=d.get("conv_kernel", 4),
-                  use_bias=d.get("use_bias", False), use_conv_bias=d.get("use_conv_bias", True),
-                  norm_eps=d.get("layer_norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
-                  tie_embeddings=d.get("tie_word_embeddings", mt == "mamba"),
+                  state_size=d["state_size"], expand=d["expand"], conv_kernel=d["conv_kernel"],
+                  use_bias=d["use_bias"], use_conv_bias=d["use_conv_bias"], norm_eps=d["layer_norm_epsilon"],
+                  residual_in_fp32=d["residual_in_fp32"], tie_embeddings=d["tie_word_embeddings"],
                   tokenizer=d.get("archquant_tokenizer", "auto"))
-    if d.get("hidden_act", "silu") != "silu":
-        raise MambaLoadError(f"config.json hidden_act {d['hidden_act']!r} not supported: only 'silu'")
     if mt == "mamba":
-        rank = d.get("time_step_rank", "auto")
+        rank = d["time_step_rank"]
         cfg = MambaConfig(arch="mamba1", dt_rank=0 if rank == "auto" else int(rank), **common)
         inter = d.get("intermediate_size")
         if inter is not None and int(inter) != cfg.d_inner:
             raise MambaLoadError(f"config.json intermediate_size={inter} != expand*hidden_size={cfg.d_inner}")
         return cfg
-    limit = d.get("time_step_limit", (0.0, float("inf")))
-    cfg = MambaConfig(arch="mamba2", head_dim=d.get("head_dim", 64), n_groups=d.get("n_groups", 8),
-                      chunk_size=d.get("chunk_size", 256),
-                      time_step_limit=tuple(float("inf") if x is None else float(x) for x in limit), **common)
-    nh = d.get("num_heads")
-    if nh is not None and int(nh) * cfg.head_dim != cfg.d_inner:
+    cfg = MambaConfig(arch="mamba2", head_dim=d["head_dim"], n_groups=d["n_groups"], chunk_size=d["chunk_size"],
+                      time_step_limit=_time_step_limit(d["time_step_limit"], "time_step_limit"), **common)
+    nh = d["num_heads"]
+    if int(nh) * cfg.head_dim != cfg.d_inner:
         raise MambaLoadError(f"config.json num_heads*head_dim={int(nh) * cfg.head_dim} != "
                              f"expand*hidden_size={cfg.d_inner}")
     if cfg.num_heads % cfg.n_groups:
@@ -85,6 +165,10 @@ def hf_config_dict(cfg: MambaConfig) -> dict:
     return d
 
 
+#: the tokenizer every state-spaces mamba_ssm checkpoint was trained with (their configs do not say)
+MAMBA_SSM_TOKENIZER = "EleutherAI/gpt-neox-20b"
+
+
 def config_from_mamba_ssm(d: dict, state: dict) -> MambaConfig:
     ssm_cfg = dict(d.get("ssm_cfg") or {})
     layer = ssm_cfg.pop("layer", "Mamba1")
@@ -94,7 +178,7 @@ def config_from_mamba_ssm(d: dict, state: dict) -> MambaConfig:
     vocab = emb.shape[0]  # already padded to pad_vocab_size_multiple
     common = dict(vocab_size=vocab, hidden_size=d["d_model"], num_layers=d["n_layer"],
                   norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
-                  tie_embeddings=d.get("tie_embeddings", True), tokenizer="EleutherAI/gpt-neox-20b",
+                  tie_embeddings=d.get("tie_embeddings", True), tokenizer=MAMBA_SSM_TOKENIZER,
                   state_size=ssm_cfg.get("d_state", 16 if layer == "Mamba1" else 128),
                   expand=ssm_cfg.get("expand", 2), conv_kernel=ssm_cfg.get("d_conv", 4),
                   use_bias=ssm_cfg.get("bias", False), use_conv_bias=ssm_cfg.get("conv_bias", True))
@@ -116,10 +200,9 @@ def config_from_mamba_ssm(d: dict, state: dict) -> MambaConfig:
         for key, default in (("rmsnorm", True), ("norm_before_gate", False), ("D_has_hdim", False)):
             if bool(ssm_cfg.get(key, default)) != default:
                 raise MambaLoadError(f"mamba_ssm Mamba2 {key}={ssm_cfg[key]!r} is not supported")
-        limit = ssm_cfg.get("dt_limit", (0.0, float("inf")))
+        limit = _time_step_limit(ssm_cfg.get("dt_limit", (0.0, float("inf"))), "ssm_cfg.dt_limit")
         return MambaConfig(arch="mamba2", head_dim=ssm_cfg.get("headdim", 64), n_groups=ssm_cfg.get("ngroups", 1),
-                           chunk_size=ssm_cfg.get("chunk_size", 256),
-                           time_step_limit=tuple(float("inf") if x is None else float(x) for x in limit), **common)
+                           chunk_size=ssm_cfg.get("chunk_size", 256), time_step_limit=limit, **common)
     raise MambaLoadError(f"mamba_ssm ssm_cfg.layer {layer!r} not supported: 'Mamba1' or 'Mamba2'")
 
 
@@ -202,8 +285,30 @@ def _resolve(path: str) -> Path:
     raise MambaLoadError(f"model directory not found: {path}")
 
 
-def load_mamba(path: str, dtype: torch.dtype = torch.float32) -> MambaLM:
-    """Load an HF or mamba_ssm Mamba1/Mamba2 checkpoint directory (or hub id) as a ``MambaLM``."""
+#: files that make a directory a tokenizer directory (``AutoTokenizer.from_pretrained`` reads them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_tokenizer(explicit: str | None, directory: Path, config_default: str) -> str:
+    """The tokenizer a checkpoint's token ids mean, first found of: ``explicit`` (the user's
+    ``model.options.tokenizer``: "bytes", a directory or a hub id); a tokenizer saved in the model
+    directory; the config's own (``archquant_tokenizer``, or gpt-neox for mamba_ssm checkpoints).
+    With none of these ("auto"), the model directory: loading a tokenizer from it then fails
+    saying that it has none, which is where the user would look."""
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit.strip():
+            raise MambaLoadError(f"tokenizer {explicit!r} is not a name: 'bytes', a tokenizer directory or a hub id")
+        return explicit
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return str(directory)
+    return str(directory) if config_default == "auto" else config_default
+
+
+def load_mamba(path: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None) -> MambaLM:
+    """Load an HF or mamba_ssm Mamba1/Mamba2 checkpoint directory (or hub id) as a ``MambaLM``.
+
+    ``tokenizer`` overrides the tokenizer the checkpoint implies; the one used is recorded in
+    ``model.config.tokenizer`` (see ``resolve_tokenizer``)."""
     directory = _resolve(path)
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
@@ -220,8 +325,6 @@ def load_mamba(path: str, dtype: torch.dtype = torch.float32) -> MambaLM:
         if "model_type" in raw:
             cfg = config_from_hf(raw)  # before the weights: a wrong model_type is the first thing to report
             state = _read_weights(directory)
-            if cfg.tokenizer == "auto":
-                cfg.tokenizer = str(directory)
         elif "d_model" in raw and "n_layer" in raw:
             state = _read_weights(directory)
             cfg = config_from_mamba_ssm(raw, state)
@@ -240,6 +343,7 @@ def load_mamba(path: str, dtype: torch.dtype = torch.float32) -> MambaLM:
         raise MambaLoadError(f"{cfg_file} lacks the field {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:  # MambaConfig's own checks, wrong value types
         raise MambaLoadError(f"{cfg_file} is not a valid Mamba config: {str(e).splitlines()[0]}") from None
+    cfg.tokenizer = resolve_tokenizer(tokenizer, directory, cfg.tokenizer)
     model = MambaLM(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
