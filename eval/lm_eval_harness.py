@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from archquant.models.mamba import greedy_generate
+
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 STANDARD_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 #: the metric each task is usually reported with
@@ -59,18 +61,22 @@ def rolling_loglikelihood(model_fn: ModelFn, tokenizer, text: str, window: int =
     return total
 
 
-@torch.no_grad()
-def greedy_generate(model_fn: ModelFn, tokenizer, context: str, until: Sequence[str], max_new_tokens: int = 64) -> str:
-    ids = tokenizer.encode(context.encode())
-    generated: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model_fn(torch.tensor(ids + generated, dtype=torch.long)[None])
-        generated.append(int(logits[0, -1].argmax()))
-        text = tokenizer.decode(generated).decode(errors="replace")
-        for stop in until:
-            if stop and stop in text:
-                return text[:text.index(stop)]
-    return tokenizer.decode(generated).decode(errors="replace")
+def generate_until(model, tokenizer, context: str, until: Sequence[str], max_new_tokens: int = 64) -> str:
+    """lm-eval's ``generate_until``: the greedy continuation of ``context``, cut before the first
+    of the ``until`` strings it contains.
+
+    The tokens come from the model's own ``greedy_generate`` (``models/mamba.py``: one prefill,
+    then one recurrent step per token), so ``model`` must have ``new_cache()``: every MambaLM,
+    FP or quantized, does. It generates all ``max_new_tokens`` and cuts the text afterwards, which
+    for a recurrent model costs one cheap step per token, instead of re-running the whole
+    sequence after each token to check the stop strings."""
+    if not hasattr(model, "new_cache"):
+        raise ValueError(f"generation needs a model with a recurrent cache (new_cache()), got {type(model).__name__}")
+    ids = torch.tensor(tokenizer.encode(context.encode()), dtype=torch.long)[None]
+    generated = greedy_generate(model, ids, max_new_tokens)[0].tolist()
+    text = tokenizer.decode(generated).decode(errors="replace")
+    cuts = [text.index(stop) for stop in until if stop and stop in text]
+    return text[:min(cuts)] if cuts else text
 
 
 def run_lm_eval(model_fn: ModelFn, tokenizer, tasks: Sequence[str], limit: int | None = None,
@@ -90,7 +96,7 @@ def run_lm_eval(model_fn: ModelFn, tokenizer, tasks: Sequence[str], limit: int |
             return [rolling_loglikelihood(model_fn, tokenizer, r.args[0]) for r in requests]
 
         def generate_until(self, requests):
-            return [greedy_generate(model_fn, tokenizer, r.args[0], r.args[1].get("until", [])) for r in requests]
+            return [generate_until(model_fn, tokenizer, r.args[0], r.args[1].get("until", [])) for r in requests]
 
     try:
         results = simple_evaluate(model=ArchquantLM(), tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)

@@ -3,7 +3,7 @@
     python -m archquant.models.train_mamba --arch mamba1 --out models/reference/mamba1-byte
     python -m archquant.models.train_mamba --arch mamba2 --out models/reference/mamba2-byte
 
-Data: the train split of the Python standard library's sources (``archquant.corpus``),
+Data: the train split of the Python standard library's sources (``archquant.eval.corpus``),
 disjoint by file from the calibration and evaluation splits. Tokens are raw bytes (vocab 256).
 Writes an HF-format checkpoint (config.json + model.safetensors, loadable by
 ``transformers.MambaForCausalLM`` too) and ``training.json`` with the command, the final
@@ -21,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from archquant.corpus import describe_environment, stdlib_documents
+from archquant.eval import lm
+from archquant.eval.corpus import describe_environment, stdlib_documents
 from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
 from archquant.models.mamba_loading import save_mamba_hf
 
@@ -46,18 +47,16 @@ def unigram_perplexity(train: torch.Tensor, evaluation: torch.Tensor) -> float:
     return math.exp(-logp[evaluation.long()].mean().item())
 
 
-@torch.no_grad()
-def perplexity(model: MambaLM, data: torch.Tensor, seq_len: int = 512, max_windows: int = 64,
-               batch_size: int = 16) -> float:
-    """Perplexity over the first ``max_windows`` non-overlapping windows of ``data``."""
+def eval_perplexity(model: MambaLM, data: torch.Tensor, seq_len: int = 512, max_windows: int = 64,
+                    batch_size: int = 16) -> float:
+    """Perplexity (``eval.lm.perplexity``) over the first ``max_windows`` windows of ``data``.
+
+    Window i holds bytes [i·seq_len, (i+1)·seq_len]: consecutive windows share their boundary
+    byte (input of one, last target of the other), so every byte after the first is a target
+    exactly once. These are the windows behind the perplexities recorded in training.json."""
     n = min(max_windows, (data.numel() - 1) // seq_len)
-    windows = torch.stack([data[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]).long()
-    nll, count = 0.0, 0
-    for chunk in windows.split(batch_size):
-        logits = model(chunk[:, :-1]).float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum").item()
-        count += chunk[:, 1:].numel()
-    return math.exp(nll / count)
+    windows = data[: n * seq_len + 1].long().unfold(0, seq_len + 1, seq_len)
+    return lm.perplexity(model, windows, batch_size=batch_size)
 
 
 def train(args) -> dict:
@@ -92,7 +91,7 @@ def train(args) -> dict:
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
         "train_bytes": int(train_data.numel()),
         "data": describe_environment() + " (train split; evaluation split for the numbers below)",
-        "eval_perplexity": perplexity(model, eval_data),
+        "eval_perplexity": eval_perplexity(model, eval_data),
         "unigram_perplexity": unigram_perplexity(train_data, eval_data[: 64 * 512 + 1]),
         "train_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
