@@ -1,7 +1,7 @@
 """Calibration driver: run a model over calibration batches and collect statistics.
 
 Two uses share one loop:
-* ``collect_input_stats`` hooks chosen modules and feeds their inputs (or outputs) to
+* ``collect_stats`` hooks chosen modules and feeds their inputs (or outputs) to
   statistic objects (channel absmax for smoothing, covariance for KLT, …) *before* the model
   is rewritten;
 * ``calibrate`` switches the static activation quantizers of a fake-quant model to
