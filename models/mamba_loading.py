@@ -9,6 +9,14 @@ Formats read (``load_mamba(path)``), told apart by their ``config.json``:
 ``.bin`` files are read with ``torch.load(weights_only=True)``: never unpickled as code.
 
 ``path`` may be a hub id ("org/name"): it is downloaded with huggingface_hub when online.
+
+HF configs are read as the transformers that wrote them reads them: 5.x's encoding of
+non-finite floats (``{"__float__": "Infinity"}``) is decoded, absent fields take transformers'
+defaults, and each field transformers writes is classified in ``HF_FIELDS`` (read, refused when
+its value is one we do not run, or a field that does not change the forward).
+
+The tokenizer the token ids mean is recorded in ``model.config.tokenizer``: the caller's
+``tokenizer=``, else one saved in the checkpoint directory, else the config's (``resolve_tokenizer``).
 """
 from __future__ import annotations
 
