@@ -32,7 +32,7 @@ from .core.safe_io import OutputExistsError, StagedDir
 from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
 from .evaluation import EvalContext, metric_table
-from .real import check_kernels, convert_to_real
+from .backends import check_kernels, convert_to_real
 from .report import CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, write_reports
 
 EXIT_USAGE = 2

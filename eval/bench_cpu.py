@@ -137,7 +137,7 @@ def _instrumented(split: _Split, head: nn.Module):
     scan and state update (here their torch versions, which the CPU path runs)."""
     from archquant.kernels import mamba_scan
     from archquant.models import mamba as mamba_mod
-    from archquant.real import RealQuantLinear
+    from archquant.backends import RealQuantLinear
 
     patches = [(nn.Linear, "forward", "gemm"), (RealQuantLinear, "forward", "gemm"),
                (RealQuantLinear, "quantize_input", "gemm"), (RealQuantLinear, "matmul_codes", "gemm"),
@@ -200,7 +200,7 @@ def _models(which: str, calib_tokens: int = 256):
 
     import archquant as aq
     from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
-    from archquant.real import convert_to_real
+    from archquant.backends import convert_to_real
 
     if which == "reference":
         from archquant.adapters.mamba import reference_model_dir

@@ -46,7 +46,7 @@ def build_models(shape: dict, dtype: torch.dtype, device: torch.device, calib_to
     correctness check and dropped by the caller afterwards."""
     import archquant as aq
     from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
-    from archquant.real import convert_to_real
+    from archquant.backends import convert_to_real
 
     cfg = MambaConfig(arch="mamba1", tie_embeddings=True, **shape)
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """CPU int8 backend: kernels/cpu_int8.py (int8 GEMM paths, weight-only paths, activation
-quantization) and archquant/real.py (RealQuantLinear, convert_to_real, runner backend=real).
+quantization) and archquant/backends/real.py (RealQuantLinear, convert_to_real, runner backend=real).
 
 Tolerances, and why:
 * int8 x int8 paths (``int_mm``, ``fbgemm``): bit-identical to the exact reference (int64
@@ -38,8 +38,8 @@ from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_o
 from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
 from archquant.models.mamba import MambaLM
 from archquant.models.toy import ToyConfig, init_toy_model, toy_task
-from archquant.adapters.mamba_real import RealQuantMamba1Mixer
-from archquant.real import RealQuantLinear, convert_to_real, real_eligibility
+from archquant.backends.mamba import RealQuantMamba1Mixer
+from archquant.backends import RealQuantLinear, convert_to_real, real_eligibility
 from archquant.run import main
 
 from conftest import perturbed_mamba

@@ -1,4 +1,4 @@
-"""Real-quant Mamba: the whole Quamba mixer on int8 kernels (archquant/adapters/mamba_real.py),
+"""Real-quant Mamba: the whole Quamba mixer on int8 kernels (archquant/backends/mamba.py),
 RealQuantLinear on the Triton kernels (``kernels="triton"``: the interpreter on a CPU, the GPU
 path itself on CUDA), and recurrent decoding of a real model.
 
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import archquant as aq
-from archquant.adapters.mamba_real import RealQuantMamba1Mixer, RealQuantMambaBlock, real_mixer_eligibility
+from archquant.backends.mamba import RealQuantMamba1Mixer, RealQuantMambaBlock, real_mixer_eligibility
 from archquant.core.formats import QuantSpec
 from archquant.core.modules import ActQuantizer, QuantLinear
 from archquant.core.transforms import HadamardTransform
 from archquant.models.mamba import MambaLM, greedy_generate
-from archquant.real import RealQuantLinear, check_kernels, convert_to_real
+from archquant.backends import RealQuantLinear, check_kernels, convert_to_real
 
 from conftest import perturbed_mamba, rel_err
 from kernel_testing import DEVICE, requires_backend

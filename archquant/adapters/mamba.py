@@ -28,7 +28,6 @@ from ..evaluation import EvalContext, Metric
 from ..options import Option, validate_options
 from .base import FamilyAdapter, register_adapter
 from .mamba_recipes import MAMBA_PRESETS
-from . import mamba_real  # noqa: F401,E402  (registers the real-quant Mamba blocks; TODO backends: lazily)
 
 REFERENCE_MODELS = ("mamba1-byte", "mamba2-byte")
 

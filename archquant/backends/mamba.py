@@ -1,7 +1,7 @@
 """Real-quant Mamba1 mixer: a Quamba-quantized mixer whose every op runs on int8 codes.
 
-``convert_to_real`` (``archquant/real.py``) calls the converter registered here for each
-``Mamba1Mixer`` of a quantized model. When the mixer was quantized the Quamba way (static
+``convert_to_real`` (``backends/real.py``) imports this module when it meets a Mamba model
+and calls the converters registered here for each ``Mamba1Mixer`` of a quantized model. When the mixer was quantized the Quamba way (static
 per-tensor int8 everywhere, see ``adapters/mamba.py``) the whole mixer is replaced:
 
     hidden ─▶ in_proj (W8A8 GEMM, epilogue requantizes x|z with their static scale)
@@ -32,7 +32,7 @@ from ..kernels import mamba_conv1d as conv_k
 from ..kernels import mamba_scan as scan_k
 from ..models.layers import RMSNorm
 from ..models.mamba import Mamba1Mixer, MambaBlock, MambaLayerState
-from ..real import (RealQuantLinear, act_kind, is_int8_symmetric, real_eligibility, register_real_converter,
+from .real import (RealQuantLinear, act_kind, is_int8_symmetric, real_eligibility, register_real_converter,
                     static_scale, use_triton)
 
 __all__ = ["RealQuantMamba1Mixer", "real_mixer_eligibility"]
