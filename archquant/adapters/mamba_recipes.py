@@ -47,17 +47,14 @@ class MambaQuantSmooth(Step):
         mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mamba1Mixer)}
         if not mixers:
             raise ValueError("mambaquant_smooth applies to Mamba1 mixers; this model has none")
-        # per-channel max|·| of in_proj's output (x | z), x_proj's output (dt_low | B | C) and out_proj's input
-        outputs = {f"{n}.{p}": ChannelAbsMaxObserver() for n in mixers for p in ("in_proj", "x_proj")}
-        inputs = {f"{n}.out_proj": ChannelAbsMaxObserver() for n in mixers}
-        collect_stats(model, ctx.batches(self.kind), outputs, forward_fn=ctx.forward_fn, where="output",
-                      desc="smoothing statistics", progress=ctx.progress)
-        collect_stats(model, ctx.batches(self.kind), inputs, forward_fn=ctx.forward_fn,
-                      desc="smoothing statistics", progress=ctx.progress)
-        stats = {**outputs, **inputs}
+        # per-channel max|·| of in_proj's output (x | z), x_proj's output (dt_low | B | C) and out_proj's
+        # input, all in one pass over the calibration data
+        sites = [f"{n}.{p}" for n in mixers for p in ("in_proj:output", "x_proj:output", "out_proj:input")]
+        stats = collect_stats(model, ctx.batches(self.kind), {s: ChannelAbsMaxObserver() for s in sites},
+                              forward_fn=ctx.forward_fn, desc="smoothing statistics", progress=ctx.progress)
         for n, mixer in mixers.items():
-            self._smooth_mixer(mixer, stats[f"{n}.in_proj"].amax, stats[f"{n}.out_proj"].amax,
-                               stats[f"{n}.x_proj"].amax)
+            self._smooth_mixer(mixer, stats[f"{n}.in_proj:output"].amax, stats[f"{n}.out_proj:input"].amax,
+                               stats[f"{n}.x_proj:output"].amax)
 
     def _scale(self, act_amax: torch.Tensor, w_amax: torch.Tensor) -> torch.Tensor:
         return T.smoothquant_scales(act_amax, w_amax, self.alpha, min_scale=1e-2)

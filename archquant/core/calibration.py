@@ -143,19 +143,39 @@ def run_batches(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn 
     return count
 
 
+SITE_SIDES = ("input", "output")
+
+
+def split_site(site: str, where: str = "input") -> tuple[str, str]:
+    """``"<module>:input"`` / ``"<module>:output"`` → (module, side); a bare module name takes ``where``."""
+    name, sep, side = site.rpartition(":")
+    if not sep:
+        return site, where
+    if side not in SITE_SIDES:
+        raise ValueError(f"site {site!r}: {side!r} not allowed after ':': allowed {', '.join(SITE_SIDES)}")
+    return name, side
+
+
 def collect_stats(model: nn.Module, batches: Iterable[Any], stats: dict[str, Any], *,
                   forward_fn: ForwardFn | None = None, where: str = "input", desc: str = "collecting statistics",
                   max_batches: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Feed the input (or output) of each named module to ``stats[name].update(tensor)``."""
-    if where not in ("input", "output"):
+    """Feed tensors seen during one pass over ``batches`` to ``stats[site].update(tensor)``.
+
+    A site is ``"<module>:input"`` (its first positional input) or ``"<module>:output"``; a bare
+    module name means its ``where`` side. Inputs and outputs of any modules are collected in the
+    same pass (each batch runs once), and ``stats`` is returned with its keys as given.
+    """
+    if where not in SITE_SIDES:
         raise ValueError(f"where={where!r} not allowed: 'input' or 'output'")
     modules = dict(model.named_modules())
-    missing = [n for n in stats if n not in modules]
+    sites = {key: split_site(key, where) for key in stats}
+    missing = [name for name, _ in sites.values() if name not in modules]
     if missing:
         raise KeyError(f"no module named {missing[0]!r} in the model")
     handles = []
-    for name, stat in stats.items():
-        if where == "input":
+    for key, (name, side) in sites.items():
+        stat = stats[key]
+        if side == "input":
             handles.append(modules[name].register_forward_pre_hook(lambda _m, args, s=stat: s.update(args[0])))
         else:
             handles.append(modules[name].register_forward_hook(lambda _m, _a, out, s=stat: s.update(out)))
