@@ -146,3 +146,85 @@ def test_rotation_refuses_layernorm_models(toy_model):
     s.norm_kind = "layer"
     with pytest.raises(ValueError, match="RMSNorm"):
         apply_recipe(toy_model, Recipe("r", [RotateResidual()]), s, progress=False)
+
+
+# ------------------------------------------------------------------------------- online-transform registry
+
+
+@pytest.mark.parametrize("make", [lambda: T.HadamardTransform(24, seed=7), lambda: T.HadamardTransform(48, block=12),
+                                  lambda: T.MatrixTransform(T.rotation_matrix("random_orthogonal", 12, seed=4),
+                                                            name="klt_hadamard"),
+                                  lambda: T.ChannelScale(torch.rand(12) + 0.5)],
+                         ids=["hadamard", "block_hadamard", "matrix", "channel_scale"])
+def test_every_registered_kind_roundtrips_its_config_and_matches_its_matrix(make):
+    t = make()
+    assert T.ONLINE_TRANSFORMS[t.to_config()["type"]] is type(t)
+    x = torch.randn(3, t.size)
+    assert rel_err(t(x), x @ t.matrix().float()) < 1e-6
+    rebuilt = T.build_online_transform(t.to_config())
+    rebuilt.load_state_dict(t.state_dict())
+    rebuilt.check_loaded()
+    assert type(rebuilt) is type(t) and rebuilt.to_config() == t.to_config()
+    assert torch.equal(rebuilt(x), t(x))
+
+
+def test_configs_written_before_the_registry_still_rebuild():
+    """The exact dicts older checkpoints hold (tests/test_mamba_recipes.py checks the same forms)."""
+    h = T.build_online_transform({"type": "hadamard", "size": 24, "seed": 3, "block": None})
+    assert isinstance(h, T.HadamardTransform) and torch.equal(h.matrix(), T.HadamardTransform(24, seed=3).matrix())
+    m = T.build_online_transform({"type": "matrix", "size": 8, "name": "klt_hadamard"})
+    assert isinstance(m, T.MatrixTransform) and m.size == 8 and m.to_config()["name"] == "klt_hadamard"
+
+
+def test_unknown_online_transform_kind_names_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown online transform type 'givens': allowed 'hadamard', 'matrix', "
+                                         "'channel_scale'"):
+        T.build_online_transform({"type": "givens", "size": 4})
+
+
+def test_a_new_kind_is_one_registered_class(monkeypatch):
+    """A transform registered later is rebuilt as a Linear's input transform and on its own, with no
+    change to modules.py."""
+    from archquant.core.modules import QUANT_MODULES, QuantLinear, module_from_config
+
+    class Negate(T.OnlineTransform):
+        kind = "negate_test"
+
+        def __init__(self, size):
+            super().__init__()
+            self.size = size
+
+        def forward(self, x):
+            return -x
+
+        def matrix(self):
+            return -torch.eye(self.size, dtype=torch.float64)
+
+        def to_config(self):
+            return {"type": self.kind, "size": self.size}
+
+        @classmethod
+        def from_config(cls, config, dtype=torch.float32):
+            return cls(config["size"])
+
+    monkeypatch.setitem(T.ONLINE_TRANSFORMS, "negate_test", Negate)
+    assert QUANT_MODULES["negate_test"] is Negate
+    lin = _linear(6, 3)
+    q = QuantLinear.from_float(copy.deepcopy(lin), input_transform=Negate(6))
+    T.rotate_linear_input(q, q.input_transform.matrix())
+    x = torch.randn(2, 6)
+    assert rel_err(q(x), lin(x)) < 1e-6
+    rebuilt = module_from_config(q.to_config())
+    rebuilt.load_state_dict(q.state_dict())
+    assert isinstance(rebuilt.input_transform, Negate) and torch.equal(rebuilt(x), q(x))
+    assert isinstance(module_from_config({"type": "negate_test", "size": 6}), Negate)
+
+
+def test_loaded_channel_scale_must_be_positive():
+    from archquant.core.modules import QuantLinear
+
+    q = QuantLinear.from_float(_linear(4, 2), input_transform=T.ChannelScale(torch.ones(4)))
+    with torch.no_grad():
+        q.input_transform.scale[2] = -1.0
+    with pytest.raises(ValueError, match="'input_transform.scale' must hold one finite positive scale"):
+        q.check_loaded()

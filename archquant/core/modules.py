@@ -17,6 +17,7 @@ file fails then, with a ``ValueError`` naming the tensor, instead of at the firs
 """
 from __future__ import annotations
 
+from collections import ChainMap
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from . import formats
 from .formats import QuantSpec
 from .observers import build_observer
-from .transforms import HadamardTransform, MatrixTransform, OnlineTransform, build_online_transform
+from .transforms import ONLINE_TRANSFORMS, OnlineTransform, build_online_transform
 
 
 class _ParamBuffers(nn.Module):
@@ -268,14 +269,6 @@ def _check_quantizers(module: nn.Module, prefix: str, names: tuple[str, ...],
             q.check_loaded(f"{prefix}{child}.", channels=None if channels is None else channels[i])
 
 
-def _transform_size(t: nn.Module) -> int | None:
-    if isinstance(t, HadamardTransform):
-        return t.size
-    if isinstance(t, MatrixTransform):
-        return int(t.weight.shape[-1])
-    return None
-
-
 class QuantLinear(_QuantWeightMixin, nn.Module):
     """y = Q_a(T(x)) · Q_w(W)ᵀ + b, with T an optional online transform.
 
@@ -312,9 +305,11 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     def check_loaded(self, prefix: str = "") -> None:
         """Raise a ``ValueError`` naming the tensor if the loaded buffers do not fit the config."""
         self._check_weight(prefix)
-        size = None if self.input_transform is None else _transform_size(self.input_transform)
-        if size is not None and size != self.in_features:
-            raise ValueError(f"its input transform has size {size}, in_features={self.in_features}")
+        if self.input_transform is not None:
+            if self.input_transform.size != self.in_features:
+                raise ValueError(f"its input transform has size {self.input_transform.size}, "
+                                 f"in_features={self.in_features}")
+            self.input_transform.check_loaded(prefix + "input_transform.")
         _check_quantizers(self, prefix, ("input_quantizer", "output_quantizer"), (self.in_features, self.out_features))
 
     def to_config(self) -> dict:
@@ -467,12 +462,13 @@ def _act_from_config(config: dict | None) -> ActQuantizer | None:
     return None if config is None else ActQuantizer.from_config(config)
 
 
-#: module types a checkpoint can name; model code may add its own (``register_module_type``)
-QUANT_MODULES: dict[str, type] = {"QuantLinear": QuantLinear, "QuantConv1d": QuantConv1d,
-                                  "QuantMatmul": QuantMatmul, "ActSite": ActSite,
-                                  # online transforms placed on their own (e.g. a state-dimension rotation)
-                                  # (keyed by their config "type")
-                                  "hadamard": HadamardTransform, "matrix": MatrixTransform}
+#: module types a checkpoint can name; model code may add its own (``register_module_type``). The
+#: second map is the online-transform registry itself (keyed by config "type"), so a transform
+#: placed on its own (e.g. a state-dimension rotation) is saved and rebuilt like a wrapper,
+#: including kinds registered after this module was imported.
+QUANT_MODULES: ChainMap[str, type] = ChainMap({"QuantLinear": QuantLinear, "QuantConv1d": QuantConv1d,
+                                               "QuantMatmul": QuantMatmul, "ActSite": ActSite},
+                                              ONLINE_TRANSFORMS)
 
 
 def register_module_type(cls: type) -> type:

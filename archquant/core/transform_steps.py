@@ -16,6 +16,7 @@ from .calibration import collect_stats
 from .modules import QuantLinear
 from .observers import ChannelAbsMaxObserver
 from .recipe import Context, Step, get_submodule, register_step, set_submodule
+from .structure import FoldTarget
 
 
 def _untie(modules: Iterable[nn.Module]) -> None:
@@ -29,10 +30,64 @@ def _untie(modules: Iterable[nn.Module]) -> None:
             seen.add(id(m.weight))
 
 
+def _fold_norm(model: nn.Module, target: FoldTarget, s: torch.Tensor, linears: list[str]) -> None:
+    norm = get_submodule(model, target.name)
+    if getattr(norm, "weight", None) is None:
+        raise ValueError(f"smoothing group {linears}: norm {target.name!r} has no affine weight to absorb the "
+                         "scale; declare the group with FoldTarget('modulation', ...) or FoldTarget('online')")
+    T.scale_norm_output(norm, s)
+
+
+def _fold_linear(model: nn.Module, target: FoldTarget, s: torch.Tensor, linears: list[str]) -> None:
+    producer = _linear(model, target.name, f"smoothing group {linears}: fold target")
+    rows = target.rows or (0, producer.out_features)
+    _check_rows(rows, s, producer, target.name, linears)
+    T.scale_linear_output(producer, s, rows)
+
+
+def _fold_modulation(model: nn.Module, target: FoldTarget, s: torch.Tensor, linears: list[str]) -> None:
+    modulation = _linear(model, target.name, f"smoothing group {linears}: fold target")
+    for rows in (target.rows, target.shift_rows):
+        if rows is not None:
+            _check_rows(rows, s, modulation, target.name, linears)
+    T.scale_modulation_output(modulation, s, target.rows, target.shift_rows, target.scale_offset)
+
+
+def _fold_online(model: nn.Module, target: FoldTarget, s: torch.Tensor, linears: list[str]) -> None:
+    for name in linears:  # each reader divides its own input: a kept ChannelScale in front of it
+        lin = get_submodule(model, name)
+        if isinstance(lin, QuantLinear):
+            if lin.input_transform is not None:
+                raise ValueError(f"smoothing group {linears}: {name!r} already has an online "
+                                 f"{lin.input_transform.kind} transform; smooth before rotating it")
+            lin.input_transform = T.ChannelScale(s)
+        else:
+            set_submodule(model, name, QuantLinear.from_float(lin, input_transform=T.ChannelScale(s)))
+
+
+#: FoldTarget.kind → how 1/s is absorbed (the Linears always take W·diag(s))
+_FOLDS = {"norm": _fold_norm, "linear": _fold_linear, "modulation": _fold_modulation, "online": _fold_online}
+
+
+def _linear(model: nn.Module, name: str, what: str) -> nn.Linear:
+    lin = get_submodule(model, name)
+    if not isinstance(lin, nn.Linear):
+        raise ValueError(f"{what} {name!r} is a {type(lin).__name__}, expected nn.Linear")
+    return lin
+
+
+def _check_rows(rows: tuple[int, int], s: torch.Tensor, lin: nn.Linear, name: str, linears: list[str]) -> None:
+    if rows[1] > lin.out_features or rows[1] - rows[0] != s.numel():
+        raise ValueError(f"smoothing group {linears}: rows {tuple(rows)} of {name!r} (out_features="
+                         f"{lin.out_features}) do not match the {s.numel()} input channels being smoothed")
+
+
 @register_step
 @dataclass
 class SmoothQuant(Step):
-    """Move activation outliers into the weights: X·diag(s)⁻¹ hides in the norm, diag(s) in W."""
+    """Move activation outliers into the weights: the Linears take W·diag(s), and 1/s goes where the
+    structure's ``SmoothingGroup.fold_into`` says (a norm's γ, a producer Linear's rows, an adaLN
+    modulation, or an online per-channel scale)."""
 
     kind: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
@@ -45,14 +100,15 @@ class SmoothQuant(Step):
         stats = {g.linears[0]: ChannelAbsMaxObserver(axis=-1) for g in groups}
         collect_stats(model, ctx.batches(self.kind), stats, forward_fn=ctx.forward_fn,
                       desc="smoothing statistics", progress=ctx.progress)
-        _untie([get_submodule(model, n) for g in groups for n in g.linears])
+        absorbers = [g.fold_into.name for g in groups if g.fold_into.kind in ("linear", "modulation")]
+        _untie([get_submodule(model, n) for g in groups for n in g.linears] + [get_submodule(model, n) for n in absorbers])
         for g in groups:
             linears = [get_submodule(model, n) for n in g.linears]
             w_amax = torch.stack([lin.weight.detach().abs().amax(dim=0).float() for lin in linears]).amax(0)
             s = T.smoothquant_scales(stats[g.linears[0]].amax, w_amax, self.alpha)
-            T.scale_norm_output(get_submodule(model, g.norm), s)
-            for lin in linears:
-                T.scale_linear_input(lin, s)
+            _FOLDS[g.fold_into.kind](model, g.fold_into, s, g.linears)
+            for name in g.linears:  # after the fold: an online fold may have wrapped the Linear
+                T.scale_linear_input(get_submodule(model, name), s)
 
 
 @register_step

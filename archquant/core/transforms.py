@@ -5,13 +5,14 @@ y = x Wᵀ + b and an orthogonal Q, feeding it x·Q instead of x is undone by W 
 it emit y·Q is W ← Qᵀ·W, b ← b·Q. Fusion math runs in float64 and is cast back, so a
 rotated FP model matches the original to ~1e-6 relative.
 
-Online transforms (applied to activations at run time) are small ``nn.Module``s that can be
-serialised to a dict and rebuilt; the Hadamard ones are rebuilt from ``core.hadamard`` (the
-single source of the matrices), data-derived ones (KLT) carry their matrix as a buffer.
+Online transforms (applied to activations at run time) are small ``nn.Module``s, one registered
+class per kind (``ONLINE_TRANSFORMS``), that are serialised to a dict and rebuilt from it; the
+Hadamard ones are rebuilt from ``core.hadamard`` (the single source of the matrices), data-derived
+ones (a KLT matrix, a smoothing scale) carry their tensor as a buffer.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -66,13 +67,40 @@ def scale_linear_input(linear: nn.Linear, s: torch.Tensor) -> None:
     _assign(linear.weight, w * s.to(w)[None, :])
 
 
-def scale_linear_output(linear: nn.Linear, s: torch.Tensor) -> None:
-    """Make ``linear`` emit y / s (per output channel): W ← diag(1/s)·W, b ← b / s."""
+def scale_linear_output(linear: nn.Linear, s: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+    """Make ``linear`` emit y / s (per output channel): W ← diag(1/s)·W, b ← b / s; only output
+    rows ``rows`` = (start, stop) when given (s then has stop − start entries)."""
+    a, b = rows if rows is not None else (0, linear.out_features)
     w = linear.weight.detach().double()
     s = s.to(w)
-    _assign(linear.weight, w / s[:, None])
-    if linear.bias is not None:
-        _assign(linear.bias, linear.bias.detach().double() / s)
+    with torch.no_grad():
+        linear.weight[a:b] = (w[a:b] / s[:, None]).to(linear.weight.dtype)
+        if linear.bias is not None:
+            linear.bias[a:b] = (linear.bias.detach().double()[a:b] / s).to(linear.bias.dtype)
+
+
+def scale_modulation_output(linear: nn.Linear, s: torch.Tensor, scale_rows: tuple[int, int],
+                            shift_rows: tuple[int, int] | None = None, offset: float = 1.0) -> None:
+    """Make an adaLN modulation emit h / s, for h = LN(x)·(offset + scale) + shift (per channel).
+
+    ``scale`` / ``shift`` are output rows ``scale_rows`` / ``shift_rows`` of ``linear``. h / s means
+    (offset + scale') = (offset + scale) / s, so scale' = scale / s + offset·(1/s − 1): the scale
+    rows' W ← W / s and b ← (b + offset) / s − offset; and shift' = shift / s. The offset's share
+    needs a bias, so one is created (zeros elsewhere) when ``linear`` has none.
+    """
+    if offset != 0 and linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device), requires_grad=linear.weight.requires_grad)
+    a, b = scale_rows
+    w = linear.weight.detach().double()
+    sd = s.to(w)
+    with torch.no_grad():
+        linear.weight[a:b] = (w[a:b] / sd[:, None]).to(linear.weight.dtype)
+        if linear.bias is not None:
+            bias = linear.bias.detach().double()[a:b]
+            linear.bias[a:b] = ((bias + offset) / sd - offset).to(linear.bias.dtype)
+    if shift_rows is not None:
+        scale_linear_output(linear, s, shift_rows)
 
 
 def fold_norm_into_linears(norm: nn.Module, linears: Iterable[nn.Linear]) -> None:
@@ -170,9 +198,29 @@ def klt_matrix(cov: torch.Tensor) -> torch.Tensor:
 # Online transforms
 # ----------------------------------------------------------------------------------------
 
+#: config "type" → class of every online transform a checkpoint can name (``register_online_transform``)
+ONLINE_TRANSFORMS: dict[str, type["OnlineTransform"]] = {}
+
+
+def register_online_transform(cls: type["OnlineTransform"]) -> type["OnlineTransform"]:
+    """Make ``cls`` rebuildable from its config: as a Linear's ``input_transform`` and as a module
+    placed on its own (``core.modules.QUANT_MODULES`` reads this table)."""
+    ONLINE_TRANSFORMS[cls.kind] = cls
+    return cls
+
 
 class OnlineTransform(nn.Module):
-    """x ↦ x·T on the last axis, where T is orthogonal. ``inverse`` gives x ↦ x·Tᵀ."""
+    """x ↦ x·T on the last axis, applied to activations at run time (``forward``).
+
+    A kind is one registered subclass: ``matrix()`` (T in float64, what offline fusion uses),
+    ``to_config()`` / ``from_config(config)`` (the checkpoint form: tensors it holds come from the
+    checkpoint's weights, so ``from_config`` only shapes them) and ``check_loaded(prefix)``.
+    ``orthogonal``: T⁻¹ = Tᵀ, so ``rotate_linear_input(linear, T)`` undoes it in the next weight.
+    """
+
+    kind: ClassVar[str] = ""
+    orthogonal: ClassVar[bool] = True
+    size: int
 
     def matrix(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -180,13 +228,23 @@ class OnlineTransform(nn.Module):
     def to_config(self) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "OnlineTransform":  # pragma: no cover
+        raise NotImplementedError
 
+    def check_loaded(self, prefix: str = "") -> None:
+        """Raise a ``ValueError`` naming the tensor if loaded buffers cannot be this transform's."""
+
+
+@register_online_transform
 class HadamardTransform(OnlineTransform):
     """Online (optionally sign-randomised, optionally block-diagonal) Hadamard rotation.
 
     The matrix is rebuilt from ``core.hadamard`` on load, so offline fusion and online
     application can never disagree. With ``seed`` set, T = diag(signs)·H.
     """
+
+    kind: ClassVar[str] = "hadamard"
 
     def __init__(self, size: int, seed: int | None = None, block: int | None = None) -> None:
         super().__init__()
@@ -215,23 +273,30 @@ class HadamardTransform(OnlineTransform):
         return h
 
     def to_config(self) -> dict:
-        return {"type": "hadamard", "size": self.size, "seed": self.seed, "block": self.block}
+        return {"type": self.kind, "size": self.size, "seed": self.seed, "block": self.block}
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "HadamardTransform":
-        return build_online_transform(config)
+        return cls(config["size"], seed=config.get("seed"), block=config.get("block"))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, seed={self.seed}, block={self.block}"
 
 
+@register_online_transform
 class MatrixTransform(OnlineTransform):
     """Online rotation by an explicit (data-derived) matrix, e.g. a KLT·Hadamard product."""
 
+    kind: ClassVar[str] = "matrix"
+
     def __init__(self, matrix: torch.Tensor, name: str = "matrix") -> None:
         super().__init__()
-        self.kind = name
+        self.name = name  # what the matrix is (e.g. "klt_hadamard"), kept in the config for readers
         self.register_buffer("weight", matrix.detach().float().clone())
+
+    @property
+    def size(self) -> int:
+        return int(self.weight.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() @ self.weight).to(x.dtype)
@@ -240,22 +305,62 @@ class MatrixTransform(OnlineTransform):
         return self.weight.double()
 
     def to_config(self) -> dict:
-        return {"type": "matrix", "size": int(self.weight.shape[0]), "name": self.kind}
+        return {"type": self.kind, "size": self.size, "name": self.name}
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "MatrixTransform":
-        return build_online_transform(config)
+        n = int(config["size"])
+        return cls(torch.zeros(n, n), name=config.get("name", "matrix"))
+
+
+@register_online_transform
+class ChannelScale(OnlineTransform):
+    """x ↦ x / s per channel: a smoothing scale nothing upstream can absorb (``FoldTarget("online")``);
+    the next Linear takes W·diag(s). T = diag(1/s) is not orthogonal."""
+
+    kind: ClassVar[str] = "channel_scale"
+    orthogonal: ClassVar[bool] = False
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().clone())
+
+    @property
+    def size(self) -> int:
+        return int(self.scale.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale.to(x)
+
+    def matrix(self) -> torch.Tensor:
+        return torch.diag(1.0 / self.scale.double())
+
+    def to_config(self) -> dict:
+        return {"type": self.kind, "size": self.size}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype = torch.float32) -> "ChannelScale":
+        n = config["size"]
+        if type(n) is not int or n < 1:
+            raise ValueError(f"channel_scale size={n!r} not allowed: allowed integers >= 1")
+        return cls(torch.ones(n))
+
+    def check_loaded(self, prefix: str = "") -> None:
+        s = self.scale
+        if s.ndim != 1 or not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"tensor {prefix + 'scale'!r} must hold one finite positive scale per channel")
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 def build_online_transform(config: dict) -> OnlineTransform:
-    """Rebuild an online transform from ``to_config()`` (matrix weights come from the checkpoint)."""
+    """Rebuild an online transform from ``to_config()`` (tensors it holds come from the checkpoint)."""
     kind = config.get("type")
-    if kind == "hadamard":
-        return HadamardTransform(config["size"], seed=config.get("seed"), block=config.get("block"))
-    if kind == "matrix":
-        n = int(config["size"])
-        return MatrixTransform(torch.zeros(n, n), name=config.get("name", "matrix"))
-    raise ValueError(f"unknown online transform type {kind!r}: allowed 'hadamard', 'matrix'")
+    if kind not in ONLINE_TRANSFORMS:
+        raise ValueError(f"unknown online transform type {kind!r}: allowed "
+                         f"{', '.join(repr(k) for k in ONLINE_TRANSFORMS)}")
+    return ONLINE_TRANSFORMS[kind].from_config(config)
 
 
 ROTATION_KINDS = ("hadamard", "random_hadamard", "random_orthogonal", "klt_hadamard")
