@@ -118,6 +118,7 @@ class MambaAdapter(FamilyAdapter):
             residual_writers=[f"{m}.out_proj" for m in mixers],
             online_rotation_sites=[f"{m}.out_proj" for m in mixers],
             skip=["lm_head"],
+            blocks=layers,
         )
         if cfg.arch == "mamba1":
             return ModelStructure(

@@ -87,6 +87,7 @@ class ToyAdapter(FamilyAdapter):
             online_rotation_sites=[f"layers.{i}.down_proj" for i in range(n)],
             quantize=[f"layers.{i}.{p}" for i in range(n) for p in ("up_proj", "down_proj")],
             skip=["embed", "head"],
+            blocks=[f"layers.{i}" for i in range(n)],
         )
 
     def recipes(self):
