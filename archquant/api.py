@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import FamilyAdapter, adapter_for, families, get_adapter
 from .core.calibration import ForwardFn
-from .core.presets import RecipeOptions
+from .core.presets import RecipeOptions, recipe_from_options
 from .core.recipe import Recipe, apply_recipe
 from .core.serialization import (CONFIG_FILE, CheckpointError, read_checkpoint_config, read_checkpoint_tensors,
                                  restore_quantized, save_checkpoint)
@@ -27,17 +27,14 @@ def _adapter(model: nn.Module, family: str | None) -> FamilyAdapter:
 
 
 def resolve_recipe(recipe: Recipe | str | RecipeOptions, adapter: FamilyAdapter) -> Recipe:
-    """A ``Recipe`` from a recipe object, a preset name, or preset options (validated first)."""
+    """A ``Recipe`` from a recipe object, a preset name, or ``RecipeOptions`` (a preset with its
+    knobs, or explicit steps), validated first."""
     if isinstance(recipe, Recipe):
         return recipe
     if not isinstance(recipe, (str, RecipeOptions)):
         raise ValueError(f"recipe must be a Recipe, a preset name or RecipeOptions, got a {type(recipe).__name__}")
-    options = (RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe).validate()
-    presets = adapter.recipes()
-    if options.name not in presets:
-        raise ValueError(f"unknown recipe {options.name!r} for family {adapter.name!r}: "
-                         f"allowed {', '.join(sorted(presets))}")
-    return presets[options.name](options)
+    options = RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe
+    return recipe_from_options(options, adapter.recipes(), family=adapter.name)
 
 
 def quantize_(model: nn.Module, recipe: Recipe | str | RecipeOptions, *, calib_data: Iterable[Any] | None = None,

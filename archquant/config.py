@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .core.formats import format_names
 from .core.observers import OBSERVERS
-from .core.presets import RecipeOptions
+from .core.presets import PRESETS, RecipeOptions, recipe_from_options
 from .core.transforms import ROTATION_KINDS
 from .options import OptionError, validate_options
 
@@ -114,6 +114,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return value
+    if origin is list and args == (dict,):  # recipe.steps: each step is checked by steps_from_config
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list of steps such as [{{SmoothQuant: {{alpha: 0.5}}}}, "
+                              f"{{Quantize: {{...}}}}], got {value!r}")
+        return value
     if tp is list or origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of names, got {value!r}")
@@ -173,9 +178,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"config key '{key}' {rest}") from None
 
     adapter = get_adapter(cfg.family)
-    _allowed("recipe.name", cfg.recipe.name, sorted(adapter.recipes()))
+    if cfg.recipe.steps is None:
+        _allowed("recipe.name", cfg.recipe.preset, sorted(adapter.recipes()))
     for name in cfg.compare:
         _allowed("compare", name, sorted(adapter.recipes()))
+    for options in (cfg.recipe, *(compare_options(cfg.recipe, name) for name in cfg.compare)):
+        try:  # every step's values, and the named preset's own options (recipe.options)
+            recipe_from_options(options, adapter.recipes(), family=cfg.family)
+        except OptionError as e:
+            raise ConfigError(str(e)) from None
+        except ValueError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(("recipe.", "config key")) else f"config key 'recipe': {msg}") from None
     try:
         cfg.model.options = validate_options(cfg.model.options, adapter.model_options, "model.options",
                                              family=cfg.family)
@@ -198,6 +212,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def compare_options(recipe: RecipeOptions, name: str) -> RecipeOptions:
+    """The options of baseline preset ``name`` in ``compare``: the main recipe's knobs (same bits,
+    formats, granularities), without its steps or its preset's own options."""
+    return dataclasses.replace(recipe, name=name, steps=None, options={})
+
+
 def _looks_local(path: str) -> bool:
     """A hub id is 'org/name'; anything else (absolute, ./, ~, more slashes) is a local path."""
     return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).exists()
@@ -214,8 +234,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     # "calibration.seq_len=64" on the command line still overrides the file's options.seq_len
     family = over.get("family", conf.get("family", RunConfig.family))
     try:
-        conf = OmegaConf.create(_move_data_options(OmegaConf.to_container(conf, resolve=True), family))
-        over = OmegaConf.create(_move_data_options(OmegaConf.to_container(over, resolve=True), family))
+        conf = OmegaConf.create(_move_recipe_options(_move_data_options(OmegaConf.to_container(conf, resolve=True),
+                                                                        family)))
+        over = OmegaConf.create(_move_recipe_options(_move_data_options(OmegaConf.to_container(over, resolve=True),
+                                                                        family)))
         merged = OmegaConf.merge(conf, over)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot apply overrides {' '.join(overrides or [])}: {str(e).splitlines()[0]}") from None
@@ -248,6 +270,26 @@ def _move_data_options(raw: dict, family: Any) -> dict:
             raise ConfigError(f"config key '{section}.{twice[0]}' is given twice: as '{section}.{twice[0]}' and "
                               f"'{section}.options.{twice[0]}' (its name now); keep the second")
         raw[section] = {**{k: v for k, v in data.items() if k not in moved}, "options": {**options, **moved}}
+    return raw
+
+
+def _move_recipe_options(raw: dict) -> dict:
+    """Older configs put a preset's own options (MambaQuant's klt_sites) beside its name; they are
+    read as ``recipe.options.<key>``, which the preset validates."""
+    recipe = raw.get("recipe")
+    if not isinstance(recipe, dict):
+        return raw
+    known = {f.name for f in dataclasses.fields(RecipeOptions)}
+    declared = {k for p in PRESETS.values() for k in p.options}
+    moved = {k: recipe[k] for k in list(recipe) if k not in known and k in declared}
+    options = recipe.get("options") or {}
+    if not moved or not isinstance(options, dict):
+        return raw
+    twice = [k for k in moved if k in options]
+    if twice:
+        raise ConfigError(f"config key 'recipe.{twice[0]}' is given twice: as 'recipe.{twice[0]}' and "
+                          f"'recipe.options.{twice[0]}' (its name now); keep the second")
+    raw["recipe"] = {**{k: v for k, v in recipe.items() if k not in moved}, "options": {**options, **moved}}
     return raw
 
 

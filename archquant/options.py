@@ -103,18 +103,20 @@ def as_option(spec: Any) -> Option:
 
 
 def validate_options(values: Mapping[str, Any] | None, schema: Mapping[str, Any], where: str, *,
-                     family: str, role: str | None = None) -> dict[str, Any]:
+                     family: str | None = None, role: str | None = None, owner: str | None = None) -> dict[str, Any]:
     """``values`` checked against ``schema`` (name → ``Option`` or default), with defaults filled in.
 
     ``where`` is the config path of the mapping ("evaluation.options"); ``role`` the section a data
-    option is given in, refused where the option does not apply."""
+    option is given in, refused where the option does not apply. Messages name the schema's owner:
+    ``owner`` ("preset 'mambaquant'") or else ``family``."""
+    owner = owner or f"family {family!r}"
     values = dict(values or {})
     schema = {k: as_option(v) for k, v in schema.items()}
     accepted = sorted(k for k, o in schema.items() if role is None or role in o.roles)
     for key in values:
         if key not in schema:
             allowed = ", ".join(accepted) if accepted else "none"
-            raise OptionError(f"unknown config key '{where}.{key}' for family {family!r}: allowed keys are {allowed}")
+            raise OptionError(f"unknown config key '{where}.{key}' for {owner}: allowed keys are {allowed}")
         if role is not None and role not in schema[key].roles:
             raise OptionError(f"config key '{where}.{key}' is only meaningful under "
                               f"{' / '.join(repr(r) for r in schema[key].roles)}")

@@ -12,7 +12,6 @@ failure inside an algorithm is a bug and keeps its traceback (exit code 1).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import signal
@@ -25,7 +24,7 @@ import torch
 
 from .adapters import get_adapter
 from .api import load_quantized, resolve_recipe
-from .config import ConfigError, RunConfig, load_config, to_dict
+from .config import ConfigError, RunConfig, compare_options, load_config, to_dict
 from .core.calibration import NonFiniteActivationError, check_finite_parameters
 from .core.recipe import Recipe, apply_recipe
 from .core.safe_io import OutputExistsError, StagedDir
@@ -131,7 +130,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
 
     with _input_stage():
         recipe = resolve_recipe(cfg.recipe, adapter)
-        baselines = [resolve_recipe(dataclasses.replace(cfg.recipe, name=name), adapter) for name in cfg.compare]
+        baselines = [resolve_recipe(compare_options(cfg.recipe, name), adapter) for name in cfg.compare]
         with timer.stage("load model", log):
             model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
             for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work

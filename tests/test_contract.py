@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from archquant.adapters import FamilyAdapter, register_adapter
-from archquant.core.presets import GENERIC_PRESETS
 from archquant.core.structure import ModelStructure
 from archquant.data import DataSplit, digest_tensor, label_digests
 from archquant.evaluation import EvalContext, Metric, snr_db
@@ -66,9 +65,6 @@ class PluginAdapter(FamilyAdapter):
 
     def structure(self, model):
         return ModelStructure(hidden_size=model.width, quantize=["up", "down"])
-
-    def recipes(self):
-        return dict(GENERIC_PRESETS)
 
     def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:
         opts = self.data_options_of(data_cfg, role)

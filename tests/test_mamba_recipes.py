@@ -378,9 +378,20 @@ def test_mambaquant_config_records_gates_state_rotation_and_asymmetric_weights(t
         assert state["dynamic"] is True and state["spec"]["granularity"] == "token"
         assert mods[f"{mixer}.x_proj"]["output_quantizer"]["spec"]["granularity"] == "token"
         assert mods[f"{mixer}.in_proj"]["input_quantizer"]["dynamic"] is True
-        assert mods[f"{mixer}.in_proj"]["input_quantizer"]["spec"]["granularity"] == "tensor"
+        # per token by default, so a sequence's result does not depend on its batch
+        assert mods[f"{mixer}.in_proj"]["input_quantizer"]["spec"]["granularity"] == "token"
     assert [s["kind"] for s in qconfig["recipe"]["steps"]] == [
         "mambaquant_smooth", "rotate_residual", "rotate_pairs", "online_hadamard", "state_rotation", "quantize"]
+
+
+def test_mambaquant_reference_setting_is_per_tensor_but_keeps_hc_inputs_per_token(tmp_path):
+    model, _, _ = _quantize("mamba1", RecipeOptions(name="mambaquant", a_granularity="tensor"))
+    mods = _saved_config(model, tmp_path)["modules"]
+    for i in range(2):
+        mixer = f"backbone.layers.{i}.mixer"
+        assert mods[f"{mixer}.in_proj"]["input_quantizer"]["spec"]["granularity"] == "tensor"
+        assert mods[f"{mixer}.state_site"]["quantizer"]["spec"]["granularity"] == "token"
+        assert mods[f"{mixer}.x_proj"]["output_quantizer"]["spec"]["granularity"] == "token"
 
 
 def test_quamba2_config_records_grouped_xbc_scales(tmp_path):

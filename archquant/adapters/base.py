@@ -6,12 +6,14 @@ model. It never rotates or quantizes anything itself: the core does that.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
 from torch import nn
 
+from ..core.presets import GENERIC_PRESETS, PRESETS, RecipeOptions
 from ..core.recipe import Recipe, check_something_to_quantize
 from ..core.structure import ModelStructure
 from ..data import DataSplit
@@ -34,6 +36,11 @@ class FamilyAdapter(ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     #: how messages name the architectures that ``architecture`` returns (default: as returned)
     architecture_names: ClassVar[dict[str, str]] = {}
+    #: the recipe presets this family offers (names in ``core.presets.PRESETS``; a family's own
+    #: methods are registered there with ``register_preset`` by its recipes module)
+    presets: ClassVar[tuple[str, ...]] = GENERIC_PRESETS
+    #: per preset, the family's defaults for unset recipe knobs, e.g. {"static_minmax": {"w_granularity": "tensor"}}
+    preset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @abstractmethod
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
@@ -52,9 +59,13 @@ class FamilyAdapter(ABC):
     def structure(self, model: nn.Module) -> ModelStructure:
         """Where the core may fold norms, rotate, smooth and quantize."""
 
-    @abstractmethod
-    def recipes(self) -> dict[str, Callable[..., Recipe]]:
-        """Recipe presets by name: each builds a ``Recipe`` from the config's recipe options."""
+    def recipes(self) -> dict[str, Callable[[RecipeOptions], Recipe]]:
+        """The offered presets by name, each a builder ``RecipeOptions -> Recipe`` with this family's
+        defaults bound."""
+        missing = [n for n in self.presets if n not in PRESETS]
+        if missing:
+            raise ValueError(f"family {self.name!r} offers recipe preset {missing[0]!r}, which is not registered")
+        return {n: functools.partial(PRESETS[n].recipe, defaults=self.preset_defaults.get(n)) for n in self.presets}
 
     @abstractmethod
     def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:

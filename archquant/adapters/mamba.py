@@ -27,7 +27,7 @@ from ..models.mamba_loading import load_mamba
 from ..evaluation import EvalContext, Metric
 from ..options import Option, validate_options
 from .base import FamilyAdapter, register_adapter
-from .mamba_recipes import MAMBA_PRESETS
+from .mamba_recipes import MAMBA_PRESET_DEFAULTS, MAMBA_PRESETS
 
 REFERENCE_MODELS = ("mamba1-byte", "mamba2-byte")
 
@@ -47,6 +47,8 @@ def reference_model_dir(name: str) -> Path:
 @register_adapter
 class MambaAdapter(FamilyAdapter):
     name = "mamba"
+    presets = MAMBA_PRESETS
+    preset_defaults = MAMBA_PRESET_DEFAULTS
     model_options = {
         "reference": Option("mamba1-byte", allowed=REFERENCE_MODELS,
                             help="the committed reference model used when model.path is null"),
@@ -137,9 +139,6 @@ class MambaAdapter(FamilyAdapter):
             act_outputs=[f"{m}.in_proj" for m in mixers],
             act_sites=[f"{m}.xbc_site" for m in mixers],
         )
-
-    def recipes(self):
-        return dict(MAMBA_PRESETS)
 
     # ------------------------------------------------------------------ data
     def _documents(self, data_cfg: dict, role: str):

@@ -13,10 +13,11 @@ from ..core import transforms as T
 from ..core.calibration import collect_stats
 from ..core.formats import QuantSpec
 from ..core.observers import ChannelAbsMaxObserver
-from ..core.presets import RecipeOptions, act_spec, weight_spec
-from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
-                           Step, get_submodule, register_step)
+from ..core.presets import RecipeOptions, act_spec, register_preset, static_quantize, weight_spec
+from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, Step,
+                           get_submodule, register_step)
 from ..models.mamba import Mamba1Mixer, ScaledSiLU
+from ..options import Option
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,40 +196,16 @@ def quamba2_groups(mean_abs: torch.Tensor, num_heads: int, head_dim: int, n_grou
 
 
 # ----------------------------------------------------------------------------------------
-# Presets
+# Presets (registered in core.presets.PRESETS; the generic rtn_dynamic, static_minmax and
+# smoothquant are shared with every family, with Mamba's defaults in MambaAdapter.preset_defaults)
 # ----------------------------------------------------------------------------------------
 
-# Quamba quantizes weights per tensor; the baselines share that, so the ablation isolates the
-# activation treatment (clipping, smoothing, Hadamard), as in the paper's Table.
-_PER_TENSOR = "tensor"
+# Quamba quantizes weights per tensor; the static baselines share that, so the ablation isolates
+# the activation treatment (clipping, smoothing, Hadamard), as in the paper's Table.
+PER_TENSOR_WEIGHTS = {"w_granularity": "tensor"}
 
 
-def _static_quantize(o: RecipeOptions, observer: str = "minmax", overrides: dict | None = None) -> Quantize:
-    return Quantize(weight=weight_spec(o, _PER_TENSOR), activation=act_spec(o, "tensor"), dynamic=False,
-                    act_observer=o.get("a_observer", observer), weight_observer=o.get("w_observer", "minmax"),
-                    overrides=overrides or {})
-
-
-def _percentile_u(o: RecipeOptions) -> dict:
-    return {"*.u_site": {"observer": "percentile", "observer_kwargs": {"alpha": o.get("percentile", 0.99999)}}}
-
-
-def rtn_dynamic(o: RecipeOptions) -> Recipe:
-    """Per-token dynamic activations, per-channel weights, no transform."""
-    return Recipe("rtn_dynamic", [Quantize(weight=weight_spec(o, "channel"), activation=act_spec(o, "token"),
-                                           dynamic=True, weight_observer=o.get("w_observer", "minmax"))])
-
-
-def static_minmax(o: RecipeOptions) -> Recipe:
-    """Static per-tensor activations from min/max: no clipping, no Hadamard (Quamba's "static")."""
-    return Recipe("static_minmax", [_static_quantize(o)])
-
-
-def smoothquant(o: RecipeOptions) -> Recipe:
-    """SmoothQuant scales folded into each block's RMSNorm, then static per-tensor W8A8."""
-    return Recipe("smoothquant", [SmoothQuant(alpha=o.get("alpha", 0.5)), _static_quantize(o)])
-
-
+@register_preset("quamba")
 def quamba(o: RecipeOptions) -> Recipe:
     """Quamba W8A8: static per-tensor, percentile-clipped SSM input u, Hadamard before out_proj.
 
@@ -237,31 +214,49 @@ def quamba(o: RecipeOptions) -> Recipe:
     steps: list[Step] = []
     if o.rotation is not None:
         steps.append(RotateResidual(rotation=o.rotation, seed=o.get("rotation_seed", 0)))
-    steps += [OnlineHadamard(), _static_quantize(o, overrides=_percentile_u(o))]
+    percentile_u = {"*.u_site": {"observer": "percentile", "observer_kwargs": {"alpha": o.get("percentile", 0.99999)}}}
+    steps += [OnlineHadamard(), static_quantize(o, w_granularity=_PER_TENSOR, overrides=percentile_u)]
     return Recipe("quamba", steps)
 
 
+_PER_TENSOR = PER_TENSOR_WEIGHTS["w_granularity"]
 KLT_SITES = ("residual", "dt", "out")
+
+
+def _check_klt_sites(value: str) -> str | None:
+    bad = sorted({s.strip() for s in value.split(",") if s.strip()} - set(KLT_SITES))
+    return f"{bad[0]!r} is not a site: allowed {', '.join(KLT_SITES)} (comma-separated)" if bad else None
+
+
+MAMBAQUANT_OPTIONS = {
+    "klt_sites": Option(None, type=str, check=_check_klt_sites,
+                        help="comma-separated sites whose rotation is KLT-enhanced (K·H) rather than a plain "
+                             "random Hadamard: residual (R1), dt (R5), out (R2); default: all three when "
+                             "rotation is klt_hadamard (or unset), none otherwise"),
+}
 
 
 def klt_sites(o: RecipeOptions) -> set[str]:
     """Sites with a KLT-enhanced rotation. ``rotation=klt_hadamard`` (or unset) keeps the paper's
     default, all of R1/R5/R2; ``rotation=random_hadamard`` turns the KLT off everywhere unless
-    ``klt_sites`` names sites."""
-    if o.klt_sites is not None:
-        sites = {s.strip() for s in o.klt_sites.split(",") if s.strip()}
-        bad = sorted(sites - set(KLT_SITES))
-        if bad:
-            raise ValueError(f"config key 'recipe.klt_sites' has value {bad[0]!r}: allowed values are "
-                             f"{', '.join(KLT_SITES)} (comma-separated)")
-        return sites
+    ``options.klt_sites`` names sites."""
+    named = o.options.get("klt_sites")
+    if named is not None:
+        return {s.strip() for s in named.split(",") if s.strip()}
     return set(KLT_SITES) if o.get("rotation", "klt_hadamard") == "klt_hadamard" else set()
 
 
+@register_preset("mambaquant", options=MAMBAQUANT_OPTIONS)
 def mambaquant(o: RecipeOptions) -> Recipe:
     """MambaQuant: smooth-fused scales, KLT-enhanced rotations R1 (residual), R5 (dt path), R2 (out_proj
-    input, online), random Hadamard R4 on the state dimension; per-channel asymmetric weights;
-    dynamic per-tensor activations, the h·C inputs per token."""
+    input, online), random Hadamard R4 on the state dimension; per-channel asymmetric weights; dynamic
+    activations per token.
+
+    The paper's reference code quantizes activations dynamically per tensor over the whole batch ×
+    sequence, so one sequence's result depends on its neighbours in the batch and on how its prompt is
+    chunked: ``a_granularity=tensor`` gives that setting (the h·C inputs stay per token), and the report
+    flags it (``Quantize.notes``).
+    """
     seed = o.get("rotation_seed", 0)
     klt = klt_sites(o)
     base = "random_hadamard" if o.rotation in (None, "klt_hadamard") else o.rotation
@@ -269,20 +264,23 @@ def mambaquant(o: RecipeOptions) -> Recipe:
     w = weight_spec(o, "channel")
     w = QuantSpec(format=w.format, bits=w.bits, symmetric=o.get("w_symmetric", False), granularity=w.granularity,
                   axis=0, group_size=w.group_size).validate()
-    token = act_spec(o, "token").to_dict()
+    act = act_spec(o, "token")
+    # the reference setting (per tensor) keeps the h·C inputs (the state and x_proj's C) per token
+    token = dataclasses.replace(act, granularity="token").to_dict()
+    per_token = {} if act.granularity == "token" else {"*.state_site": {"activation": token},
+                                                       "*.x_proj:output": {"activation": token}}
     return Recipe("mambaquant", [
         MambaQuantSmooth(alpha=o.get("alpha", 0.5)),
         RotateResidual(rotation=rot["residual"], seed=seed),
         RotatePairs(rotation=rot["dt"], seed=seed),
         OnlineHadamard(seed=seed, klt=rot["out"] == "klt_hadamard"),
         StateRotation(seed=seed),
-        Quantize(weight=w, activation=act_spec(o, "tensor"), dynamic=True,
-                 weight_observer=o.get("w_observer", "minmax"),
-                 optional_sites=["*.state_site"],
-                 overrides={"*.state_site": {"activation": token}, "*.x_proj:output": {"activation": token}}),
+        Quantize(weight=w, activation=act, dynamic=True, weight_observer=o.get("w_observer", "minmax"),
+                 optional_sites=["*.state_site"], overrides=per_token),
     ])
 
 
+@register_preset("quamba2")
 def quamba2(o: RecipeOptions) -> Recipe:
     """Quamba2 W8A8 for Mamba2: residual Hadamard rotation, online Hadamard before out_proj,
     grouped static scales for x | B | C, static per-tensor elsewhere, per-channel weights."""
@@ -294,5 +292,5 @@ def quamba2(o: RecipeOptions) -> Recipe:
     ])
 
 
-MAMBA_PRESETS = {"rtn_dynamic": rtn_dynamic, "static_minmax": static_minmax, "smoothquant": smoothquant,
-                 "quamba": quamba, "mambaquant": mambaquant, "quamba2": quamba2}
+MAMBA_PRESETS = ("rtn_dynamic", "static_minmax", "smoothquant", "quamba", "mambaquant", "quamba2")
+MAMBA_PRESET_DEFAULTS = {"static_minmax": PER_TENSOR_WEIGHTS, "smoothquant": PER_TENSOR_WEIGHTS}

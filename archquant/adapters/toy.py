@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.presets import GENERIC_PRESETS
 from ..core.structure import LinearGroup, ModelStructure
 from ..data import DataSplit, digest_tensor, label_digests
 from ..models.toy import ToyConfig, ToyResMLP, toy_task, train_toy_model
@@ -89,9 +88,6 @@ class ToyAdapter(FamilyAdapter):
             skip=["embed", "head"],
             blocks=[f"layers.{i}" for i in range(n)],
         )
-
-    def recipes(self):
-        return dict(GENERIC_PRESETS)
 
     def load_data(self, data_cfg: dict, role: str, model_config: dict) -> DataSplit:
         source = data_cfg["source"]

@@ -2,17 +2,29 @@
 activation quantizers the structure names, calibrate the static ones, freeze."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 
+from . import matching
 from .calibration import calibrate
 from .formats import QuantSpec
 from .modules import ActQuantizer, ActSite, QuantConv1d, QuantLinear, act_quantizers, freeze_model
+from .observers import OBSERVERS
 from .recipe import Context, Step, get_submodule, quantized_modules, register_step, set_submodule
 from .structure import ModelStructure
+
+
+def _granularity(spec) -> str | None:
+    if isinstance(spec, dict):
+        return spec.get("granularity", QuantSpec().granularity)
+    return None if spec is None else spec.granularity
+
+
+def check_observer(name: str, where: str) -> None:
+    if name not in OBSERVERS:
+        raise ValueError(f"{where} has value {name!r}: allowed values are {', '.join(sorted(OBSERVERS))}")
 
 
 @register_step
@@ -29,9 +41,15 @@ class Quantize(Step):
     Activation quantizers go where the adapter's structure says: the inputs of
     ``act_inputs`` (default: every target), the outputs of ``act_outputs``, and the
     ``act_sites``. Each has a site name — ``"<module>:input"``, ``"<module>:output"`` or the
-    ActSite's module name — and ``overrides`` maps fnmatch patterns over site names to
+    ActSite's module name — and ``overrides`` maps patterns over site names to
     ``{"observer": ..., "observer_kwargs": {...}, "activation": {spec dict}, "dynamic": bool}``
     (e.g. Quamba's percentile observer at ``"*.u_site"``). The last matching pattern wins.
+
+    ``targets`` (default: the structure's ``quantize`` list) and ``ignore`` select among the
+    structure's quantizable modules; ``ignore`` and the structure's ``skip`` also drop activation
+    sites of the modules they name. All of them are patterns of ``core.matching`` (exact names,
+    globs, ``re:`` regexes), and a pattern that selects nothing is refused: it is most often a typo
+    that would silently quantize what was meant to stay in floating point.
     """
 
     kind: ClassVar[str] = "quantize"
@@ -44,10 +62,35 @@ class Quantize(Step):
     weight_observer_kwargs: dict = field(default_factory=dict)
     conv_weight: QuantSpec | None = None
     overrides: dict = field(default_factory=dict)
-    #: fnmatch patterns of the structure's ``optional_act_sites`` to quantize too
+    #: patterns of the structure's ``optional_act_sites`` to quantize too
     optional_sites: list[str] = field(default_factory=list)
+    #: patterns over the structure's ``quantize`` list (None: all of it)
     targets: list[str] | None = None
+    #: patterns of modules (and their activation sites) left in floating point
     ignore: list[str] = field(default_factory=list)
+
+    _OVERRIDE_KEYS = ("observer", "observer_kwargs", "activation", "dynamic")
+
+    def validate(self, where: str = "quantize") -> None:
+        for key in ("targets", "ignore", "optional_sites"):
+            for i, pattern in enumerate(getattr(self, key) or []):
+                matching.check_pattern(pattern, f"{where}.{key}[{i}]")
+        for pattern, over in self.overrides.items():
+            matching.check_pattern(pattern, f"{where}.overrides")
+            if not isinstance(over, dict):
+                raise ValueError(f"{where}.overrides[{pattern!r}] must be a mapping of "
+                                 f"{', '.join(self._OVERRIDE_KEYS)}, got {over!r}")
+            bad = [k for k in over if k not in self._OVERRIDE_KEYS]
+            if bad:
+                raise ValueError(f"{where}.overrides[{pattern!r}]: unknown key {bad[0]!r}: allowed "
+                                 f"{', '.join(self._OVERRIDE_KEYS)}")
+            if isinstance(over.get("activation"), dict):
+                QuantSpec.from_dict(over["activation"])
+        check_observer(self.act_observer, f"{where}.act_observer")
+        check_observer(self.weight_observer, f"{where}.weight_observer")
+        for over in self.overrides.values():
+            if "observer" in over:
+                check_observer(over["observer"], f"{where}.overrides.observer")
 
     def _site_configs(self) -> list[dict]:
         """The activation settings a site can end up with: the step's own, each override on top of
@@ -63,9 +106,45 @@ class Quantize(Step):
             return False
         return any(c.get("activation") is not None and not c.get("dynamic") for c in self._site_configs())
 
+    def notes(self) -> list[str]:
+        per_tensor = [c for c in self._site_configs()[:-1]
+                      if c.get("dynamic") and _granularity(c.get("activation")) == "tensor"]
+        if not per_tensor:
+            return []
+        return ["activations are quantized dynamically per tensor (one scale over batch × sequence), so a "
+                "sample's result depends on the other samples in its batch and on how its input is chunked; "
+                "per-token dynamic or calibrated static scales do not"]
+
+    def _skipped(self, s: ModelStructure, name: str) -> bool:
+        return matching.matches_any(name, s.skip) or matching.matches_any(name, self.ignore)
+
     def _targets(self, s: ModelStructure) -> list[str]:
-        skip = set(s.skip) | set(self.ignore)
-        return [n for n in (self.targets if self.targets is not None else s.quantize) if n not in skip]
+        chosen = s.quantize if self.targets is None else matching.select(s.quantize, self.targets)
+        return [n for n in chosen if not self._skipped(s, n)]
+
+    def _optional(self, s: ModelStructure) -> list[str]:
+        return matching.select(s.optional_act_sites, self.optional_sites)
+
+    def _act_site_names(self, s: ModelStructure) -> tuple[list[str], list[str], list[str]]:
+        """Modules whose input / output gets a quantizer, and the ActSites that do."""
+        targets = self._targets(s)
+        inputs = targets if s.act_inputs is None else [n for n in s.act_inputs if not self._skipped(s, n)]
+        outputs = [n for n in s.act_outputs if not self._skipped(s, n)]
+        sites = [n for n in s.act_sites + self._optional(s) if not self._skipped(s, n)]
+        return inputs, outputs, sites
+
+    def check_selections(self, s: ModelStructure, model: nn.Module) -> None:
+        """Refuse a target, ignore or optional-site pattern that selects nothing in this model (asked
+        before the model is touched, by ``check_something_to_quantize``). Override patterns are
+        not checked: they are conditional by nature ("where there is a u_site, clip it"), and one
+        recipe may serve architectures that have different sites."""
+        modules = [n for n, _ in model.named_modules() if n]
+        candidates = {"targets": s.quantize, "ignore": modules, "optional_sites": s.optional_act_sites}
+        for key, names in candidates.items():
+            bad = matching.unmatched(names, getattr(self, key) or [])
+            if bad:
+                example = f" (e.g. {', '.join(names[:3])})" if names and key != "ignore" else ""
+                raise ValueError(f"{self.kind}.{key}: pattern {bad[0]!r} selects nothing in this model{example}")
 
     def quantizes_anything(self, s: ModelStructure) -> bool:
         """Whether this step has any weight or activation to quantize in a model of structure ``s``."""
@@ -73,15 +152,14 @@ class Quantize(Step):
             return True
         if self.activation is None and not self.overrides:
             return False
-        skip = set(s.skip) | set(self.ignore)
-        optional = [n for n in s.optional_act_sites if any(fnmatch.fnmatchcase(n, p) for p in self.optional_sites)]
-        return any(n not in skip for n in (s.act_inputs or []) + s.act_outputs) or bool(s.act_sites or optional)
+        return (any(not self._skipped(s, n) for n in (s.act_inputs or []) + s.act_outputs)
+                or any(not self._skipped(s, n) for n in s.act_sites + self._optional(s)))
 
     def _act(self, site: str) -> ActQuantizer | None:
         cfg = {"observer": self.act_observer, "observer_kwargs": dict(self.act_observer_kwargs),
                "activation": self.activation, "dynamic": self.dynamic}
         for pattern, over in self.overrides.items():
-            if fnmatch.fnmatchcase(site, pattern):
+            if matching.matches(site, pattern):
                 cfg.update(over)
         spec = cfg["activation"]
         if spec is None:
@@ -119,19 +197,16 @@ class Quantize(Step):
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         s = ctx.structure
-        skip = set(s.skip) | set(self.ignore)
-        targets = self._targets(s)
-        for name in targets:
+        self.check_selections(s, model)
+        for name in self._targets(s):
             self._wrap(model, name, weight=True)
         if self.activation is not None or self.overrides:
-            inputs = targets if s.act_inputs is None else [n for n in s.act_inputs if n not in skip]
+            inputs, outputs, sites = self._act_site_names(s)
             for name in inputs:
                 self._wrap(model, name, weight=False).input_quantizer = self._act(f"{name}:input")
-            for name in s.act_outputs:
-                if name not in skip:
-                    self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
-            optional = [n for n in s.optional_act_sites if any(fnmatch.fnmatchcase(n, p) for p in self.optional_sites)]
-            for name in s.act_sites + optional:
+            for name in outputs:
+                self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
+            for name in sites:
                 site = get_submodule(model, name)
                 if not isinstance(site, ActSite):
                     raise TypeError(f"activation site {name!r} is a {type(site).__name__}, expected ActSite")

@@ -8,6 +8,8 @@ them in order against the structure that a family adapter declared. Steps that n
 from __future__ import annotations
 
 import time
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -66,12 +68,101 @@ class Step:
         missing or malformed data is refused up front)."""
         return False
 
+    def validate(self, where: str) -> None:
+        """Raise a one-line ``ValueError`` (starting with ``where``) for a value the step cannot use;
+        types are already checked by ``from_config``."""
+
+    def notes(self) -> list[str]:
+        """What a reader of the results should know about this step's choices (the report shows them)."""
+        return []
+
+    @classmethod
+    def from_config(cls, values: dict, where: str) -> "Step":
+        """The step from a mapping of its fields (a YAML recipe's step), each checked against the
+        field's type; unknown keys are refused naming the allowed ones."""
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be a mapping of the step's options, got {values!r}")
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}: allowed "
+                             f"{', '.join(names) if names else 'none (the step has no options)'}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+        step = cls(**kwargs)
+        step.validate(where)
+        return step
+
     def to_dict(self) -> dict:
         d = {"kind": self.kind}
         for f in fields(self):
             v = getattr(self, f.name)
             d[f.name] = v.to_dict() if isinstance(v, QuantSpec) else v
         return d
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against a step field's type (int → float allowed; a QuantSpec from a mapping)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if tp is QuantSpec:
+        if isinstance(value, QuantSpec):
+            return value.validate()
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a quantization spec mapping (e.g. {{bits: 8, granularity: "
+                             f"channel}}), got {value!r}")
+        try:
+            return QuantSpec.from_dict(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+              str: (lambda v: isinstance(v, str), "a string"),
+              dict: (lambda v: isinstance(v, dict), "a mapping")}
+    if tp in checks:
+        ok, what = checks[tp]
+        if not ok(value):
+            raise ValueError(f"{where} must be {what}, got {value!r}")
+        return float(value) if tp is float else value
+    if origin is dict:
+        return _coerce(value, dict, where)
+    if tp is list or origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a list of names or patterns, got {value!r}")
+        return list(value)
+    raise TypeError(f"{where}: step field type {tp!r} has no config form")  # a step author's bug
+
+
+def step_class(name: str, where: str) -> type["Step"]:
+    """A registered step by class name (``SmoothQuant``) or by kind (``smoothquant``)."""
+    for cls in STEPS.values():
+        if name in (cls.__name__, cls.kind):
+            return cls
+    raise ValueError(f"{where}: unknown recipe step {name!r}: allowed {', '.join(c.__name__ for c in STEPS.values())}")
+
+
+def steps_from_config(items: Any, where: str = "recipe.steps") -> list["Step"]:
+    """Steps written in YAML: ``[{SmoothQuant: {alpha: 0.5}}, {OnlineHadamard: {}}, {Quantize: {...}}]``,
+    each validated on its own (errors name the step's position and name)."""
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where} must be a non-empty list of steps such as [{{SmoothQuant: {{alpha: 0.5}}}}, "
+                         f"{{Quantize: {{...}}}}], got {items!r}")
+    steps = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"{at} must be a mapping with one key, the step's name (e.g. {{OnlineHadamard: {{}}}}), "
+                             f"got {item!r}")
+        (name, values), = item.items()
+        cls = step_class(str(name), at)
+        steps.append(cls.from_config(values, f"{at}.{cls.__name__}"))
+    return steps
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -92,9 +183,16 @@ class Recipe:
 
     name: str
     steps: list[Step]
+    #: what the preset that built this recipe wants a reader of its results to know
+    caveats: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+        d = {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+        return {**d, "caveats": list(self.caveats)} if self.caveats else d
+
+    def notes(self) -> list[str]:
+        """The preset's caveats and each step's notes, for the report."""
+        return [*self.caveats, *(n for s in self.steps for n in s.notes())]
 
     def calibrating_steps(self) -> list[str]:
         """Kinds of the steps that run calibration batches (empty: the recipe needs no data)."""
@@ -110,26 +208,26 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        """Inverse of ``to_dict`` (every step validated as in a YAML recipe)."""
         steps = []
-        for sd in d["steps"]:
+        for i, sd in enumerate(d["steps"]):
             sd = dict(sd)
-            kind = sd.pop("kind")
-            if kind not in STEPS:
-                raise ValueError(f"unknown recipe step {kind!r}: allowed {', '.join(STEPS)}")
-            step_cls = STEPS[kind]
-            for key in ("weight", "activation", "conv_weight"):
-                if isinstance(sd.get(key), dict):
-                    sd[key] = QuantSpec.from_dict(sd[key])
-            steps.append(step_cls(**sd))
-        return cls(d["name"], steps)
+            step_cls = step_class(str(sd.pop("kind", None)), f"recipe.steps[{i}]")
+            steps.append(step_cls.from_config(sd, f"recipe.steps[{i}].{step_cls.__name__}"))
+        return cls(d["name"], steps, list(d.get("caveats") or []))
 
 
 def check_something_to_quantize(model: nn.Module, recipe: Recipe, structure: ModelStructure) -> None:
-    """Refuse a recipe whose Quantize steps find no target in ``structure`` (e.g. zero layers)."""
+    """Refuse a recipe whose Quantize steps find no target in ``structure`` (e.g. zero layers), or
+    whose target / ignore / override patterns select nothing."""
     quantizers = [s for s in recipe.steps if isinstance(s, Quantize)]
     if quantizers and not any(s.quantizes_anything(structure) for s in quantizers):
+        for step in quantizers if structure.quantize else []:
+            step.check_selections(structure, model)  # a typo in targets says so, not "no layers"
         raise ValueError(f"nothing to quantize: {type(model).__name__} has no layers to quantize "
                          f"(its structure names no target for recipe {recipe.name!r})")
+    for step in quantizers:
+        step.check_selections(structure, model)
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
@@ -230,6 +328,6 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 from .quantize_step import Quantize  # noqa: E402
 from .transform_steps import OnlineHadamard, RotatePairs, RotateResidual, SmoothQuant  # noqa: E402
 
-__all__ = ["Recipe", "Step", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "apply_recipe",
+__all__ = ["Recipe", "Step", "steps_from_config", "step_class", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "apply_recipe",
            "register_step", "STEPS", "Context", "ModelSnapshot",
            "quantized_modules"]
