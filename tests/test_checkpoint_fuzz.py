@@ -21,7 +21,6 @@ The counts are printed (``pytest -s``) and checked.
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 from collections import Counter

@@ -16,7 +16,7 @@ import torch
 
 from archquant.adapters.mamba import MambaAdapter
 from archquant.adapters.toy import ToyAdapter
-from archquant.corpus import (STDLIB_SPLITS, binary_content, document_digests, stdlib_documents, stdlib_root,
+from archquant.eval.corpus import (STDLIB_SPLITS, binary_content, document_digests, stdlib_documents, stdlib_root,
                               text_file_documents)
 from archquant.data import (DataOverlapError, DataSplit, MissingContentDigestsError, check_disjoint, digest_record,
                             digest_tensor, digest_text, digest_tokens, label_digests, normalize_text)

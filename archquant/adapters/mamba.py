@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.structure import LinearGroup, LinearPair, ModelStructure
-from ..corpus import document_digests, hf_documents, stdlib_documents, text_file_documents, token_window_digests
+from ..eval.corpus import document_digests, hf_documents, stdlib_documents, text_file_documents, token_window_digests
 from ..data import DataSplit
 from ..eval import lm
 from ..models.mamba import MambaConfig, MambaLM

@@ -50,7 +50,6 @@ only a directory archquant wrote is ever replaced.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
