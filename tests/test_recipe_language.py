@@ -14,6 +14,7 @@ from archquant.core.presets import PRESETS, RecipeOptions
 from archquant.core.recipe import Recipe, steps_from_config
 from archquant.models.toy import ToyConfig, init_toy_model
 
+get_adapter("mamba")  # registers the Mamba family's own steps and presets
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 SMALL_DATA = ["calibration.num_samples=8", "calibration.batch_size=4", "calibration.options.seq_len=64",
               "evaluation.num_samples=4", "evaluation.batch_size=4", "evaluation.options.seq_len=64"]
@@ -54,6 +55,10 @@ def test_bad_regex_is_named():
      r"recipe.steps\[0\].Quantize.overrides\['\*.u_site'\]: unknown key 'obsrver'"),
     ([{"Quantize": {}, "SmoothQuant": {}}], r"recipe.steps\[0\] must be a mapping with one key"),
     ([{"Quantize": {"targets": "in_proj"}}], r"recipe.steps\[0\].Quantize.targets must be a list"),
+    ([{"SmoothQuant": {"alpha": 1.5}}], r"recipe.steps\[0\].SmoothQuant.alpha has value 1.5: allowed values are in \[0.0, 1.0\]"),
+    ([{"RotateResidual": {"rotation": "givens"}}], r"RotateResidual.rotation has value 'givens': allowed values are hadamard"),
+    ([{"MambaQuantSmooth": {"alpha": -1}}], r"MambaQuantSmooth.alpha has value -1.0: allowed"),
+    ([{"Quamba2Quantize": {"head_groups": 0}}], r"Quamba2Quantize.head_groups has value 0: allowed values are >= 1"),
 ])
 def test_step_errors_name_the_step_and_key(steps, message):
     with pytest.raises(ValueError, match=message):

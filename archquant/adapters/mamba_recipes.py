@@ -15,7 +15,7 @@ from ..core.formats import QuantSpec
 from ..core.observers import ChannelAbsMaxObserver
 from ..core.presets import RecipeOptions, act_spec, register_preset, static_quantize, weight_spec
 from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, Step,
-                           get_submodule, register_step)
+                           check_value, get_submodule, register_step)
 from ..models.mamba import Mamba1Mixer, ScaledSiLU
 from ..options import Option
 
@@ -40,6 +40,9 @@ class MambaQuantSmooth(Step):
     kind: ClassVar[str] = "mambaquant_smooth"
     architectures: ClassVar[tuple[str, ...]] = ("mamba1",)
     alpha: float = 0.5
+
+    def validate(self, where: str) -> None:
+        check_value(f"{where}.alpha", self.alpha, minimum=0.0, maximum=1.0)
 
     def needs_calibration(self) -> bool:
         return True
@@ -127,6 +130,11 @@ class Quamba2Quantize(Quantize):
     architectures: ClassVar[tuple[str, ...]] = ("mamba2",)
     head_groups: int = 4
     channel_groups: int = 4
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_value(f"{where}.head_groups", self.head_groups, minimum=1)
+        check_value(f"{where}.channel_groups", self.channel_groups, minimum=1)
 
     def needs_calibration(self) -> bool:
         return True  # the groups come from the data even when every scale were dynamic

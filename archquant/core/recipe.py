@@ -139,6 +139,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"{where}: step field type {tp!r} has no config form")  # a step author's bug
 
 
+def check_value(where: str, value: Any, *, allowed: Iterable | None = None, minimum: float | None = None,
+                maximum: float | None = None) -> None:
+    """One-line refusal of a step value outside ``allowed`` or [minimum, maximum] (for ``Step.validate``)."""
+    if allowed is not None and value not in tuple(allowed):
+        raise ValueError(f"{where} has value {value!r}: allowed values are {', '.join(map(str, allowed))}")
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        bounds = f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None else (
+            f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ValueError(f"{where} has value {value!r}: allowed values are {bounds}")
+
+
 def step_class(name: str, where: str) -> type["Step"]:
     """A registered step by class name (``SmoothQuant``) or by kind (``smoothquant``)."""
     for cls in STEPS.values():

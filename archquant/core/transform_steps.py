@@ -15,7 +15,7 @@ from . import transforms as T
 from .calibration import collect_stats
 from .modules import QuantLinear
 from .observers import ChannelAbsMaxObserver
-from .recipe import Context, Step, get_submodule, register_step, set_submodule
+from .recipe import Context, Step, check_value, get_submodule, register_step, set_submodule
 from .structure import FoldTarget
 
 
@@ -92,6 +92,9 @@ class SmoothQuant(Step):
     kind: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
 
+    def validate(self, where: str) -> None:
+        check_value(f"{where}.alpha", self.alpha, minimum=0.0, maximum=1.0)
+
     def needs_calibration(self) -> bool:
         return True
 
@@ -123,6 +126,9 @@ class RotateResidual(Step):
     kind: ClassVar[str] = "rotate_residual"
     rotation: str = "random_hadamard"
     seed: int = 0
+
+    def validate(self, where: str) -> None:
+        check_value(f"{where}.rotation", self.rotation, allowed=T.ROTATION_KINDS)
 
     def needs_calibration(self) -> bool:
         return self.rotation in T.DATA_DEPENDENT_ROTATIONS
@@ -212,6 +218,9 @@ class RotatePairs(Step):
     kind: ClassVar[str] = "rotate_pairs"
     rotation: str = "random_hadamard"
     seed: int = 0
+
+    def validate(self, where: str) -> None:
+        check_value(f"{where}.rotation", self.rotation, allowed=T.ROTATION_KINDS)
 
     def needs_calibration(self) -> bool:
         return self.rotation in T.DATA_DEPENDENT_ROTATIONS
