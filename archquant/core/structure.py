@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .matching import matches_any
+
 #: where a smoothing group's inverse scale can go (see ``FoldTarget``)
 FOLD_KINDS = ("norm", "linear", "modulation", "online")
 
@@ -118,7 +120,7 @@ class ModelStructure:
     online_rotation_sites: Linears whose input can take an online Hadamard whose inverse is
         fused into their weight (Mamba's out_proj, an MLP's down projection).
     quantize: Linears (and depthwise Conv1d) that a quantization recipe wraps by default.
-    skip: names never quantized (e.g. the LM head).
+    skip: patterns (``core.matching``: names, globs, ``re:``) of modules never quantized (e.g. the LM head).
     act_inputs: modules whose *input* gets an activation quantizer; None = every ``quantize``
         target (a family lists only the inputs not already quantized upstream).
     act_outputs: modules whose *output* gets an activation quantizer.
@@ -156,4 +158,4 @@ class ModelStructure:
             groups = self.smoothing
         else:
             groups = [SmoothingGroup(list(g.linears), norm=g.norm) for g in self.residual_readers if g.norm is not None]
-        return [g for g in groups if any(n not in self.skip for n in g.linears)]
+        return [g for g in groups if any(not matches_any(n, self.skip) for n in g.linears)]
