@@ -32,8 +32,9 @@ from ..kernels import mamba_conv1d as conv_k
 from ..kernels import mamba_scan as scan_k
 from ..models.layers import RMSNorm
 from ..models.mamba import Mamba1Mixer, MambaBlock, MambaLayerState
-from .real import (RealQuantLinear, act_kind, is_int8_symmetric, real_eligibility, register_real_converter,
-                    static_scale, use_triton)
+from .linear import RealQuantLinear, int8_eligibility
+from .real import register_real_converter
+from .specs import act_kind, is_int8_symmetric, static_scale, use_triton
 
 __all__ = ["RealQuantMamba1Mixer", "real_mixer_eligibility"]
 
@@ -59,7 +60,7 @@ def real_mixer_eligibility(m: nn.Module) -> str | None:
         lin = getattr(m, name)
         if not isinstance(lin, QuantLinear):
             return f"{name} is not quantized"
-        reason = real_eligibility(lin)
+        reason = int8_eligibility(lin)
         if reason is not None:
             return f"{name}: {reason}"
     for name in ("in_proj", "x_proj", "dt_proj"):
@@ -231,7 +232,7 @@ def _fusable_norm(block: MambaBlock) -> bool:
     in_proj = block.mixer.in_proj
     fused_kinds = ("static_tensor", "dynamic_token")  # what rmsnorm_quant_int8 produces
     return (type(block.norm) is RMSNorm and in_proj.input_transform is None
-            and real_eligibility(in_proj) is None and act_kind(in_proj.input_quantizer) in fused_kinds)
+            and int8_eligibility(in_proj) is None and act_kind(in_proj.input_quantizer) in fused_kinds)
 
 
 @register_real_converter(MambaBlock)
