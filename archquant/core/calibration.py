@@ -7,6 +7,10 @@ Two uses share one loop:
 * ``calibrate`` switches the static activation quantizers of a fake-quant model to
   observation mode, runs the data, and freezes their parameters.
 
+Statistics per regime (e.g. per diffusion timestep): the ``forward_fn`` runs each model call
+inside ``core.context_key.context_key(key)``, and ``observers.KeyedObserver`` (or a static
+quantizer with observer ``"keyed"``) keeps one statistic per key; everything else pools all keys.
+
 Both check every module's output for NaN/Inf and name the first module that produced one,
 because a silent NaN in calibration turns every scale downstream into garbage.
 """

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
+from .context_key import check_key, current_context_key
 from .formats import QuantSpec
 from .observers import build_observer
 from .transforms import ONLINE_TRANSFORMS, OnlineTransform, build_online_transform
@@ -66,6 +67,11 @@ class ActQuantizer(nn.Module):
     ``dynamic=True`` computes the parameters from every input (e.g. per-token); otherwise they
     are calibrated once by ``observer`` and frozen (e.g. Quamba's static per-tensor scales).
     Modes: ``"off"`` (identity), ``"calibrate"`` (observe, pass through), ``"quantize"``.
+
+    With ``observer="keyed"`` (``observers.KeyedRangeObserver``) a static quantizer keeps one set
+    of parameters per context key seen in calibration (``core.context_key``, e.g. the diffusion
+    timestep): ``keys`` lists them, ``key_params[i]`` holds key i's, and each call uses the current
+    key's (a key it was not calibrated for is a ``ValueError``).
     """
 
     def __init__(self, spec: QuantSpec, dynamic: bool = False, observer: str = "minmax",
@@ -78,6 +84,28 @@ class ActQuantizer(nn.Module):
         self.mode = "quantize" if dynamic else "off"
         self.observer = None if dynamic else build_observer(observer, spec, **self.observer_kwargs)
         self.params = _ParamBuffers()
+        self.keyed = observer == "keyed" and not dynamic
+        if self.keyed:
+            self._set_keys([])
+
+    def _set_keys(self, keys: list) -> None:
+        self.keys = [check_key(k) for k in keys]
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"context keys {self.keys} repeat a key")
+        self.key_params = nn.ModuleList(_ParamBuffers() for _ in self.keys)
+        self._key_index = {k: i for i, k in enumerate(self.keys)}
+
+    def _current_params(self) -> dict[str, torch.Tensor]:
+        if not self.keyed:
+            return self.params.as_dict()
+        key = current_context_key()
+        if key is None:
+            raise ValueError(f"this activation quantizer has parameters per context key ({self.keys}) but no key "
+                             "is set: run the model inside archquant.core.context_key.context_key(key)")
+        if key not in self._key_index:
+            raise ValueError(f"no calibrated activation parameters for context key {key!r}: calibrated keys "
+                             f"{self.keys}")
+        return self.key_params[self._key_index[key]].as_dict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -87,51 +115,82 @@ class ActQuantizer(nn.Module):
             return x
         if self.dynamic:
             return formats.fake_quantize(x, self.spec)
-        if not len(self.params):
+        params = self._current_params()
+        if not params:
             raise RuntimeError("static activation quantizer used before calibration (no scales)")
-        return formats.fake_quantize(x, self.spec, self.params.as_dict())
+        return formats.fake_quantize(x, self.spec, params)
 
     def freeze(self) -> None:
         """Fix the static parameters from what the observer saw, then quantize from now on."""
         if not self.dynamic and self.observer is not None:  # a second freeze keeps the first scales
-            self.params.set(self.observer.params())
+            if self.keyed:
+                per_key = self.observer.params()
+                self._set_keys(list(per_key))
+                for buffers, params in zip(self.key_params, per_key.values()):
+                    buffers.set(params)
+            else:
+                self.params.set(self.observer.params())
             self.observer = None
         self.mode = "quantize"
 
     def check_loaded(self, prefix: str = "", channels: int | None = None) -> None:
-        """A dynamic quantizer holds no parameters; a static one exactly its format's (see module doc).
-        ``channels``: the size of the last axis of the activations, when the owner knows it."""
+        """A dynamic quantizer holds no parameters; a static one exactly its format's, per context key
+        when keyed (see module doc). ``channels``: the size of the last axis of the activations, when
+        the owner knows it."""
         params = self.params.as_dict()
-        if self.dynamic:
+        if self.dynamic or self.keyed:
             if params:
+                why = ("is dynamic (it computes its parameters from each input)" if self.dynamic
+                       else "keeps its parameters per context key (key_params)")
                 raise ValueError(f"tensor {prefix + 'params.' + sorted(params)[0]!r} is not expected: the quantizer "
-                                 "is dynamic (it computes its parameters from each input)")
-            return
+                                 f"{why}")
+            if self.dynamic:
+                return
+        if self.keyed:
+            for i, buffers in enumerate(self.key_params):
+                self._check_params(buffers.as_dict(), f"{prefix}key_params.{i}.", channels)
+        else:
+            self._check_params(params, prefix + "params.", channels)
+
+    def _check_params(self, params: dict[str, torch.Tensor], params_prefix: str, channels: int | None) -> None:
         if not params:
-            raise ValueError(f"tensor {prefix + 'params.scale'!r} is missing: a static activation quantizer "
+            raise ValueError(f"tensor {params_prefix + 'scale'!r} is missing: a static activation quantizer "
                              "needs its calibrated parameters")
-        formats.check_stored(self.spec, params, params_prefix=prefix + "params.")
+        formats.check_stored(self.spec, params, params_prefix=params_prefix)
         scale = params.get("scale")
         if (channels is not None and scale is not None and self.spec.granularity == "channel" and scale.ndim
                 and self.spec.axis % scale.ndim == scale.ndim - 1 and scale.shape[-1] != channels):
-            raise ValueError(f"tensor {prefix + 'params.scale'!r} has {scale.shape[-1]} channels, "
+            raise ValueError(f"tensor {params_prefix + 'scale'!r} has {scale.shape[-1]} channels, "
                              f"the activations {channels}")
 
     def to_config(self) -> dict:
-        return {"spec": self.spec.to_dict(), "dynamic": self.dynamic,
-                "observer": self.observer_name, "observer_kwargs": self.observer_kwargs}
+        config = {"spec": self.spec.to_dict(), "dynamic": self.dynamic,
+                  "observer": self.observer_name, "observer_kwargs": self.observer_kwargs}
+        if self.keyed:
+            config["keys"] = list(self.keys)
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "ActQuantizer":
         q = cls(QuantSpec.from_dict(config["spec"]), dynamic=config["dynamic"],
                 observer=config.get("observer", "minmax"), observer_kwargs=config.get("observer_kwargs"))
+        if q.keyed:
+            keys = config.get("keys")
+            if not isinstance(keys, list) or not keys:
+                raise ValueError(f"a keyed activation quantizer needs its context keys (a non-empty list), "
+                                 f"got keys={keys!r}")
+            q._set_keys(keys)
+        elif "keys" in config:
+            raise ValueError("'keys' is only allowed for a static quantizer with observer 'keyed'")
         q.observer = None
         q.mode = "quantize"
         return q
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else f"static/{self.observer_name}"
-        return f"{self.spec.format}{self.spec.bits if self.spec.format == 'int' else ''} {self.spec.granularity} {kind} mode={self.mode}"
+        keys = f" keys={len(self.keys)}" if self.keyed else ""
+        return (f"{self.spec.format}{self.spec.bits if self.spec.format == 'int' else ''} {self.spec.granularity} "
+                f"{kind}{keys} mode={self.mode}")
 
 
 def _packable(spec: QuantSpec, shape: tuple[int, ...]) -> bool:

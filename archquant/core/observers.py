@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from archquant.core import formats
+from archquant.core.context_key import current_context_key
 from archquant.core.formats import QuantSpec
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "MSEObserver",
     "ChannelAbsMaxObserver",
     "GroupedMinMaxObserver",
+    "KeyedObserver",
+    "KeyedRangeObserver",
     "OBSERVERS",
     "build_observer",
 ]
@@ -447,14 +451,67 @@ class ChannelAbsMaxObserver(Observer):
         return super().params()
 
 
+# --------------------------------------------------------------------------- per context key
+
+
+class KeyedObserver:
+    """One statistic per context key (``core.context_key``), e.g. per diffusion timestep.
+
+    ``factory()`` makes the statistic for a key the first time that key is seen (any object with
+    ``update(x)``: an observer, ``ChannelAbsMaxObserver``, a covariance); ``update`` outside a
+    ``context_key`` is a ``ValueError``, since the tensor would belong to no key.
+    """
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory = factory
+        self.by_key: dict = {}
+
+    def update(self, x: Tensor) -> None:
+        key = current_context_key()
+        if key is None:
+            raise ValueError(f"{type(self).__name__} got a tensor outside any context key: run the calibration "
+                             "forward passes inside archquant.core.context_key.context_key(key)")
+        if key not in self.by_key:
+            self.by_key[key] = self.factory()
+        self.by_key[key].update(x)
+
+    @property
+    def keys(self) -> list:
+        return list(self.by_key)
+
+    def __getitem__(self, key):
+        return self.by_key[key]
+
+    def params(self) -> dict[Any, dict[str, Tensor]]:
+        """key → the parameters its statistic gives, in the order the keys were first seen."""
+        if not self.by_key:
+            raise RuntimeError("observer saw no data")
+        return {key: obs.params() for key, obs in self.by_key.items()}
+
+
+class KeyedRangeObserver(KeyedObserver):
+    """The registered form (``"keyed"``): per key, observer ``observer`` with ``observer_kwargs``,
+    e.g. ``ActQuantizer(spec, observer="keyed", observer_kwargs={"observer": "minmax"})`` for
+    static scales per timestep."""
+
+    def __init__(self, spec: QuantSpec, observer: str = "minmax", observer_kwargs: dict | None = None):
+        if observer == "keyed":
+            raise ValueError("observer 'keyed' cannot nest another 'keyed' observer")
+        kwargs = dict(observer_kwargs or {})
+        build_observer(observer, spec, **kwargs)  # a bad name or option fails now, not at the first key
+        self.spec = spec
+        super().__init__(lambda: build_observer(observer, spec, **kwargs))
+
+
 # --------------------------------------------------------------------------- registry
 
-OBSERVERS: dict[str, type[Observer]] = {
+OBSERVERS: dict[str, type] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
     "channel_absmax": ChannelAbsMaxObserver,
     "grouped_minmax": GroupedMinMaxObserver,
+    "keyed": KeyedRangeObserver,
 }
 
 
