@@ -64,6 +64,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from archquant.core.formats import INT_MIN_SCALE
+
 __all__ = [
     "INT8_QMAX",
     "Int8Weight",
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 INT8_QMAX = 127  # restricted symmetric range, as archquant.core.formats.qrange
-_MIN_SCALE = 1e-8  # archquant.core.formats._INT_MIN_SCALE
+_MIN_SCALE = INT_MIN_SCALE  # the core's clamp of all-zero rows' scales
 _SPLIT_BASE = 254.0  # digit base of the "split3" path: |remainder| <= 0.5 -> |digit| <= 127
 _INT8PACK_K_MULTIPLE = 16  # aten._weight_int8pack_mm (bf16/fp16) is wrong, or crashes, otherwise
 PATHS = ("int_mm", "fbgemm", "triton")

@@ -40,9 +40,8 @@ C_q, C_scale, D, z_q, z_scale, out_dtype=torch.float16) -> y (b, d)``
 functions, the names to use where the inputs are float (the FP16 baseline).
 
 ``*_reference`` dequantize (``codes * scale`` in fp32; a float input with scale None is
-just cast to fp32), apply ``F.softplus`` and call
-:func:`archquant.models.mamba.selective_scan` (our fp32 Mamba1 recurrence), then
-``y * F.silu(z)``.  The kernel performs the same operations in the same order except
+just cast to fp32), apply ``F.softplus`` and call :func:`selective_scan_reference` (the fp32
+Mamba1 recurrence, kept here so the kernels own their oracle), then ``y * F.silu(z)``.  The kernel performs the same operations in the same order except
 the ``sum_n`` (``bmm`` in the reference), ``exp``/``log``/SiLU (backend ulps) and
 softplus's ``log1p`` (see below): fp32 outputs agree to ~1e-6 relative (tests: 1e-5), 16-bit
 outputs to one ulp of the output dtype.
@@ -80,8 +79,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from archquant.models.mamba import selective_scan
-
 from ._triton_utils import OUT_DTYPES, check_launchable, check_pow2, next_pow2, prepare_out, round_to_dtype_code
 
 __all__ = [
@@ -89,6 +86,7 @@ __all__ = [
     "quant_selective_scan_reference",
     "quant_selective_state_update",
     "quant_selective_state_update_reference",
+    "selective_scan_reference",
     "selective_scan_triton",
     "selective_state_update_triton",
 ]
@@ -512,17 +510,43 @@ def _ref_dt(dt_q, dt_scale, dt_bias, dt_softplus, bias_shape):
     return F.softplus(dt) if dt_softplus else dt
 
 
+def selective_scan_reference(u, dt, A, B, C, D=None, h0=None, *, block: int = 64):
+    """The Mamba1 recurrence in fp32 PyTorch: ``h_t = exp(dt_t A) h_{t-1} + (dt_t u_t) B_t``,
+    ``y_t = h_t C_t + D u_t``.
+
+    u, dt (already softplus'ed): (b, l, d); A: (d, n); B, C: (b, l, n); D: (d,) or None; h0:
+    (b, d, n) or None (zeros). Returns ``(y (b, l, d), h_last (b, d, n))``, both fp32. In place
+    on one state, ``block`` time steps of ``exp(dt A)`` and ``(dt u) B`` materialised at a time
+    (cache-sized, instead of (b, l, d, n) at once): this is also what the real Mamba mixer runs
+    on a CPU, so it is written for speed as well as clarity.
+    """
+    u, dt, A, B, C = (t.to(torch.float32) for t in (u, dt, A, B, C))
+    b, l, d = u.shape
+    h = (torch.zeros(b, d, A.shape[-1], dtype=torch.float32, device=u.device) if h0 is None
+         else h0.to(torch.float32).clone())
+    y = u.new_empty(b, l, d)
+    for t0 in range(0, l, block):
+        t1 = min(t0 + block, l)
+        dA = torch.exp(dt[:, t0:t1].unsqueeze(-1) * A)
+        dBu = (dt[:, t0:t1] * u[:, t0:t1]).unsqueeze(-1) * B[:, t0:t1].unsqueeze(2)
+        for i in range(t1 - t0):
+            h.mul_(dA[:, i]).add_(dBu[:, i])
+            y[:, t0 + i] = torch.bmm(h, C[:, t0 + i].unsqueeze(-1)).squeeze(-1)
+    if D is not None:
+        y = y + u * D.to(torch.float32)
+    return y, h
+
+
 def quant_selective_scan_reference(
     u_q, u_scale, dt_q, dt_scale, dt_bias, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
     out_dtype=torch.float16, h0=None, return_state=False, *, dt_softplus=True,
 ):
-    """Dequantize, softplus, :func:`archquant.models.mamba.selective_scan`, gate (fp32)."""
+    """Dequantize, softplus, :func:`selective_scan_reference`, gate (fp32)."""
     u = _deq(u_q, u_scale).transpose(1, 2)  # (b, l, d)
     dt = _ref_dt(dt_q, dt_scale, dt_bias, dt_softplus, (1, -1, 1)).transpose(1, 2)
     Bf = _deq(B_q, B_scale).transpose(1, 2)  # (b, l, n)
     Cf = _deq(C_q, C_scale).transpose(1, 2)
-    y, h = selective_scan(u, dt, A.to(torch.float32), Bf, Cf,
-                          None if D is None else D.to(torch.float32), h0=h0, return_state=True)
+    y, h = selective_scan_reference(u, dt, A, Bf, Cf, D, h0)
     y = y.transpose(1, 2)
     if z_q is not None:
         y = y * F.silu(_deq(z_q, z_scale))

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from archquant.core.formats import _INT_MIN_SCALE, QuantSpec, params_from_tensor, quantize
+from archquant.core.formats import INT_MIN_SCALE, QuantSpec, params_from_tensor, quantize
 
 from ._triton_utils import check_launchable, check_pow2, next_pow2, prepare_out, quantize_int8_tile
 
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 INT8_QMAX = 127  # restricted symmetric range, as in archquant.core.formats.qrange
-MIN_SCALE = _INT_MIN_SCALE  # the core clamps scales to this (all-zero rows)
+MIN_SCALE = INT_MIN_SCALE  # the core clamps scales to this (all-zero rows)
 
 # One program handles BLOCK_M rows and walks K in chunks of BLOCK_K; a tile holds
 # at most this many elements (keeps register use bounded on the GPU).

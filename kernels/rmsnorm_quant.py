@@ -24,8 +24,8 @@ residual_in_fp32=True, out=None, out_scale=None, out_residual=None, block_n=None
     ``block_n``: column chunk (power of two); the default is one tile of
     ``next_pow2(n)`` columns up to n = 8192, chunks of 4096 beyond.
 ``rmsnorm_quant_int8_reference(...)``
-    The same with PyTorch ops: :func:`rmsnorm_reference` (==
-    ``archquant.models.layers.RMSNorm.forward``) + ``archquant.core.formats.quantize``.
+    The same with PyTorch ops: :func:`rmsnorm_reference` (what
+    ``archquant.models.layers.RMSNorm`` computes) + ``archquant.core.formats.quantize``.
 
 Semantics and rounding order
 ----------------------------
@@ -90,7 +90,6 @@ import triton
 import triton.language as tl
 
 from archquant.core.formats import QuantSpec, quantize
-from archquant.models.layers import rms_norm
 
 from ._triton_utils import (
     OUT_DTYPES,
@@ -396,8 +395,14 @@ def rmsnorm_triton(
 # --------------------------------------------------------------------------- references
 
 
-#: the models' own RMSNorm (its PyTorch path), the oracle of both kernels here
-rmsnorm_reference = rms_norm
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in PyTorch, the oracle of both kernels here: normalised in fp32, cast back to x's
+    dtype, then times γ (the result has ``promote_types(weight.dtype, x.dtype)``), which is what
+    ``archquant.models.layers.RMSNorm`` computes (HF Mamba / Llama convention)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rmsnorm_quant_int8_reference(

@@ -36,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "GRANULARITIES",
+    "INT_MIN_SCALE",
     "E2M1_GRID",
     "QuantSpec",
     "Format",
@@ -58,7 +59,8 @@ __all__ = [
 GRANULARITIES = ("tensor", "channel", "token", "group")
 
 # Scales are clamped away from zero so all-zero channels/groups do not divide by zero.
-_INT_MIN_SCALE = 1e-8
+#: smallest scale of the int formats (public: kernels that quantize like the core clamp to it too)
+INT_MIN_SCALE = 1e-8
 _FP8_MIN_SCALE = 1e-12
 
 
@@ -337,11 +339,11 @@ class IntFormat(Format):
         qmin, qmax = qrange(spec)
         lo, hi = lo.to(torch.float32), hi.to(torch.float32)
         if spec.symmetric:
-            scale = (_abs_max(lo, hi) / qmax).clamp_min(_INT_MIN_SCALE)
+            scale = (_abs_max(lo, hi) / qmax).clamp_min(INT_MIN_SCALE)
             return {"scale": scale}
         # The range must contain 0 so that zero (padding, ReLU outputs) is exact.
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(_INT_MIN_SCALE)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(INT_MIN_SCALE)
         # Rounding the zero point can shift the grid by up to half a step, so in rare
         # cases the very edge of the range clamps by one step; zero stays exact.
         zero_point = torch.round(-lo / scale).clamp(qmin, qmax)
