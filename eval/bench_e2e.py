@@ -47,6 +47,7 @@ def build_models(shape: dict, dtype: torch.dtype, device: torch.device, calib_to
     import archquant as aq
     from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
     from archquant.backends import convert_to_real
+    from archquant.backends.fused import apply_fused_kernels
 
     cfg = MambaConfig(arch="mamba1", tie_embeddings=True, **shape)
     torch.manual_seed(0)
@@ -58,6 +59,10 @@ def build_models(shape: dict, dtype: torch.dtype, device: torch.device, calib_to
     fake = copy.deepcopy(fp)
     aq.quantize_(fake, "quamba", calib_data=calib, family="mamba", progress=False)
     real = convert_to_real(copy.deepcopy(fake), kernels=kernels)
+    # FP parts (the FP model; the real model's final norm) on the same Triton kernels; the fake twin,
+    # the correctness reference, stays plain PyTorch
+    apply_fused_kernels(fp, kernels)
+    apply_fused_kernels(real, kernels)
     info = real._archquant_real
     if info["kept"] or len(info["blocks"]) != cfg.num_layers:
         raise RuntimeError(f"not every mixer went real: {info}")

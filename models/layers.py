@@ -1,22 +1,9 @@
-"""Layers shared by the model code we own."""
+"""Layers shared by the model code we own (plain PyTorch; ``archquant.backends.fused`` swaps in
+the Triton versions for inference)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-#: where the FP models' fusable ops run (RMSNorm here; Mamba's conv1d + SiLU and selective scan):
-#: "auto" (the Triton kernels of ``kernels/`` for CUDA tensors, PyTorch on a CPU), "torch"
-#: (always PyTorch) or "triton" (always the kernels; on a CPU through TRITON_INTERPRET=1).
-#: The int8 models run the same kernels, so FP-vs-int8 timings compare like with like.
-FP_KERNELS = "auto"
-
-
-def use_fp_kernels(t: torch.Tensor) -> bool:
-    """Whether an FP op on ``t`` runs on its Triton kernel (never while autograd records)."""
-    if FP_KERNELS == "torch" or (torch.is_grad_enabled() and t.requires_grad):
-        return False
-    return t.is_cuda or FP_KERNELS == "triton"
 
 
 class RMSNorm(nn.Module):
@@ -28,10 +15,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fp_kernels(x) and not (torch.is_grad_enabled() and self.weight.requires_grad):
-            from archquant.kernels.rmsnorm_quant import rmsnorm_triton  # one kernel, same values
-
-            return rmsnorm_triton(x, self.weight, self.eps)[0]
         return rms_norm(x, self.weight, self.eps)
 
 

@@ -28,7 +28,6 @@ from torch import nn
 
 from archquant.core.modules import ActSite, register_module_type
 
-from . import layers
 from .layers import RMSNorm
 
 
@@ -190,8 +189,6 @@ def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | 
     state's window (the last k inputs, newest last) is updated in place.
     """
     l = x.shape[-1]
-    if layers.use_fp_kernels(x) and _plain_conv(conv):
-        return _kernel_conv_silu(conv, x, state)
     if state is None:
         return F.silu(conv(x)[..., :l])
     k = conv.kernel_size[0] if isinstance(conv.kernel_size, tuple) else conv.kernel_size
@@ -201,34 +198,6 @@ def causal_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | 
     y = conv(xx)[..., k - 1:k - 1 + l]
     state.store("conv_state", xx[..., -k:])
     return F.silu(y)
-
-
-def _plain_conv(conv: nn.Module) -> bool:
-    """A conv the fused kernel can run: an nn.Conv1d, or a quantized one without activation
-    quantizers (its dequantized weight is then what the kernel multiplies by)."""
-    if isinstance(conv, nn.Conv1d):
-        return True
-    return (getattr(conv, "input_quantizer", False) is None and getattr(conv, "output_quantizer", False) is None
-            and hasattr(conv, "effective_weight"))
-
-
-def _kernel_conv_silu(conv: nn.Module, x: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
-    """``causal_conv_silu`` on the Triton conv kernels of ``kernels/mamba_conv1d.py`` (the int8
-    model's kernels, fed floats): one launch for conv + bias + SiLU, the state window updated
-    in place (decode: one token, ``causal_conv1d_update``)."""
-    from archquant.kernels.mamba_conv1d import causal_conv1d_silu_triton, causal_conv1d_update_triton
-
-    w = conv.weight if isinstance(conv, nn.Conv1d) else conv.effective_weight()
-    b, c, l = x.shape
-    if state is not None and state.conv_state is None:
-        state.conv_state = x.new_zeros(b, c, w.shape[-1])  # zero history = the conv's zero padding
-    if state is not None and l == 1:
-        y = causal_conv1d_update_triton(x[..., 0], state.conv_state, None, w, None, conv.bias, None, out_dtype=x.dtype)
-        return y.unsqueeze(-1)
-    # written (b, l, c)-contiguous, the layout the mixer continues in
-    out = torch.empty(b, l, c, dtype=x.dtype, device=x.device).transpose(1, 2)
-    return causal_conv1d_silu_triton(x, None, w, None, conv.bias, None, None if state is None else state.conv_state,
-                                     out_dtype=x.dtype, out=out)
 
 
 def _ssm_params(mixer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,40 +409,27 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        u = self.u_site(causal_conv_silu(self.conv1d, x.transpose(1, 2), state).transpose(1, 2))
+        u = self.u_site(self.conv_silu(x.transpose(1, 2), state).transpose(1, 2))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt_raw = self.dt_proj(dt_low)
         A, D = _ssm_params(self)
         h0 = None if state is None else state.ssm_state
-        if layers.use_fp_kernels(u) and self._state_readout() is None:
-            y, h = self._kernel_scan(u, dt_raw, A, D, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
-        else:
-            y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, D, h0=h0,
-                                  return_state=True, state_fn=self._state_readout())
-            y = y * self.gate_act(z)
+        y, h = self.gated_scan(u, dt_raw, A, D, B, C, z, h0, decode=state is not None and u.shape[1] == 1)
         if state is not None:
             state.store("ssm_state", h)
         return self.out_proj(y)
 
-    def _kernel_scan(self, u, dt_raw, A, D, B, C, z, h0, decode: bool):
-        """The scan (softplus and, for a plain SiLU gate, the gating fused) on the Triton kernel of
-        ``kernels/mamba_scan.py``: the same kernel the int8 model uses, fed floats."""
-        from archquant.kernels.mamba_scan import selective_scan_triton, selective_state_update_triton
+    # The two fusable pieces, as methods so that ``archquant.backends.fused`` can put kernels there.
+    def conv_silu(self, x: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
+        """SiLU(causal conv1d(x)) for x (b, d, l): :func:`causal_conv_silu`."""
+        return causal_conv_silu(self.conv1d, x, state)
 
-        silu_gate = type(self.gate_act) is nn.SiLU
-        zk = z if silu_gate else None
-        if decode:
-            h = h0 if h0 is not None else u.new_zeros(u.shape[0], self.d_inner, self.state_size, dtype=torch.float32)
-            y = selective_state_update_triton(h, u[:, 0], None, dt_raw[:, 0], None, None, A, B[:, 0], None,
-                                              C[:, 0], None, D, None if zk is None else zk[:, 0], None,
-                                              out_dtype=u.dtype).unsqueeze(1)
-        else:
-            t = lambda v: v.transpose(1, 2)  # noqa: E731 - (b, l, c) as the kernel's (b, c, l) view
-            y, h = selective_scan_triton(t(u), None, t(dt_raw), None, None, A, t(B), None, t(C), None, D,
-                                         None if zk is None else t(zk), None, out_dtype=u.dtype, h0=h0,
-                                         return_state=True)
-            y = y.transpose(1, 2)
-        return (y, h) if silu_gate else (y * self.gate_act(z), h)
+    def gated_scan(self, u, dt_raw, A, D, B, C, z, h0, decode: bool):
+        """``(scan(u, softplus(dt_raw), A, B, C, D, h0) · gate(z), final state)``; u, dt_raw, z
+        (b, l, d), B, C (b, l, n); ``decode``: one token continuing a cached state."""
+        y, h = selective_scan(u, F.softplus(dt_raw.float()), A, B, C, D, h0=h0,
+                              return_state=True, state_fn=self._state_readout())
+        return y * self.gate_act(z), h
 
 
 class Mamba2Mixer(nn.Module):
@@ -497,7 +453,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
         b, l, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = self.xbc_site(causal_conv_silu(self.conv1d, xbc.transpose(1, 2), state).transpose(1, 2))
+        xbc = self.xbc_site(self.conv_silu(xbc.transpose(1, 2), state).transpose(1, 2))
         gn = self.n_groups * self.state_size
         x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -520,6 +476,11 @@ class Mamba2Mixer(nn.Module):
             state.store("ssm_state", h)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)
+
+    def conv_silu(self, x: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
+        """SiLU(causal conv1d(x | B | C)) (b, conv_dim, l): :func:`causal_conv_silu` (a fusable piece,
+        see ``Mamba1Mixer.conv_silu``)."""
+        return causal_conv_silu(self.conv1d, x, state)
 
 
 # ----------------------------------------------------------------------------------------

@@ -78,13 +78,17 @@ def test_cpu_benchmark_rejects_unknown_model(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real benchmark runs instead")
 def test_e2e_fp16_on_triton_kernels_in_the_interpreter(monkeypatch, tmp_path):
     """The GPU configuration of the end-to-end benchmark as far as a CPU can run it: fp16 models,
-    every FP and int8 op that has a Triton kernel on that kernel (interpreter), correctness gate."""
-    from archquant.models import layers
+    every FP and int8 op that has a Triton kernel on that kernel (interpreter; the FP parts through
+    ``apply_fused_kernels``), correctness gate."""
+    from archquant.kernels import mamba_scan
     from kernel_testing import INTERPRET_MODE
     if not INTERPRET_MODE:
         pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(layers, "FP_KERNELS", "triton")
+    calls = []
+    orig = mamba_scan.selective_scan_triton  # the FP model's scan (the int8 one calls quant_selective_scan)
+    monkeypatch.setattr(mamba_scan, "selective_scan_triton", lambda *a, **k: calls.append(1) or orig(*a, **k))
     out = tmp_path / "e2e.md"
     assert bench_e2e.main(["--tiny", "--kernels", "triton", "--dtype", "float16", "--reps", "1", "--prompt", "8",
                            "--write", str(out)]) == 0
     assert "| measure | FP (float16) | W8A8 real |" in out.read_text()
+    assert calls  # the FP model's scan ran on the kernel

@@ -1,6 +1,7 @@
 """archquant.kernels.rmsnorm_quant: fused (residual add +) RMSNorm + int8 quantization.
 
-Oracle: ``archquant.models.layers.RMSNorm`` followed by ``archquant.core.formats.quantize``.
+Oracle: ``rmsnorm_reference`` (checked against the float64 formula and the model's ``RMSNorm``) followed by
+``archquant.core.formats.quantize``.
 Interpreter on CPU by default; ``TRITON_INTERPRET=0 pytest tests/test_kernels_rmsnorm.py``
 on a CUDA machine runs everything on the GPU (plus the ``gpu``-marked test).
 """
@@ -129,22 +130,32 @@ def test_tolerance_is_not_vacuous():
 
 
 
+EPS_OF = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
 @pytest.mark.parametrize("model_dtype", DTYPES)
-def test_reference_is_the_rmsnorm_module(model_dtype, monkeypatch):
-    from archquant.models import layers
-    monkeypatch.setattr(layers, "FP_KERNELS", "torch")  # the module's PyTorch path (on CUDA it would use the kernel)
+def test_reference_is_rmsnorm_and_what_the_model_computes(model_dtype):
+    """rmsnorm_reference against the formula in float64, γ · x / sqrt(mean(x²) + eps): the reference
+    rounds the normalised value to x's dtype and the product to the promoted dtype (one rounding
+    each, <= eps of that dtype relative) on top of fp32 arithmetic; and it is, bit for bit, what the
+    model's own RMSNorm module (separate code in models/layers.py) computes."""
     n = 96
     norm = RMSNorm(n, eps=EPS)
     with torch.no_grad():
         norm.weight.copy_(gamma(n).cpu())
     norm = norm.to(model_dtype).to(DEVICE)
+    w = norm.weight.detach()
     for x_dtype in DTYPES:  # incl. mixed: fp32 γ * fp16 y promotes to fp32, as the module does
         x = activations(5, n, x_dtype)
+        got = rmsnorm_reference(x, w, EPS)
+        out_dtype = torch.promote_types(model_dtype, x_dtype)
+        assert got.dtype == out_dtype
+        x64 = x.double()
+        want = w.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
+        tol = want.abs() * (EPS_OF[x_dtype] + EPS_OF[out_dtype] + 8 * 2.0**-23) + 1e-30
+        assert bool(((got.double() - want).abs() <= tol).all())
         with torch.no_grad():
-            ref = norm(x)
-        got = rmsnorm_reference(x, norm.weight.detach(), EPS)
-        assert got.dtype == ref.dtype == torch.promote_types(model_dtype, x_dtype)
-        assert torch.equal(got, ref)
+            assert torch.equal(got, norm(x))
 
 
 # --------------------------------------------------------------------------- kernel vs reference

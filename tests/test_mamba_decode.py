@@ -97,12 +97,13 @@ def test_fake_quant_models_decode_like_their_full_forward(arch, preset):
 @requires_backend
 @pytest.mark.parametrize("arch,gate", [("mamba1", "silu"), ("mamba1", "scaled_silu"), ("mamba2", "gated_norm")])
 def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
-    """On CUDA the FP models run RMSNorm, the conv (+ SiLU) and, for Mamba1, the scan on the Triton kernels
-    (the int8 model's kernels fed floats: the FP16 baseline of the end-to-end benchmark). Same
-    logits as PyTorch, whole and decoded token by token; a non-SiLU gate is applied outside the
-    scan kernel."""
-    from archquant.models import layers
-    from archquant.kernels import mamba_conv1d
+    """``apply_fused_kernels`` puts the FP model's RMSNorms, conv (+ SiLU) and, for Mamba1, the
+    selective scan on the Triton kernels (the int8 model's kernels fed floats: the FP16 baseline of
+    the end-to-end benchmark). Same logits as PyTorch, whole and decoded token by token; a non-SiLU
+    gate is applied outside the scan kernel. Every one of those kernels is called (prefill and
+    decode variants), and no other path is taken."""
+    from archquant.backends.fused import apply_fused_kernels
+    from archquant.kernels import mamba_conv1d, mamba_scan, rmsnorm_quant
     from archquant.models.mamba import ScaledSiLU
 
     model = _model(arch)
@@ -112,13 +113,17 @@ def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
     ids = IDS[:2, :10]
     with torch.no_grad():
         want = model(ids)
-    from archquant.kernels import rmsnorm_quant
     calls = []
-    for mod, name in ((mamba_conv1d, "causal_conv1d_silu_triton"), (mamba_conv1d, "causal_conv1d_update_triton"),
-                      (rmsnorm_quant, "rmsnorm_triton")):
+    kernels = [(mamba_conv1d, "causal_conv1d_silu_triton"), (mamba_conv1d, "causal_conv1d_update_triton"),
+               (rmsnorm_quant, "rmsnorm_triton"), (mamba_scan, "selective_scan_triton"),
+               (mamba_scan, "selective_state_update_triton")]
+    for mod, name in kernels:
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
-    monkeypatch.setattr(layers, "FP_KERNELS", "triton")
+    fused = apply_fused_kernels(model, "triton")
+    layers = range(model.config.num_layers)
+    assert sorted(fused) == sorted([f"backbone.layers.{i}.{m}" for i in layers for m in ("norm", "mixer")]
+                                   + ["backbone.norm_f"])
     model = model.to(DEVICE)
     ids = ids.to(DEVICE)
     with torch.no_grad():
@@ -127,7 +132,10 @@ def test_fp_path_on_the_triton_kernels_equals_pytorch(monkeypatch, arch, gate):
         inc = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)], 1)
     assert rel_err(got.cpu(), want) < 1e-5
     assert rel_err(inc.cpu(), want) < 1e-5
-    assert set(calls) == {"causal_conv1d_silu_triton", "causal_conv1d_update_triton", "rmsnorm_triton"}
+    expected = {"causal_conv1d_silu_triton", "causal_conv1d_update_triton", "rmsnorm_triton"}
+    if arch == "mamba1":  # Mamba2's SSD scan has no kernel
+        expected |= {"selective_scan_triton", "selective_state_update_triton"}
+    assert set(calls) == expected
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
@@ -151,3 +159,32 @@ def test_cached_ssm_parameters_follow_in_place_edits(arch):
     assert rel_err(after, before) > 1e-3
     assert torch.equal(after, want)
     assert torch.equal(restored, before)
+
+
+def test_fused_swap_keeps_the_model_and_auto_stays_on_pytorch_on_a_cpu(monkeypatch):
+    """The swap changes classes only: same parameters and state-dict names; with kernels="auto"
+    CPU tensors still run PyTorch (no kernel call), and a swapped, Quamba-quantized model still
+    converts whole blocks to the real backend."""
+    from archquant.backends import convert_to_real
+    from archquant.backends.fused import FusedMamba1Mixer, FusedRMSNorm, apply_fused_kernels
+    from archquant.kernels import mamba_conv1d, mamba_scan, rmsnorm_quant
+
+    model = _model("mamba1")
+    keys = list(model.state_dict())
+    ids = IDS[:1, :9]
+    with torch.no_grad():
+        want = model(ids)
+    for mod in (mamba_conv1d, mamba_scan, rmsnorm_quant):
+        for name in mod.__all__:
+            monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called"))
+    apply_fused_kernels(model)
+    assert type(model.backbone.layers[0].mixer) is FusedMamba1Mixer
+    assert type(model.backbone.norm_f) is FusedRMSNorm and model.backbone.norm_f.fused_kernels == "auto"
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    monkeypatch.undo()
+    calib = [torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))]
+    aq.quantize_(model, "quamba", calib_data=calib, family="mamba", progress=False)
+    convert_to_real(model)
+    assert model._archquant_real["blocks"] == ["backbone.layers.0", "backbone.layers.1"]

@@ -231,7 +231,7 @@ class RealQuantMambaBlock(nn.Module):
 def _fusable_norm(block: MambaBlock) -> bool:
     in_proj = block.mixer.in_proj
     fused_kinds = ("static_tensor", "dynamic_token")  # what rmsnorm_quant_int8 produces
-    return (type(block.norm) is RMSNorm and in_proj.input_transform is None
+    return (isinstance(block.norm, RMSNorm) and in_proj.input_transform is None
             and int8_eligibility(in_proj) is None and act_kind(in_proj.input_quantizer) in fused_kinds)
 
 
