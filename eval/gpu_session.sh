@@ -39,7 +39,7 @@ stage "GPU tests"  # last: both benchmarks check results before timing; sm_90 AO
 timeout 180 python3 -m pytest -q -p no:cacheprovider -k "not sm90" \
   tests/test_kernels_quantize.py tests/test_kernels_gemm.py tests/test_kernels_hadamard.py \
   tests/test_kernels_mamba.py tests/test_kernels_w4.py tests/test_kernels_rmsnorm.py tests/test_real_mamba.py \
-  tests/test_mamba_decode.py \
+  tests/test_mamba_decode.py tests/test_kernels_dispatch.py \
   >"$OUT/gpu_tests.log" 2>&1
 echo "tests exit $?" | tee -a "$OUT/summary.txt"; tail -15 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
 

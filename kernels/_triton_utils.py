@@ -15,15 +15,12 @@ while the GPU rounds to nearest even.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 __all__ = [
     "INTERPRET_MODE",
-    "interpreter_enabled",
     "check_launchable",
     "next_pow2",
     "prepare_out",
@@ -32,22 +29,13 @@ __all__ = [
     "quantize_int8_tile",
     "round_fp32_to_bf16",
     "round_to_dtype_code",
+    "load_scale",
+    "dequantize_reference",
 ]
 
 # out_dtype argument -> small integer code used as a constexpr by the kernels
 # (0: float32, 1: float16, 2: bfloat16).
 OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` is set now (Triton's truthy spellings).
-
-    Triton reads it when ``@triton.jit`` decorates a function, so for the kernels
-    here what counts is :data:`INTERPRET_MODE`, fixed when this module was imported.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
-
-
 
 
 def check_launchable(*tensors: torch.Tensor | None) -> None:
@@ -151,6 +139,26 @@ def round_to_dtype_code(y, CODE: tl.constexpr):
     elif CODE == 2:
         y = round_fp32_to_bf16(y)
     return y
+
+
+@triton.jit
+def load_scale(s_ptr, SCALED: tl.constexpr):
+    """A per-tensor scale as fp32, loaded only if the input has one (``SCALED``); otherwise 1.0, a
+    placeholder the caller never multiplies by (the pointer may be a dummy tensor)."""
+    s = 1.0
+    if SCALED:
+        s = tl.load(s_ptr).to(tl.float32)
+    return s
+
+
+def dequantize_reference(codes: torch.Tensor, scale) -> torch.Tensor:
+    """The references' dequantization: fp32 ``codes * scale``; a float input with scale None is
+    just cast to fp32 (int8 codes without a scale are an error)."""
+    if scale is None:
+        if codes.dtype == torch.int8:
+            raise ValueError("int8 codes need a scale (got None)")
+        return codes.to(torch.float32)
+    return codes.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
 
 
 # Whether the kernels of this package were decorated in interpreter mode: that,

@@ -112,6 +112,8 @@ from ._triton_utils import (
     OUT_DTYPES,
     check_launchable,
     check_pow2,
+    dequantize_reference,
+    load_scale,
     next_pow2,
     prepare_out,
     quantize_int8_tile,
@@ -152,14 +154,6 @@ def _silu_out(acc, out_scale, QMAX: tl.constexpr, OUT_CODE: tl.constexpr):
 
 
 @triton.jit
-def _load_scale(s_ptr, SCALED: tl.constexpr):
-    s = 1.0  # placeholder, never used: the pointer may be a dummy
-    if SCALED:
-        s = tl.load(s_ptr).to(tl.float32)
-    return s
-
-
-@triton.jit
 def _conv1d_silu_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, st_ptr, y_ptr, xs_ptr, os_ptr,
     D, L,
@@ -178,8 +172,8 @@ def _conv1d_silu_kernel(
     offs_t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < D
     d64 = offs_d.to(tl.int64)
-    x_scale = _load_scale(xs_ptr, X_SCALED)
-    out_scale = _load_scale(os_ptr, OUT_CODE < 0)
+    x_scale = load_scale(xs_ptr, X_SCALED)
+    out_scale = load_scale(os_ptr, OUT_CODE < 0)
 
     x_base = x_ptr + pid_b * s_xb + d64[:, None] * s_xd
     acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
@@ -255,8 +249,8 @@ def _conv1d_update_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     d64 = offs_d.to(tl.int64)
-    x_scale = _load_scale(xs_ptr, X_SCALED)
-    out_scale = _load_scale(os_ptr, OUT_CODE < 0)
+    x_scale = load_scale(xs_ptr, X_SCALED)
+    out_scale = load_scale(os_ptr, OUT_CODE < 0)
     st_rows = st_ptr + pid_b * s_sb + d64 * s_sd
     x_new = tl.load(x_ptr + pid_b * s_xb + d64 * s_xd, mask=mask_d, other=0)  # raw: also stored
 
@@ -499,16 +493,6 @@ causal_conv1d_update_triton = quant_causal_conv1d_update
 # --------------------------------------------------------------------------- references
 
 
-def _deq(codes: torch.Tensor, scale) -> torch.Tensor:
-    """fp32 ``codes * scale``; a float input with scale None is just cast to fp32."""
-    if scale is None:
-        if codes.dtype == torch.int8:
-            raise ValueError("x_scale is required for int8 x_q (got None)")
-        return codes.to(torch.float32)
-    s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
-    return codes.to(torch.float32) * s
-
-
 def _ref_weight(w, w_scale, d):
     if w.dim() == 3:
         w = w[:, 0, :]
@@ -542,9 +526,9 @@ def quant_causal_conv1d_silu_reference(x_q, x_scale, w, w_scale, bias, out_scale
     b, d, l = x_q.shape
     wf = _ref_weight(w, w_scale, d)
     k = wf.shape[1]
-    x = _deq(x_q, x_scale)
+    x = dequantize_reference(x_q, x_scale)
     if conv_state is not None:
-        hist = _deq(conv_state[..., 1:], x_scale)
+        hist = dequantize_reference(conv_state[..., 1:], x_scale)
         y = F.conv1d(torch.cat([hist, x], dim=-1), wf[:, None, :],
                      None if bias is None else bias.to(torch.float32), groups=d)
         conv_state.copy_(torch.cat([conv_state, x_q], dim=-1)[..., -k:])
@@ -563,7 +547,7 @@ def quant_causal_conv1d_update_reference(x_q, conv_state, x_scale, w, w_scale, b
     wf = _ref_weight(w, w_scale, d)
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x_q
-    y = torch.sum(_deq(conv_state, x_scale) * wf, dim=-1)
+    y = torch.sum(dequantize_reference(conv_state, x_scale) * wf, dim=-1)
     if bias is not None:
         y = y + bias.to(torch.float32)
     y = F.silu(y)

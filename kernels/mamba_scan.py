@@ -41,10 +41,11 @@ functions, the names to use where the inputs are float (the FP16 baseline).
 
 ``*_reference`` dequantize (``codes * scale`` in fp32; a float input with scale None is
 just cast to fp32), apply ``F.softplus`` and call :func:`selective_scan_reference` (the fp32
-Mamba1 recurrence, kept here so the kernels own their oracle), then ``y * F.silu(z)``.  The kernel performs the same operations in the same order except
-the ``sum_n`` (``bmm`` in the reference), ``exp``/``log``/SiLU (backend ulps) and
-softplus's ``log1p`` (see below): fp32 outputs agree to ~1e-6 relative (tests: 1e-5), 16-bit
-outputs to one ulp of the output dtype.
+Mamba1 recurrence, kept here so the kernels own their oracle), then ``y * F.silu(z)``.
+The kernel performs the same operations in the same order except the ``sum_n`` (``bmm``
+in the reference), ``exp``/``log``/SiLU (backend ulps) and softplus's ``log1p`` (see
+below): fp32 outputs agree to ~1e-6 relative (tests: 1e-5), 16-bit outputs to one ulp of
+the output dtype.
 
 Scales may be Python floats or one-element tensors; for decode / CUDA graphs pass
 one-element fp32 tensors on the device (no host->device copy per call).  A ``None``
@@ -79,7 +80,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import OUT_DTYPES, check_launchable, check_pow2, next_pow2, prepare_out, round_to_dtype_code
+from ._triton_utils import (OUT_DTYPES, check_launchable, check_pow2, dequantize_reference, load_scale, next_pow2,
+                            prepare_out, round_to_dtype_code)
 
 __all__ = [
     "quant_selective_scan",
@@ -190,19 +192,11 @@ def _load_params(a_ptr, d_ptr, dtb_ptr, d64, n64, s_ad, s_an, mask_d, mask_dn,
 
 
 @triton.jit
-def _load_scale(s_ptr, SCALED: tl.constexpr):
-    s = 1.0  # placeholder, never used: the pointer may be a dummy
-    if SCALED:
-        s = tl.load(s_ptr)
-    return s
-
-
-@triton.jit
 def _load_scalars(us_ptr, dts_ptr, bs_ptr, cs_ptr, zs_ptr, SCALED: tl.constexpr):
     """The per-tensor scales of u, dt, B, C, z (loaded once, outside the time loop)."""
-    return (_load_scale(us_ptr, (SCALED & 1) != 0), _load_scale(dts_ptr, (SCALED & 2) != 0),
-            _load_scale(bs_ptr, (SCALED & 4) != 0), _load_scale(cs_ptr, (SCALED & 8) != 0),
-            _load_scale(zs_ptr, (SCALED & 16) != 0))
+    return (load_scale(us_ptr, (SCALED & 1) != 0), load_scale(dts_ptr, (SCALED & 2) != 0),
+            load_scale(bs_ptr, (SCALED & 4) != 0), load_scale(cs_ptr, (SCALED & 8) != 0),
+            load_scale(zs_ptr, (SCALED & 16) != 0))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -494,17 +488,8 @@ selective_state_update_triton = quant_selective_state_update
 # --------------------------------------------------------------------------- references
 
 
-def _deq(codes, scale):
-    """fp32 ``codes * scale``; a float input with scale None is just cast to fp32."""
-    if scale is None:
-        if codes.dtype == torch.int8:
-            raise ValueError("int8 codes need a scale (got None)")
-        return codes.to(torch.float32)
-    return codes.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
-
-
 def _ref_dt(dt_q, dt_scale, dt_bias, dt_softplus, bias_shape):
-    dt = _deq(dt_q, dt_scale)
+    dt = dequantize_reference(dt_q, dt_scale)
     if dt_bias is not None:
         dt = dt + dt_bias.to(torch.float32).reshape(bias_shape)
     return F.softplus(dt) if dt_softplus else dt
@@ -542,14 +527,14 @@ def quant_selective_scan_reference(
     out_dtype=torch.float16, h0=None, return_state=False, *, dt_softplus=True,
 ):
     """Dequantize, softplus, :func:`selective_scan_reference`, gate (fp32)."""
-    u = _deq(u_q, u_scale).transpose(1, 2)  # (b, l, d)
+    u = dequantize_reference(u_q, u_scale).transpose(1, 2)  # (b, l, d)
     dt = _ref_dt(dt_q, dt_scale, dt_bias, dt_softplus, (1, -1, 1)).transpose(1, 2)
-    Bf = _deq(B_q, B_scale).transpose(1, 2)  # (b, l, n)
-    Cf = _deq(C_q, C_scale).transpose(1, 2)
+    Bf = dequantize_reference(B_q, B_scale).transpose(1, 2)  # (b, l, n)
+    Cf = dequantize_reference(C_q, C_scale).transpose(1, 2)
     y, h = selective_scan_reference(u, dt, A, Bf, Cf, D, h0)
     y = y.transpose(1, 2)
     if z_q is not None:
-        y = y * F.silu(_deq(z_q, z_scale))
+        y = y * F.silu(dequantize_reference(z_q, z_scale))
     y = y.to(out_dtype)
     return (y, h) if return_state else y
 
@@ -559,9 +544,9 @@ def quant_selective_state_update_reference(
     out_dtype=torch.float16, *, dt_softplus=True,
 ):
     """One recurrence step in torch (as mamba_ssm's ``selective_state_update``); updates ``state``."""
-    u = _deq(u_q, u_scale)  # (b, d)
+    u = dequantize_reference(u_q, u_scale)  # (b, d)
     dt = _ref_dt(dt_q, dt_scale, dt_bias, dt_softplus, (1, -1))
-    Bf, Cf = _deq(B_q, B_scale), _deq(C_q, C_scale)  # (b, n)
+    Bf, Cf = dequantize_reference(B_q, B_scale), dequantize_reference(C_q, C_scale)  # (b, n)
     dA = torch.exp(dt.unsqueeze(-1) * A.to(torch.float32))
     dBu = (dt * u).unsqueeze(-1) * Bf.unsqueeze(1)
     state.mul_(dA).add_(dBu)
@@ -569,5 +554,5 @@ def quant_selective_state_update_reference(
     if D is not None:
         y = y + u * D.to(torch.float32)
     if z_q is not None:
-        y = y * F.silu(_deq(z_q, z_scale))
+        y = y * F.silu(dequantize_reference(z_q, z_scale))
     return y.to(out_dtype)

@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from archquant.core.modules import pack_nibbles, unpack_nibbles
+
 from ._triton_utils import INTERPRET_MODE, OUT_DTYPES, check_launchable, prepare_out, round_to_dtype_code
 
 __all__ = [
@@ -71,7 +73,7 @@ __all__ = [
     "INT4_OFFSET",
 ]
 
-INT4_OFFSET = 8  # stored nibble = code + 8
+INT4_OFFSET = 8  # stored nibble = code + 8 (the core's signed nibbles; the kernel subtracts it)
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DOT_FP32, _DOT_FP16, _DOT_BF16 = 0, 1, 2
 
@@ -80,24 +82,25 @@ _DOT_FP32, _DOT_FP16, _DOT_BF16 = 0, 1, 2
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes (N, K) in [-8, 7] -> uint8 (N, K // 2), low nibble = even column, +8 offset."""
+    """int8 codes (N, K) in [-8, 7] -> uint8 (N, K // 2), low nibble = even column, +8 offset.
+
+    The packing is the core's (``archquant.core.modules.pack_nibbles``, how a frozen 4-bit
+    ``QuantLinear`` stores its codes, so its ``weight_codes`` feed this kernel as they are); this
+    adds the checks a kernel input needs."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
         raise TypeError(f"codes must be a 2-D int8 tensor, got {getattr(codes, 'dtype', type(codes))}")
     if codes.shape[1] % 2:
         raise ValueError(f"K={codes.shape[1]} must be even to pack two codes per byte")
-    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+    if codes.numel() and (codes.min() < -INT4_OFFSET or codes.max() > INT4_OFFSET - 1):
         raise ValueError("int4 codes must lie in [-8, 7]")
-    u = (codes.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return pack_nibbles(codes, signed=True).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 (N, K // 2) -> int8 codes (N, K); inverse of :func:`pack_int4`."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"packed must be a 2-D uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
-    lo = (packed & 0xF).to(torch.int8) - INT4_OFFSET
-    hi = (packed >> 4).to(torch.int8) - INT4_OFFSET
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
+    return unpack_nibbles(packed, signed=True)
 
 
 # --------------------------------------------------------------------------- kernel

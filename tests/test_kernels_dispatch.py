@@ -11,6 +11,8 @@ K * 2^-24), the real one sums exact code products (int8, fp8: 8-bit significands
 (int4) in fp32 and applies the scales afterwards (a few more roundings). So per output
 |y_real - y_fake| <= (2K + 8) * 2^-24 * (|x_q| @ |w_q|^T + |b|): a worst-case bound of fp32
 rounding, ~1e-5 of the magnitude here, while any wrong code, scale or layout is off by O(|y|).
+On a GPU the fp8 kernel accumulates with Hopper's reduced-precision fp8 sums: 1e-2 of the
+magnitude there (the bound of the kernel's own GPU test).
 """
 from __future__ import annotations
 
@@ -71,7 +73,10 @@ def assert_matches_fake(real: nn.Module, fake: QuantLinear, x: torch.Tensor) -> 
         xq = x if fake.input_quantizer is None else fake.input_quantizer(x)
         mag = xq.double().abs() @ fake.effective_weight().double().abs().T + fake.bias.double().abs()
     assert got.shape == want.shape and got.dtype == want.dtype
-    bound = (2 * K + 8) * 2.0 ** -24 * mag
+    rel = (2 * K + 8) * 2.0 ** -24
+    if isinstance(real, RealFP8Linear) and not INTERPRET_MODE:  # Hopper's fast fp8 accumulation keeps
+        rel = 1e-2  # ~14 mantissa bits (as tests/test_kernels_gemm.py::test_gpu_fp8 allows)
+    bound = rel * mag
     err = (got.double() - want.double()).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
 

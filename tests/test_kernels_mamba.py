@@ -243,12 +243,24 @@ def assert_conv_float_close(y, y_ref, silu_ref, mag):
         assert bool(((yf - silu_ref.double()).abs() <= 2e-6 * mag.double() + 1e-30).all())
 
 
-def test_conv_float_aliases():
+def test_conv_float_names_compute_causal_conv1d_fn():
+    """The float names do mamba_ssm's ``causal_conv1d_fn(x, w, bias, activation="silu")`` (here
+    its definition in float64: SiLU of the causal depthwise conv, zero history), and the update
+    name continues it token by token from a zero state."""
     import archquant.kernels.mamba_conv1d as C
 
-    assert causal_conv1d_silu_triton is quant_causal_conv1d_silu
-    assert causal_conv1d_update_triton is quant_causal_conv1d_update
     assert {"causal_conv1d_silu_triton", "causal_conv1d_update_triton"} <= set(C.__all__)
+    b, d, l, k = 2, 12, 9, 4
+    x, w, bias = conv_float_operands(b, d, l, k, torch.float32, seed=40)
+    x64 = F.pad(x.double(), (k - 1, 0))
+    want = F.silu(sum(x64[..., j:j + l] * w.double()[:, j, None] for j in range(k)) + bias.double()[:, None])
+    got = causal_conv1d_silu_triton(x, None, w, None, bias, None)
+    assert got.dtype == torch.float32
+    assert bool(((got.double() - want).abs() <= 1e-5 * (1 + want.abs())).all())
+    state = torch.zeros(b, d, k, device=DEVICE)
+    steps = torch.stack([causal_conv1d_update_triton(x[..., t], state, None, w, None, bias, None)
+                         for t in range(l)], dim=-1)
+    assert torch.equal(steps, got)  # same arithmetic, same order (see the module docstring)
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
@@ -610,12 +622,37 @@ def bld(t):
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def test_float_aliases():
+def test_float_names_compute_the_gated_recurrence():
+    """The float names run the Mamba1 scan on float inputs without scales: checked against the
+    recurrence written out in float64 (h = exp(dt A) h + dt u B, y = (C h + D u) SiLU(z), dt =
+    softplus(dt_raw + dt_bias)); the update name continues it step by step."""
     import archquant.kernels.mamba_scan as S
 
-    assert S.selective_scan_triton is quant_selective_scan
-    assert S.selective_state_update_triton is quant_selective_state_update
     assert {"selective_scan_triton", "selective_state_update_triton"} <= set(S.__all__)
+    b, d, n, l = 2, 6, 4, 7
+    g = gen(41)
+    u, dtr, z = (torch.randn(b, d, l, generator=g).to(DEVICE) for _ in range(3))
+    B, C = (torch.randn(b, n, l, generator=g).to(DEVICE) for _ in range(2))
+    A = -torch.exp(torch.randn(d, n, generator=g)).to(DEVICE)
+    D, dtb = torch.randn(d, generator=g).to(DEVICE), (torch.randn(d, generator=g) - 1).to(DEVICE)
+    y, h = S.selective_scan_triton(u, None, dtr, None, dtb, A, B, None, C, None, D, z, None,
+                                   out_dtype=torch.float32, return_state=True)
+    h64 = torch.zeros(b, d, n, dtype=torch.float64)
+    want = []
+    for t in range(l):
+        dt = F.softplus(dtr[..., t].double() + dtb.double())  # (b, d)
+        dBu = (dt * u[..., t].double())[..., None] * B[:, None, :, t].double()
+        h64 = torch.exp(dt[..., None] * A.double()) * h64 + dBu
+        yt = (h64 * C[:, None, :, t].double()).sum(-1) + D.double() * u[..., t].double()
+        want.append(yt * F.silu(z[..., t].double()))
+    want = torch.stack(want, dim=-1)
+    assert bool(((y.double() - want).abs() <= 1e-5 * (1 + want.abs())).all())
+    assert torch.allclose(h.double(), h64, rtol=1e-5, atol=1e-6)
+    state = torch.zeros(b, d, n, device=DEVICE)
+    steps = torch.stack([S.selective_state_update_triton(state, u[..., t], None, dtr[..., t], None, dtb, A,
+                                                         B[..., t], None, C[..., t], None, D, z[..., t], None,
+                                                         out_dtype=torch.float32) for t in range(l)], dim=-1)
+    assert torch.allclose(steps, y, rtol=1e-6, atol=1e-6) and torch.allclose(state, h, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -47,7 +47,10 @@ def _quantized(preset: str = "quamba", arch: str = "mamba1") -> MambaLM:
     return model
 
 
-_QUAMBA = _quantized()
+@pytest.fixture(scope="module")
+def quamba() -> MambaLM:
+    """The Quamba-quantized model every test here starts from (tests convert deep copies of it)."""
+    return _quantized()
 
 
 def _logits(model, ids=IDS, cache=None):
@@ -60,9 +63,9 @@ def _logits(model, ids=IDS, cache=None):
 # ----------------------------------------------------------------------------------------
 
 
-def test_quamba_mixers_become_int8_mixers_and_match_the_fake_twin():
-    fake = _logits(_QUAMBA)
-    real = convert_to_real(copy.deepcopy(_QUAMBA))
+def test_quamba_mixers_become_int8_mixers_and_match_the_fake_twin(quamba):
+    fake = _logits(quamba)
+    real = convert_to_real(copy.deepcopy(quamba))
     summary = real._archquant_real
     assert summary["blocks"] == ["backbone.layers.0", "backbone.layers.1"]  # norm + mixer, fused
     assert isinstance(real.backbone.layers[0], RealQuantMambaBlock)
@@ -79,21 +82,33 @@ def test_quamba_mixers_become_int8_mixers_and_match_the_fake_twin():
     assert rel_err(fake, _logits(_mamba())) > 100 * TOL  # the tolerance is far below the quantization error
 
 
-def test_real_mixer_uses_the_fake_models_static_scales():
-    real = convert_to_real(copy.deepcopy(_QUAMBA))
-    fake_mixer, real_mixer = _QUAMBA.backbone.layers[1].mixer, real.backbone.layers[1].mixer
+def test_real_mixer_uses_the_fake_models_static_scales(quamba):
+    real = convert_to_real(copy.deepcopy(quamba))
+    fake_mixer, real_mixer = quamba.backbone.layers[1].mixer, real.backbone.layers[1].mixer
     scale = lambda q: q.params.as_dict()["scale"].reshape(1)  # noqa: E731
     assert torch.equal(real_mixer.u_scale, scale(fake_mixer.u_site.quantizer))
     assert torch.equal(real_mixer.xz_scale, scale(fake_mixer.in_proj.output_quantizer))
     assert torch.equal(real_mixer.dbc_scale, scale(fake_mixer.x_proj.output_quantizer))
     assert torch.equal(real_mixer.dt_scale, scale(fake_mixer.dt_proj.output_quantizer))
-    assert torch.equal(real_mixer.A, -torch.exp(fake_mixer.A_log.float()))
+    assert torch.equal(real_mixer.D, fake_mixer.D.float())
+
+
+def test_real_mixer_takes_the_decay_rates_of_the_model(quamba):
+    """A = -exp(A_log): with A_log set to the logs of chosen rates, the real mixer's A must be
+    minus those rates (an independent value, not the constructor's formula again)."""
+    model = copy.deepcopy(quamba)
+    mixer = model.backbone.layers[0].mixer
+    rates = torch.linspace(0.25, 8.0, mixer.A_log.numel(), dtype=torch.float64).reshape(mixer.A_log.shape)
+    with torch.no_grad():
+        mixer.A_log.copy_(rates.log())
+    real = convert_to_real(model)
+    assert torch.allclose(real.backbone.layers[0].mixer.A.double(), -rates, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("splits", [[1], [10], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]],
                          ids=["1+rest", "prefill+chunk", "prefill+steps"])
-def test_real_model_decodes_like_its_full_forward(splits):
-    real = convert_to_real(copy.deepcopy(_QUAMBA))
+def test_real_model_decodes_like_its_full_forward(quamba, splits):
+    real = convert_to_real(copy.deepcopy(quamba))
     full = _logits(real)
     cache, out, start = real.new_cache(), [], 0
     for end in splits + [IDS.shape[1]]:
@@ -104,8 +119,8 @@ def test_real_model_decodes_like_its_full_forward(splits):
     assert state.conv_state.dtype == torch.int8 and state.ssm_state.dtype == torch.float32
 
 
-def test_real_decode_keeps_state_tensors_in_place():
-    real = convert_to_real(copy.deepcopy(_QUAMBA))
+def test_real_decode_keeps_state_tensors_in_place(quamba):
+    real = convert_to_real(copy.deepcopy(quamba))
     cache = real.new_cache()
     _logits(real, IDS[:, :6], cache)
     ptrs = [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers]
@@ -113,16 +128,16 @@ def test_real_decode_keeps_state_tensors_in_place():
     assert [(s.conv_state.data_ptr(), s.ssm_state.data_ptr()) for s in cache.layers] == ptrs
 
 
-def test_greedy_generation_real_equals_fake():
-    real = convert_to_real(copy.deepcopy(_QUAMBA))
+def test_greedy_generation_real_equals_fake(quamba):
+    real = convert_to_real(copy.deepcopy(quamba))
     prompt = IDS[:, :8]
-    assert torch.equal(greedy_generate(real, prompt, 8), greedy_generate(_QUAMBA, prompt, 8))
+    assert torch.equal(greedy_generate(real, prompt, 8), greedy_generate(quamba, prompt, 8))
 
 
-def test_mixer_alone_goes_real_when_the_norm_cannot_fuse():
+def test_mixer_alone_goes_real_when_the_norm_cannot_fuse(quamba):
     """A per-tensor *dynamic* in_proj input has no fused norm+quantize kernel: the block stays,
     the mixer still runs on int8 kernels (its own input quantization)."""
-    model = copy.deepcopy(_QUAMBA)
+    model = copy.deepcopy(quamba)
     for layer in model.backbone.layers:
         q = layer.mixer.in_proj.input_quantizer
         q.dynamic, q.observer = True, None
@@ -159,8 +174,8 @@ def test_mamba2_mixers_keep_fp_scan_with_real_linears():
     (lambda m: setattr(m, "state_rotation", torch.nn.Identity()), "rotated or quantized"),
     (lambda m: setattr(m.out_proj, "input_quantizer", None), "in_proj and out_proj need quantized inputs"),
 ])
-def test_ineligible_mixers_name_the_reason(mutate, reason):
-    mixer = copy.deepcopy(_QUAMBA.backbone.layers[0].mixer)
+def test_ineligible_mixers_name_the_reason(quamba, mutate, reason):
+    mixer = copy.deepcopy(quamba.backbone.layers[0].mixer)
     assert real_mixer_eligibility(mixer) is None
     mutate(mixer)
     assert reason in real_mixer_eligibility(mixer)
@@ -168,11 +183,11 @@ def test_ineligible_mixers_name_the_reason(mutate, reason):
         RealQuantMamba1Mixer(mixer)
 
 
-def test_unknown_kernels_choice_is_an_error():
+def test_unknown_kernels_choice_is_an_error(quamba):
     with pytest.raises(ValueError, match="kernels='cuda' not allowed: one of auto, triton"):
         check_kernels("cuda")
     with pytest.raises(ValueError, match="kernels='cuda'"):
-        convert_to_real(copy.deepcopy(_QUAMBA), kernels="cuda")
+        convert_to_real(copy.deepcopy(quamba), kernels="cuda")
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,10 +196,10 @@ def test_unknown_kernels_choice_is_an_error():
 
 
 @requires_backend
-def test_triton_real_mamba_matches_fake_and_cpu_path():
+def test_triton_real_mamba_matches_fake_and_cpu_path(quamba):
     ids = IDS[:1, :12]  # the interpreter runs every program instance in Python: keep it short
-    fake = _logits(copy.deepcopy(_QUAMBA).to(DEVICE), ids)
-    real = convert_to_real(copy.deepcopy(_QUAMBA), kernels="triton").to(DEVICE)
+    fake = _logits(copy.deepcopy(quamba).to(DEVICE), ids)
+    real = convert_to_real(copy.deepcopy(quamba), kernels="triton").to(DEVICE)
     assert real._archquant_real["kernels"] == "triton"
     got = _logits(real, ids)
     assert rel_err(got.cpu(), fake.cpu()) < TOL
@@ -195,7 +210,7 @@ def test_triton_real_mamba_matches_fake_and_cpu_path():
 
 
 @requires_backend
-def test_triton_real_mamba_calls_the_kernels(monkeypatch):
+def test_triton_real_mamba_calls_the_kernels(quamba, monkeypatch):
     """The Triton path really runs the fused norm+quantize, int8 GEMM, conv, scan and fused
     Hadamard+quantize kernels (and nothing falls back to the torch references)."""
     from archquant.kernels import hadamard_quant, mamba_conv1d, mamba_scan, rmsnorm_quant, w8a8_gemm
@@ -213,7 +228,7 @@ def test_triton_real_mamba_calls_the_kernels(monkeypatch):
                       (mamba_scan, "quant_selective_scan_reference"),
                       (mamba_scan, "quant_selective_state_update_reference")):
         monkeypatch.setattr(mod, name, no_fallback)
-    real = convert_to_real(copy.deepcopy(_QUAMBA), kernels="triton").to(DEVICE)
+    real = convert_to_real(copy.deepcopy(quamba), kernels="triton").to(DEVICE)
     cache = real.new_cache()
     _logits(real, IDS[:1, :5], cache)
     _logits(real, IDS[:1, 5:6], cache)

@@ -1,8 +1,9 @@
 """Real-quant Mamba1 mixer: a Quamba-quantized mixer whose every op runs on int8 codes.
 
 ``convert_to_real`` (``backends/real.py``) imports this module when it meets a Mamba model
-and calls the converters registered here for each ``Mamba1Mixer`` of a quantized model. When the mixer was quantized the Quamba way (static
-per-tensor int8 everywhere, see ``adapters/mamba.py``) the whole mixer is replaced:
+and calls the converters registered here for each ``Mamba1Mixer`` of a quantized model. When
+the mixer was quantized the Quamba way (static per-tensor int8 everywhere, see
+``adapters/mamba.py``) the whole mixer is replaced:
 
     hidden ─▶ in_proj (W8A8 GEMM, epilogue requantizes x|z with their static scale)
     x_q ─▶ conv1d + SiLU (int8 in, int8 out: u_q, percentile-clipped scale)
