@@ -12,9 +12,12 @@ API
     even), equal to ``archquant.core.formats.quantize`` with ``QuantSpec(bits=8)``; same
     shapes as ``kernels.quantize`` (the Triton versions). Also ``quantize_per_tensor_int8_torch``
     and ``fake_quantize_int8_torch`` (quantize-dequantize, for fake-quant output quantizers).
-``Int8Weight(q, scale)``
-    A Linear weight as int8 codes ``q`` (N, K) and its fp32 scale (one value or one per
-    output channel). Operator-specific packed copies are made on first use and cached.
+``Int8Weight(q, scale, zero_point=None)``
+    A Linear weight as int8 codes ``q`` (N, K), its fp32 scale (one value or one per
+    output channel) and, for asymmetric weights, an integer zero point (one value or one per
+    output channel): ``W = scale * (q - zero_point)``. ``Int8Weight.from_asymmetric`` takes the
+    core's asymmetric codes (uint8 0..255, zero point 0..255) and shifts both by 128 into int8,
+    which changes no ``q - zero_point``. Operator-specific packed copies are made on first use.
 ``int8_linear(x_q, w, x_scale, w_scale=None, bias=None, out_dtype=torch.float32, path=None)``
     ``out = ((acc as fp32) * x_scale) * w_scale + bias`` with ``acc = x_q @ w_q.T`` exact in
     int32; ``x_q`` int8 (M, K), ``w`` an ``Int8Weight`` or int8 (N, K) codes (then ``w_scale``
@@ -32,6 +35,12 @@ API
 
 Paths (``path=``)
 -----------------
+Asymmetric weights: ``x_q @ (q - z).T = x_q @ q.T - rowsum(x_q) z``, both terms exact in int32
+(|z| <= 128), so the accumulator is the same integer as for a symmetric weight. On the CPU they
+take the ``"int_mm"`` path (fbgemm's packing here has unit scales and no weight zero points);
+on the Triton path the GEMM runs on ``q`` and the correction ``x_scale * rowsum * (w_scale * z)``
+is subtracted in fp32 after its epilogue (a few more fp32 roundings, no fused requantization).
+
 ``"int_mm"``  ``torch._int_mm(x_q, w_q.t())``: oneDNN s8 x s8 -> s32 (VNNI/AMX brgemm).
     On the CPU it accepts every shape (M = 1, K and N odd: checked in the tests); the
     CUDA constraints (M > 16, K and N multiples of 8, spec §4.2) do not apply, but
@@ -74,6 +83,7 @@ __all__ = [
     "quantize_static_int8_torch",
     "fake_quantize_int8_torch",
     "int8_linear",
+    "signed_asymmetric_codes",
     "int8_linear_dynamic",
     "int8_linear_reference",
     "int8_weight_only_linear",
@@ -259,9 +269,10 @@ class Int8Weight:
     data, rebuilt whenever a new ``Int8Weight`` is made (e.g. after ``.to(device)``).
     """
 
-    def __init__(self, q: torch.Tensor, scale) -> None:
+    def __init__(self, q: torch.Tensor, scale, zero_point=None) -> None:
         if q.dtype != torch.int8 or q.dim() != 2:
             raise TypeError(f"Int8Weight needs int8 (N, K) codes, got {q.dtype} {tuple(q.shape)}")
+        self.zero = None if zero_point is None else _zero_points(zero_point, q)
         self.q = q.contiguous()
         s = torch.as_tensor(scale, device=q.device)
         if not s.is_floating_point():
@@ -274,9 +285,20 @@ class Int8Weight:
         self._shape = tuple(self.q.shape)
         self._cache: dict = {}
 
+    @classmethod
+    def from_asymmetric(cls, codes: torch.Tensor, scale, zero_point) -> "Int8Weight":
+        """The core's asymmetric int8 weight (uint8 codes 0..255, zero points 0..255) as int8
+        codes and zero points, both shifted by -128 (the same ``codes - zero_point``)."""
+        q, z = signed_asymmetric_codes(codes, zero_point)
+        return cls(q, scale, z)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self._shape
+
+    def zero_correction(self, x_q: torch.Tensor) -> torch.Tensor:
+        """``rowsum(x_q) * zero_point`` as int32 (M, N): what ``x_q @ q.T`` has beyond ``x_q @ (q - z).T``."""
+        return x_q.sum(1, keepdim=True, dtype=torch.int32) * self.zero
 
     def fbgemm_packed(self):
         """fbgemm's prepacked weight with unit scales (built once)."""
@@ -286,6 +308,8 @@ class Int8Weight:
 
     def int8pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes with K zero-padded to a multiple of 16 and the per-channel scale in ``dtype``."""
+        if self.zero is not None:
+            raise ValueError("the int8pack path takes symmetric weights only (no zero points)")
         key = ("int8pack", dtype)
         if key not in self._cache:
             n, k = self.q.shape
@@ -303,10 +327,37 @@ class Int8Weight:
         if key in self._cache:
             return self._cache[key]
         s = self.scale.reshape(-1, 1) if self.scale.numel() > 1 else self.scale.reshape(())
-        w = (self.q.to(torch.float32) * s).to(dtype)
+        q = self.q.to(torch.float32)
+        if self.zero is not None:
+            q = q - self.zero.reshape(-1, 1).to(torch.float32)  # exact: integers below 2^9
+        w = (q * s).to(dtype)
         if cache:
             self._cache[key] = w
         return w
+
+
+def signed_asymmetric_codes(codes: torch.Tensor, zero_point) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes (0..255) and zero points (0..255, integer-valued) -> int8 codes and int32 zero
+    points, both minus 128."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"asymmetric int8 codes must be uint8, got {codes.dtype}")
+    q = (codes.to(torch.int16) - 128).to(torch.int8)
+    z = torch.as_tensor(zero_point, device=codes.device).reshape(-1)
+    if z.is_floating_point() and not bool((z == torch.round(z)).all()):
+        raise ValueError("zero points must be integers")
+    return q, z.to(torch.int32) - 128
+
+
+def _zero_points(zero_point, q: torch.Tensor) -> torch.Tensor:
+    z = torch.as_tensor(zero_point, device=q.device).reshape(-1)
+    if z.numel() not in (1, q.shape[0]):
+        raise ValueError(f"zero point must have 1 or {q.shape[0]} elements, got {z.numel()}")
+    if z.is_floating_point() and not bool((z == torch.round(z)).all()):
+        raise ValueError("zero points must be integers")
+    z = z.to(torch.int32)
+    if z.numel() and (int(z.min()) < -128 or int(z.max()) > 127):
+        raise ValueError("int8 zero points must lie in [-128, 127]")
+    return z
 
 
 def _as_weight(w, w_scale) -> Int8Weight:
@@ -363,7 +414,7 @@ def fbgemm_available() -> bool:
 # --------------------------------------------------------------------------- int8 x int8
 
 
-def _int_mm_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+def _int_mm_acc_raw(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """``x_q @ w_q.T`` as int32 via ``torch._int_mm``; pads to the CUDA constraints if refused."""
     w_t = w.qt
     if x_q.shape[1] == 1:
@@ -371,7 +422,7 @@ def _int_mm_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
         # operands strides oneDNN misreads); a zero column makes K = 2 and the product exact.
         x_q, w_t = F.pad(x_q, (0, 1)), F.pad(w.q, (0, 1)).t()
     try:
-        return torch._int_mm(x_q, w_t)
+        acc = torch._int_mm(x_q, w_t)
     except RuntimeError:
         # Not needed by the CPU build this was written on (it takes any shape), but an
         # operator build with cuBLAS-like constraints (M > 16, K and N multiples of 8)
@@ -379,13 +430,22 @@ def _int_mm_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
         m, k = x_q.shape
         n = w_t.shape[1]
         pk, pn, pm = (-k) % 8, (-n) % 8, max(0, 17 - m)
-        acc = torch._int_mm(F.pad(x_q, (0, pk, 0, pm)), F.pad(w_t.t(), (0, pk, 0, pn)).t())
-        return acc[:m, :n]
+        acc = torch._int_mm(F.pad(x_q, (0, pk, 0, pm)), F.pad(w_t.t(), (0, pk, 0, pn)).t())[:m, :n]
+    return acc
+
+
+def _int_mm_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """``x_q @ (w_q - zero_point).T`` as int32 (exact)."""
+    acc = _int_mm_acc_raw(x_q, w)
+    return acc if w.zero is None else acc.sub_(w.zero_correction(x_q))
 
 
 def _acc_fp32(x_q: torch.Tensor, w: Int8Weight, path: str) -> torch.Tensor:
     """The accumulator ``x_q @ w_q.T`` as a fresh fp32 tensor (exactly ``acc_int32.to(fp32)``)."""
     if path == "fbgemm":
+        if w.zero is not None:
+            raise ValueError("path 'fbgemm' takes symmetric weights only (its packing has no zero points): "
+                             "use 'int_mm'")
         return _fbgemm_acc(x_q, w.fbgemm_packed())
     if path == "int_mm":
         return _int_mm_acc(x_q, w).float()  # .float(): ~1 us less call overhead than .to(torch.float32)
@@ -422,6 +482,27 @@ def _check_x(x_q: torch.Tensor, k: int) -> None:
         raise ValueError(f"K mismatch: x_q {tuple(x_q.shape)} vs weight (N, K) with K={k}")
 
 
+def _cpu_path(path: str | None, m: int, k: int, n: int, w: Int8Weight) -> str:
+    if path is not None:
+        return path
+    return "int_mm" if w.zero is not None else choose_path(m, k, n)
+
+
+def _triton_linear(x_q, w: Int8Weight, x_scale, bias, out_dtype) -> torch.Tensor:
+    from .w8a8_gemm import w8a8_gemm  # Triton; compiled for CUDA tensors
+
+    if w.zero is None:
+        return w8a8_gemm(x_q, w.q, x_scale, w.scale, bias, out_dtype=out_dtype)
+    # the kernel has no zero points: GEMM on q, then subtract x_scale * rowsum * (w_scale * z)
+    out = w8a8_gemm(x_q, w.q, x_scale, w.scale, None, out_dtype=torch.float32)
+    m = x_q.shape[0]
+    corr = w.zero_correction(x_q).float()
+    out.sub_(corr.mul_(_row_scale(x_scale, m, x_q.device)).mul_(w.scale))
+    if bias is not None:
+        out.add_(bias.float())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
 def int8_linear(x_q: torch.Tensor, w, x_scale, w_scale=None, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32, path: str | None = None) -> torch.Tensor:
     """``((x_q @ w_q.T) as fp32 * x_scale) * w_scale + bias`` as ``out_dtype``, (M, N)."""
@@ -432,13 +513,11 @@ def int8_linear(x_q: torch.Tensor, w, x_scale, w_scale=None, bias: torch.Tensor 
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must have {n} elements, got shape {tuple(bias.shape)}")
     if x_q.is_cuda or path == "triton":
-        from .w8a8_gemm import w8a8_gemm  # Triton; compiled for CUDA tensors
-
-        return w8a8_gemm(x_q, w.q, x_scale, w.scale, bias, out_dtype=out_dtype)
+        return _triton_linear(x_q, w, x_scale, bias, out_dtype)
     if m == 0 or k == 0:
         out = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
     else:
-        out = _acc_fp32(x_q.contiguous(), w, path or choose_path(m, k, n))
+        out = _acc_fp32(x_q.contiguous(), w, _cpu_path(path, m, k, n, w))
     return _epilogue_(out, _row_scale(x_scale, m, x_q.device), w.scale, bias, out_dtype)
 
 
@@ -477,9 +556,9 @@ def int8_linear_dynamic(x: torch.Tensor, w, w_scale=None, bias: torch.Tensor | N
     x = x.float()
     x_scale = x.abs().amax(-1, True).div_(_QMAX_T).clamp_min_(_MIN_SCALE_T)  # CPU here: tensor constants
     x_q = x.div(x_scale).round_().char()  # the layout of x: contiguous unless x is a strided view
-    path = path or choose_path(m, k, n)
+    path = _cpu_path(path, m, k, n, w)
     out = None
-    if path == "int_mm" and x_q.is_contiguous():
+    if path == "int_mm" and x_q.is_contiguous() and w.zero is None:
         try:
             out = torch._int_mm(x_q, w.qt).float()  # K >= 2 here: the CPU op needs no padding
         except RuntimeError:
@@ -495,7 +574,8 @@ def int8_linear_dynamic(x: torch.Tensor, w, w_scale=None, bias: torch.Tensor | N
 def int8_linear_reference(x_q, w, x_scale, w_scale=None, bias=None, out_dtype=torch.float32) -> torch.Tensor:
     """Exact integer product (int64), then the same fp32 epilogue (unfused, out of place)."""
     w = _as_weight(w, w_scale)
-    acc = (x_q.to(torch.int64) @ w.q.to(torch.int64).T).to(torch.float32)
+    wq = w.q.to(torch.int64) - (0 if w.zero is None else w.zero.to(torch.int64).reshape(-1, 1))
+    acc = (x_q.to(torch.int64) @ wq.T).to(torch.float32)
     a_s = _row_scale(x_scale, x_q.shape[0], x_q.device)
     out = (acc * a_s) * w.scale
     if bias is not None:
@@ -533,7 +613,10 @@ def int8_weight_only_linear(x: torch.Tensor, w, w_scale=None, bias: torch.Tensor
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be (M, {k}), got {tuple(x.shape)}")
     m = x.shape[0]
-    path = path or ("dequant" if x.is_cuda else choose_weight_only_path(m, k, n, x.dtype))
+    if path is None:
+        path = "dequant" if x.is_cuda else choose_weight_only_path(m, k, n, x.dtype)
+        if path == "int8pack" and w.zero is not None:  # aten's int8pack op has no zero points
+            path = "dequant"
     if path == "dequant" or m == 0:
         small = n * k < SPLIT3_MIN_WEIGHT  # <= 4 MiB in fp32: kept, instead of converted every call
         return F.linear(x, w.dequantized(x.dtype, cache=small), None if bias is None else bias.to(x.dtype))
@@ -544,7 +627,7 @@ def int8_weight_only_linear(x: torch.Tensor, w, w_scale=None, bias: torch.Tensor
         return y if bias is None else y + bias.to(y.dtype)
     if path == "split3":
         digits, scale = _split3_digits(x)
-        acc = _acc_fp32(digits, w, choose_path(3 * m, k, n)).view(3, m, n)
+        acc = _acc_fp32(digits, w, _cpu_path(None, 3 * m, k, n, w)).view(3, m, n)
         out = acc[2].div_(_SPLIT_BASE).add_(acc[1]).div_(_SPLIT_BASE).add_(acc[0])  # Horner, fp32
         return _epilogue_(out, scale, w.scale, bias, x.dtype)
     raise ValueError(f"unknown weight-only path {path!r}: allowed {', '.join(WEIGHT_ONLY_PATHS)}")
@@ -554,6 +637,7 @@ def int8_weight_only_linear_reference(x, w, w_scale=None, bias=None) -> torch.Te
     """float64 ``x @ (w_q * w_scale).T + bias``, returned as float64."""
     w = _as_weight(w, w_scale)
     s = w.scale.to(torch.float64)
-    wd = w.q.to(torch.float64) * (s.reshape(-1, 1) if s.numel() > 1 else s)
+    q = w.q.to(torch.float64) - (0 if w.zero is None else w.zero.to(torch.float64).reshape(-1, 1))
+    wd = q * (s.reshape(-1, 1) if s.numel() > 1 else s)
     y = x.to(torch.float64) @ wd.T
     return y if bias is None else y + bias.to(torch.float64)

@@ -116,6 +116,65 @@ def test_accumulator_beyond_fp32_integers_rounds_like_the_reference(path):
     assert torch.equal(y, (x_q.long() @ w_q.long().T).float())
 
 
+def _asymmetric_weight(n, k, seed=0, per_channel=True):
+    """The core's asymmetric int8 layout: uint8 codes 0..255, integer zero points 0..255 (the
+    extremes included, so the shifted int8 codes reach -128 and the correction |z - 128| = 128)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+    codes[:3, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)[:n]
+    zero = torch.randint(0, 256, (n if per_channel else 1,), generator=g).float()
+    zero[0] = 0.0
+    if per_channel and n > 1:
+        zero[1] = 255.0
+    scale = torch.rand(n if per_channel else 1, generator=g) * 1e-2 + 1e-4
+    return codes, zero, scale
+
+
+@pytest.mark.parametrize("path", ["int_mm", None])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("m,k,n", [(1, 17, 9), (5, 100, 24), (33, 1, 5)])
+def test_asymmetric_weights_give_the_exact_integer_product(path, per_channel, m, k, n):
+    """x_q @ (c - z).T with the core's uint8 codes c and zero points z, exactly (int64 reference),
+    and the same epilogue as a symmetric weight."""
+    codes, zero, scale = _asymmetric_weight(n, k, seed=k, per_channel=per_channel)
+    w = Int8Weight.from_asymmetric(codes, scale, zero)
+    assert w.q.dtype == torch.int8 and int(w.q.min()) >= -128
+    want_w = codes.long() - zero.long().reshape(-1, 1)
+    assert torch.equal(w.q.long() - w.zero.long().reshape(-1, 1), want_w)  # the shift changes no c - z
+    x_q = _codes(m, k, seed=m)
+    x_q[0, 0] = -127
+    unit = Int8Weight.from_asymmetric(codes, torch.ones_like(scale), zero)
+    acc = int8_linear(x_q, unit, 1.0, path=path)
+    assert torch.equal(acc, (x_q.long() @ want_w.T).float())
+    x_s, bias = torch.rand(m, 1) + 0.01, torch.randn(n)
+    y = int8_linear(x_q, w, x_s, bias=bias, path=path)
+    assert torch.equal(y, int8_linear_reference(x_q, w, x_s, bias=bias))
+    assert torch.equal(w.dequantized(torch.float32),
+                       (codes.float() - zero.reshape(-1, 1)) * scale.reshape(-1, 1))  # the core's dequantize
+
+
+def test_asymmetric_weights_on_the_other_paths():
+    codes, zero, scale = _asymmetric_weight(24, 100, seed=5)
+    w = Int8Weight.from_asymmetric(codes, scale, zero)
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(24)
+    ref = int8_weight_only_linear_reference(x, w, bias=bias)
+    assert _rel_max(int8_weight_only_linear(x, w, bias=bias, path="split3"), ref) <= 1e-5
+    assert _rel_max(int8_weight_only_linear(x, w, bias=bias, path="dequant"), ref) <= 1e-6
+    assert int8_weight_only_linear(x.bfloat16(), w, bias=bias).dtype == torch.bfloat16  # auto: not int8pack
+    with pytest.raises(ValueError, match="int8pack path takes symmetric weights"):
+        int8_weight_only_linear(x.bfloat16(), w, bias=bias, path="int8pack")
+    with pytest.raises(ValueError, match="'fbgemm' takes symmetric weights"):
+        int8_linear(_codes(3, 100), w, 1.0, path="fbgemm")
+    y = K.int8_linear_dynamic(x, w, bias=bias)  # per-token quantize + GEMM in one call
+    x_q, x_s = quantize_per_token_int8_torch(x)
+    assert torch.equal(y, int8_linear(x_q, w, x_s, bias=bias))
+    with pytest.raises(ValueError, match="zero points must be integers"):
+        Int8Weight.from_asymmetric(codes, scale, zero + 0.5)
+    with pytest.raises(TypeError, match="must be uint8"):
+        Int8Weight.from_asymmetric(codes.to(torch.int8), scale, zero)
+
+
 def test_path_choice():
     fb = "fbgemm" if fbgemm_available() else "int_mm"
     assert choose_path(1, 5120, 2560) == "int_mm" and choose_path(1, 2560, 10240) == fb
@@ -315,7 +374,7 @@ def test_weight_only_choice():
 
 
 def _quant_linear(act: str | None, hadamard: bool, w_gran: str = "channel", k: int = 64, n: int = 48,
-                  seed: int = 0) -> QuantLinear:
+                  seed: int = 0, w_symmetric: bool = True) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n)
     with torch.no_grad():
@@ -328,7 +387,8 @@ def _quant_linear(act: str | None, hadamard: bool, w_gran: str = "channel", k: i
         inq = ActQuantizer(QuantSpec(bits=8, granularity="tensor"), dynamic=True)
     elif act == "static":
         inq = ActQuantizer(QuantSpec(bits=8, granularity="tensor"))
-    q = QuantLinear.from_float(lin, weight_spec=QuantSpec(bits=8, granularity=w_gran), input_quantizer=inq,
+    q = QuantLinear.from_float(lin, weight_spec=QuantSpec(bits=8, granularity=w_gran, symmetric=w_symmetric),
+                               input_quantizer=inq,
                                input_transform=HadamardTransform(k, seed=3) if hadamard else None)
     q.freeze_weight()
     if act == "static":
@@ -340,11 +400,12 @@ def _quant_linear(act: str | None, hadamard: bool, w_gran: str = "channel", k: i
 
 @pytest.mark.parametrize("hadamard", [False, True])
 @pytest.mark.parametrize("act", ["token", "static", "tensor_dynamic", None])
-@pytest.mark.parametrize("w_gran", ["channel", "tensor"])
+@pytest.mark.parametrize("w_gran", ["channel", "tensor", "channel-asymmetric", "tensor-asymmetric"])
 def test_real_linear_matches_fake_twin(act, hadamard, w_gran):
-    fake = _quant_linear(act, hadamard, w_gran)
+    gran, _, asym = w_gran.partition("-")
+    fake = _quant_linear(act, hadamard, gran, w_symmetric=not asym)
     real = RealQuantLinear(fake)
-    assert real.weight_q.dtype == torch.int8
+    assert real.weight_q.dtype == torch.int8 and (real.weight_zero is None) == (not asym)
     for m in (1, 5, 40):  # decode-sized and prefill-sized inputs, 3-D
         x = torch.randn(2, m, 64, generator=torch.Generator().manual_seed(m)) * 2
         with torch.no_grad():
@@ -401,10 +462,13 @@ def test_eligibility_reasons():
     group = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8, granularity="group", group_size=16))
     fp8_act = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8),
                                      input_quantizer=ActQuantizer(QuantSpec(format="fp8_e4m3"), dynamic=True))
-    for m in (w4, asym, group, fp8_act):
+    asym_act = QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8),
+                                      input_quantizer=ActQuantizer(QuantSpec(bits=8, symmetric=False), dynamic=True))
+    for m in (w4, asym, group, fp8_act, asym_act):
         m.freeze_weight()
     assert "int4" in real_eligibility(w4)
-    assert "asymmetric" in real_eligibility(asym)
+    assert real_eligibility(asym) is None  # asymmetric int8 weights: zero-point correction (MambaQuant's)
+    assert "needs symmetric int8" in real_eligibility(asym_act)
     assert "granularity 'group'" in real_eligibility(group)
     assert "fp8_e4m3" in real_eligibility(fp8_act)
     assert "not frozen" in real_eligibility(QuantLinear.from_float(nn.Linear(32, 8), weight_spec=QuantSpec(bits=8)))
@@ -450,7 +514,7 @@ def _mamba(seed: int = 0) -> MambaLM:
     return perturbed_mamba("mamba1", seed)
 
 
-@pytest.mark.parametrize("recipe", ["rtn_dynamic", "quamba"])
+@pytest.mark.parametrize("recipe", ["rtn_dynamic", "quamba", "mambaquant"])
 def test_convert_tiny_mamba1(recipe):
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 256, (4, 64), generator=g) for _ in range(2)]
@@ -471,14 +535,17 @@ def test_convert_tiny_mamba1(recipe):
         mixer = model.backbone.layers[0].mixer
         assert isinstance(mixer, RealQuantMamba1Mixer) and mixer.conv_weight.dtype == torch.int8
         assert mixer.out_proj.input_transform is not None and mixer.out_proj.act_kind == "static_tensor"
-    else:  # dynamic scales: the mixer stays, its Linears go real one by one
+    else:  # dynamic scales (MambaQuant: also a rotated state): the mixer stays, its Linears go real one by one
         assert summary["blocks"] == []
         reasons = {reason for _, reason in summary["kept"]}
-        assert "in_proj output needs a static per-tensor int8 quantizer (Quamba)" in reasons
+        assert ("in_proj output needs a static per-tensor int8 quantizer (Quamba)" if recipe == "rtn_dynamic" else
+                "the SSM state is rotated or quantized (MambaQuant R4): the int8 scan keeps an fp32 state") in reasons
         assert {reason.split(":")[0] for reason in reasons} >= {"QuantConv1d"}
         mixer = model.backbone.layers[0].mixer
         assert isinstance(mixer.in_proj, RealQuantLinear) and mixer.x_proj.act_kind == "weight_only"
         assert isinstance(mixer.conv1d, QuantConv1d)
+        # MambaQuant's weights are asymmetric per channel: int8 codes with zero points
+        assert (mixer.in_proj.weight_zero is not None) == (recipe == "mambaquant")
     _assert_model_close(real, fake, fp)
 
 

@@ -28,7 +28,7 @@ from archquant.core.modules import ActQuantizer, QuantLinear
 from kernel_testing import DEVICE, INTERPRET_MODE, requires_backend
 
 K, N = 128, 48
-REAL_TYPE = {"int8": RealQuantLinear, "int4": RealW4A16Linear, "fp8_e4m3": RealFP8Linear, "fp8_e5m2": RealFP8Linear}
+REAL_TYPE = {"int8": RealQuantLinear, "int8 asymmetric": RealQuantLinear, "int4": RealW4A16Linear, "fp8_e4m3": RealFP8Linear, "fp8_e5m2": RealFP8Linear}
 
 
 def _act(fmt: str, kind: str) -> ActQuantizer:
@@ -42,8 +42,8 @@ def _act(fmt: str, kind: str) -> ActQuantizer:
 
 
 def _weight_spec(fmt: str, granularity: str = "channel", group_size: int = 32) -> QuantSpec:
-    if fmt == "int8":
-        return QuantSpec(bits=8, granularity=granularity)
+    if fmt in ("int8", "int8 asymmetric"):
+        return QuantSpec(bits=8, granularity=granularity, symmetric=fmt == "int8")
     if fmt == "int4":
         return QuantSpec(bits=4, granularity="group", group_size=group_size)
     return QuantSpec(format=fmt, granularity=granularity)
@@ -72,6 +72,13 @@ def assert_matches_fake(real: nn.Module, fake: QuantLinear, x: torch.Tensor) -> 
         got = real(x.to(DEVICE)).cpu()
         xq = x if fake.input_quantizer is None else fake.input_quantizer(x)
         mag = xq.double().abs() @ fake.effective_weight().double().abs().T + fake.bias.double().abs()
+        zero = getattr(real, "weight_zero", None)
+        if zero is not None and real._path(x) == "triton":
+            # GEMM on the shifted codes q, then the zero-point term subtracted in fp32: both terms
+            # are bounded by |x_q| @ (|q| + |z|) (times the scales), not by |x_q| @ |q - z|
+            scale = real.weight_scale.double().cpu()
+            mag = mag + xq.double().abs() @ ((real.weight_q.double().abs() + zero.double().abs().reshape(-1, 1))
+                                             * scale.reshape(-1, 1)).cpu().T
     assert got.shape == want.shape and got.dtype == want.dtype
     rel = (2 * K + 8) * 2.0 ** -24
     if isinstance(real, RealFP8Linear) and not INTERPRET_MODE:  # Hopper's fast fp8 accumulation keeps
@@ -123,10 +130,11 @@ def test_triton_rows_refuse_what_their_kernel_cannot_take(weight, act, kw, reaso
     assert isinstance(choice, str) and reason in choice
 
 
-def test_asymmetric_and_unfrozen_weights_are_kept():
-    asym = QuantLinear.from_float(nn.Linear(K, N), weight_spec=QuantSpec(bits=8, symmetric=False))
+def test_asymmetric_int4_and_unfrozen_weights_are_kept():
+    asym = QuantLinear.from_float(nn.Linear(K, N), weight_spec=QuantSpec(bits=4, symmetric=False, granularity="group",
+                                                                          group_size=32))
     asym.freeze()
-    assert "weight int8 asymmetric tensor, float input: no real kernel" in choose_linear_kernel(asym, "auto")
+    assert "weight int4 asymmetric group, float input: no real kernel" in choose_linear_kernel(asym, "triton")
     assert choose_linear_kernel(QuantLinear.from_float(nn.Linear(K, N), weight_spec=QuantSpec()),
                                 "auto") == "weight not frozen"
 

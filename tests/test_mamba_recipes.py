@@ -5,6 +5,7 @@ dt biases are not trivial) on the CPU; the whole file runs in well under a minut
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,11 +22,11 @@ from archquant.core.modules import QuantLinear
 from archquant.core.recipe import (OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, SmoothQuant,
                                    apply_recipe)
 from archquant.core.transforms import ROTATION_KINDS, HadamardTransform, MatrixTransform
-from archquant.models.mamba import MambaConfig, MambaLM, ScaledSiLU, init_mamba_weights
+from archquant.models.mamba import MambaConfig, MambaLM, ScaledSiLU
 from archquant.models.mamba_loading import save_mamba_hf
 from archquant.run import main
 
-from conftest import rel_err
+from conftest import perturbed_mamba, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = get_adapter("mamba")
@@ -53,18 +54,11 @@ def _config(arch: str, tie: bool = True, **kw) -> MambaConfig:
     return MambaConfig(**base)
 
 
-def _perturb(model: MambaLM, seed: int, scale: float = 0.1) -> MambaLM:
-    """Standard init, then small Gaussian noise on every parameter (norms, A_log, D, biases included)."""
-    init_mamba_weights(model, seed)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def _model(arch: str = "mamba1", seed: int = 0, tie: bool = True, **kw) -> MambaLM:
-    return _perturb(MambaLM(_config(arch, tie, **kw)), seed)
+def _model(arch: str = "mamba1", seed: int = 0, tie: bool = True, scale: float = 0.1, **kw) -> MambaLM:
+    """Standard init plus Gaussian noise on every parameter (conftest.perturbed_mamba), at _config's sizes."""
+    fields = dataclasses.asdict(_config(arch, tie, **kw))
+    del fields["arch"]
+    return perturbed_mamba(arch, seed, noise_seed=seed + 1000, scale=scale, **fields)
 
 
 def _batches(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
@@ -501,8 +495,8 @@ def test_quamba2_groups_bounds_and_single_groups():
 
 @pytest.mark.parametrize("hidden,k", [(768, 12), (2560, 40)])
 def test_quamba_at_real_widths(hidden, k, tmp_path):
-    cfg = MambaConfig(arch="mamba1", vocab_size=16, hidden_size=hidden, num_layers=1)
-    model = _perturb(MambaLM(cfg), seed=0, scale=0.01)
+    model = perturbed_mamba("mamba1", 0, noise_seed=1000, scale=0.01, vocab_size=16, hidden_size=hidden, num_layers=1)
+    cfg = model.config
     assert hadamard.factor_size(cfg.d_inner) == (k, 128)
     x = torch.randint(0, 16, (1, 8), generator=torch.Generator().manual_seed(0))
     mixer_out = []  # the residual dominates the logits of a 1-layer model: also compare the mixer's output

@@ -25,9 +25,9 @@ from ..core import formats
 from ..core.modules import QuantLinear
 from ..core.transforms import HadamardTransform
 from ..kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_linear_dynamic,
-                                int8_weight_only_linear, quantize_per_tensor_int8_torch,
+                                int8_weight_only_linear, quantize_per_tensor_int8_torch, signed_asymmetric_codes,
                                 quantize_per_token_int8_torch, quantize_static_int8_torch)
-from .specs import act_kind, check_kernels, input_kind, is_int8_symmetric, spec_name, static_scale, use_triton
+from .specs import act_kind, check_kernels, input_kind, spec_name, static_scale, use_triton
 
 __all__ = ["INT8_INPUT_PATHS", "Int8InputPath", "REAL_LINEAR_TYPES", "RealFP8Linear", "RealQuantLinear",
            "RealW4A16Linear", "fp8_eligibility", "frozen_quant_linear", "int8_eligibility", "real_eligibility",
@@ -74,8 +74,9 @@ def int8_eligibility(module: nn.Module) -> str | None:
     reason = frozen_quant_linear(module)
     if reason is not None:
         return reason
-    if not is_int8_symmetric(module.weight_spec):
-        return f"weight {spec_name(module.weight_spec)}: only symmetric int8 weights run on int8 kernels"
+    spec = module.weight_spec
+    if not (spec.format == "int" and spec.bits == 8):
+        return f"weight {spec_name(spec)}: only int8 weights (symmetric or asymmetric) run on int8 kernels"
     return int8_layout(module)
 
 
@@ -216,7 +217,9 @@ class RealQuantLinear(nn.Module):
     """int8 twin of a frozen ``QuantLinear``: y = Q_out(int8_linear(Q_in(T(x)), W_q)).
 
     Holds the int8 codes (``weight_q``, (N, K)) and fp32 scale (``weight_scale``, 1 or N
-    values) as buffers and computes in int8: W8A8 through ``int8_linear``, weight-only through
+    values) as buffers, and for an asymmetric weight its zero points (``weight_zero``, int32:
+    the core's uint8 codes and zero points both shifted by -128, so ``q - z`` is unchanged and
+    the GEMM subtracts ``rowsum(x_q) * z`` exactly in int32), and computes in int8: W8A8 through ``int8_linear``, weight-only through
     ``int8_weight_only_linear``; how the input gets there is ``INT8_INPUT_PATHS``. The output
     quantizer, if any, is applied as in the fake module.
     """
@@ -228,9 +231,13 @@ class RealQuantLinear(nn.Module):
             raise ValueError(f"cannot convert to a real int8 Linear: {reason}")
         self.kernels = check_kernels(kernels)
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
-        self.register_buffer("weight_q", qlinear.weight_codes.detach().contiguous())
-        scale = qlinear.weight_params.as_dict()["scale"].detach().to(torch.float32).reshape(-1)
-        self.register_buffer("weight_scale", scale.clone())
+        params = qlinear.weight_params.as_dict()
+        codes, zero = qlinear.weight_codes.detach(), None
+        if not qlinear.weight_spec.symmetric:  # uint8 codes + zero points -> int8 codes - 128, same q - z
+            codes, zero = signed_asymmetric_codes(codes, params["zero_point"].detach())
+        self.register_buffer("weight_q", codes.contiguous())
+        self.register_buffer("weight_zero", zero)  # int32, 1 or N values; None for symmetric weights
+        self.register_buffer("weight_scale", params["scale"].detach().to(torch.float32).reshape(-1).clone())
         self.register_buffer("bias", None if qlinear.bias is None else qlinear.bias.detach().clone())
         self.input_transform = qlinear.input_transform
         self.input_quantizer = qlinear.input_quantizer
@@ -246,7 +253,7 @@ class RealQuantLinear(nn.Module):
     @property
     def packed(self) -> Int8Weight:
         if self._packed is None:
-            self._packed = Int8Weight(self.weight_q, self.weight_scale)
+            self._packed = Int8Weight(self.weight_q, self.weight_scale, self.weight_zero)
         return self._packed
 
     def _path(self, x: torch.Tensor) -> str:
@@ -294,7 +301,7 @@ class RealQuantLinear(nn.Module):
         """int8 codes of ``matmul_codes(x_q, x_scale, round_to)`` requantized with the static
         per-tensor ``out_scale``: on the Triton path one kernel (the GEMM's epilogue writes the
         codes, bit for bit what the two steps give), elsewhere the GEMM then a quantize pass."""
-        if self._path(x_q) == "triton":
+        if self._path(x_q) == "triton" and self.weight_zero is None:  # the fused epilogue has no zero points
             from ..kernels.w8a8_gemm import w8a8_gemm
 
             return w8a8_gemm(x_q, self.weight_q, x_scale, self.weight_scale, self.bias, out_dtype=torch.int8,
@@ -313,6 +320,7 @@ class RealQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = "per-channel" if self.weight_scale.numel() > 1 else "per-tensor"
+        w += "" if self.weight_zero is None else " asymmetric"
         return (f"in={self.in_features}, out={self.out_features}, weight=int8/{w}, input={self.act_kind}, "
                 f"kernels={self.kernels}")
 
