@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from archquant.eval import bench_e2e
+from archquant.eval import bench_e2e, fake_vs_real
 
 
 def test_tiny_run_writes_a_table(tmp_path, capsys):
@@ -92,3 +92,21 @@ def test_e2e_fp16_on_triton_kernels_in_the_interpreter(monkeypatch, tmp_path):
                            "--write", str(out)]) == 0
     assert "| measure | FP (float16) | W8A8 real |" in out.read_text()
     assert calls  # the FP model's scan ran on the kernel
+
+
+def test_fake_vs_real_measures_both_presets(tmp_path):
+    """The README's fake-vs-real numbers come from this script: at tiny size it must convert every
+    Linear (MambaQuant's asymmetric weights included) and agree with the fake model far below the
+    quantization error."""
+    out = tmp_path / "fvr.md"
+    args = ["--hidden", "64", "--seq-len", "32", "--calib", "2", "--windows", "2", "--batch-size", "2"]
+    parsed = fake_vs_real.parse_args(args)
+    data = fake_vs_real.load_data(parsed)
+    rows = [fake_vs_real.measure(p, parsed, *data) for p in fake_vs_real.PRESETS]
+    for r in rows:
+        assert r["converted"] == 8 and r["real_vs_fake"] < 0.01 * r["fake_vs_fp"], r
+        assert abs(r["real_ppl"] - r["fake_ppl"]) <= 1e-4 * r["fake_ppl"]
+    assert [r["blocks"] for r in rows] == [2, 0]  # quamba: whole blocks; mambaquant: Linears only
+    assert fake_vs_real.main(args + ["--presets", "quamba", "--write", str(out)]) == 0
+    assert "python -m archquant.eval.fake_vs_real --hidden 64" in out.read_text()
+

@@ -16,6 +16,7 @@ from ..core.observers import ChannelAbsMaxObserver
 from ..core.presets import RecipeOptions, act_spec, register_preset, static_quantize, weight_spec
 from ..core.recipe import (Context, OnlineHadamard, Quantize, Recipe, RotatePairs, RotateResidual, Step,
                            check_value, get_submodule, register_step)
+from ..core.transform_steps import AlphaSmoothing
 from ..models.mamba import Mamba1Mixer, ScaledSiLU
 from ..options import Option
 
@@ -27,7 +28,7 @@ from ..options import Option
 
 @register_step
 @dataclass
-class MambaQuantSmooth(Step):
+class MambaQuantSmooth(AlphaSmoothing):
     """MambaQuant's smooth-fused scales (S7, S2, S5, S4), all absorbed into weights (exact in FP).
 
     S7: x rows of in_proj ÷ s, conv1d taps × s (depthwise, so per channel). S2: z rows of in_proj
@@ -39,13 +40,6 @@ class MambaQuantSmooth(Step):
 
     kind: ClassVar[str] = "mambaquant_smooth"
     architectures: ClassVar[tuple[str, ...]] = ("mamba1",)
-    alpha: float = 0.5
-
-    def validate(self, where: str) -> None:
-        check_value(f"{where}.alpha", self.alpha, minimum=0.0, maximum=1.0)
-
-    def needs_calibration(self) -> bool:
-        return True
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mamba1Mixer)}

@@ -82,14 +82,11 @@ def _check_rows(rows: tuple[int, int], s: torch.Tensor, lin: nn.Linear, name: st
                          f"{lin.out_features}) do not match the {s.numel()} input channels being smoothed")
 
 
-@register_step
 @dataclass
-class SmoothQuant(Step):
-    """Move activation outliers into the weights: the Linears take W·diag(s), and 1/s goes where the
-    structure's ``SmoothingGroup.fold_into`` says (a norm's γ, a producer Linear's rows, an adaLN
-    modulation, or an online per-channel scale)."""
+class AlphaSmoothing(Step):
+    """A smoothing step's migration strength ``alpha`` in [0, 1] (s = amax_x^α / amax_w^(1-α));
+    it needs activation statistics. A base for SmoothQuant and family variants, not a step itself."""
 
-    kind: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
 
     def validate(self, where: str) -> None:
@@ -97,6 +94,16 @@ class SmoothQuant(Step):
 
     def needs_calibration(self) -> bool:
         return True
+
+
+@register_step
+@dataclass
+class SmoothQuant(AlphaSmoothing):
+    """Move activation outliers into the weights: the Linears take W·diag(s), and 1/s goes where the
+    structure's ``SmoothingGroup.fold_into`` says (a norm's γ, a producer Linear's rows, an adaLN
+    modulation, or an online per-channel scale)."""
+
+    kind: ClassVar[str] = "smoothquant"
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         groups = ctx.structure.smoothing_groups()
@@ -114,16 +121,11 @@ class SmoothQuant(Step):
                 T.scale_linear_input(get_submodule(model, name), s)
 
 
-@register_step
 @dataclass
-class RotateResidual(Step):
-    """QuaRot-style rotation Q of the residual stream, fused into the weights (exact in FP).
+class _OfflineRotation(Step):
+    """A rotation fused into weights: which one (``rotation``, a data-dependent kind needs
+    calibration) and its seed. Not a step itself."""
 
-    Norms' γ are folded into the Linears they feed first; then embeddings emit e·Q, readers
-    accept x·Q (W ← W·Q) and writers emit y·Q (W ← Qᵀ·W).
-    """
-
-    kind: ClassVar[str] = "rotate_residual"
     rotation: str = "random_hadamard"
     seed: int = 0
 
@@ -132,6 +134,18 @@ class RotateResidual(Step):
 
     def needs_calibration(self) -> bool:
         return self.rotation in T.DATA_DEPENDENT_ROTATIONS
+
+
+@register_step
+@dataclass
+class RotateResidual(_OfflineRotation):
+    """QuaRot-style rotation Q of the residual stream, fused into the weights (exact in FP).
+
+    Norms' γ are folded into the Linears they feed first; then embeddings emit e·Q, readers
+    accept x·Q (W ← W·Q) and writers emit y·Q (W ← Qᵀ·W).
+    """
+
+    kind: ClassVar[str] = "rotate_residual"
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         s = ctx.structure
@@ -208,7 +222,7 @@ class OnlineHadamard(Step):
 
 @register_step
 @dataclass
-class RotatePairs(Step):
+class RotatePairs(_OfflineRotation):
     """Rotate the tensor between each producer → consumer pair of the structure, offline.
 
     The producer's output rows get Qᵀ, the consumer's input gets Q (MambaQuant's R5 on the dt
@@ -216,14 +230,6 @@ class RotatePairs(Step):
     """
 
     kind: ClassVar[str] = "rotate_pairs"
-    rotation: str = "random_hadamard"
-    seed: int = 0
-
-    def validate(self, where: str) -> None:
-        check_value(f"{where}.rotation", self.rotation, allowed=T.ROTATION_KINDS)
-
-    def needs_calibration(self) -> bool:
-        return self.rotation in T.DATA_DEPENDENT_ROTATIONS
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         pairs = ctx.structure.linear_pairs
