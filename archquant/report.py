@@ -23,8 +23,21 @@ REPORT_MD = "report.md"
 _LEGACY_LEFTOVER = re.compile(r"^\.(checkpoint\.(tmp|old)-.*|report\.md\.tmp|report\.json\..*)$")
 
 
+def cpu_name() -> str:
+    """The CPU's model name: fp32 results can differ in the last digits between CPUs (the kernels'
+    summation order follows the instruction set), so reports say which one produced them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     env = {
+        "cpu": cpu_name(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -177,6 +190,10 @@ def render_markdown(report: dict) -> str:
     if peaks:
         lines.append(f"Peak resident memory: {max(peaks.values()):.0f} MiB (after each stage: "
                      + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + ").")
+    env = report.get("environment") or {}
+    if env:  # last-digit metrics depend on the CPU and thread count (fp32 summation order)
+        lines.append(f"Environment: {env.get('cpu') or env.get('processor')}, {env.get('threads')} threads, "
+                     f"torch {env.get('torch')}, Python {env.get('python')}, archquant {env.get('git_commit') or env.get('archquant')}.")
     artifacts = report.get("artifacts") or []
     if artifacts:
         lines += ["", "## Files", ""]

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from archquant.report import cpu_name
+
 SHAPES = [(768, 3072, "mamba-130m in_proj"), (1536, 768, "mamba-130m out_proj"), (2560, 10240, "mamba-2.8b in_proj"),
           (5120, 2560, "mamba-2.8b out_proj")]
 MS = [1, 16, 256, 1024]
@@ -45,16 +47,6 @@ def _time_ms(fn, repeats: int, budget_s: float, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head = [f"# CPU int8 benchmark{' (--quick smoke setting)' if args.quick else ''}", "",
             f"Command: `{command.strip()}`", "",
-            f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {_cpu_name()}; "
+            f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_name()}; "
             f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); threads {torch.get_num_threads()}; "
             f"fbgemm path {'on' if fbgemm_available() else 'off'}",
             f"- medians of up to {repeats} runs (at least 3, at most {budget:g} s of runs per entry), ms", ""]

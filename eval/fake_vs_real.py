@@ -29,6 +29,7 @@ from archquant.backends import convert_to_real
 from archquant.eval.corpus import describe_environment, stdlib_documents
 from archquant.eval.lm import ByteTokenizer, calibration_windows, eval_windows, perplexity
 from archquant.models.mamba import MambaConfig, MambaLM, init_mamba_weights
+from archquant.report import cpu_name
 
 PRESETS = ("quamba", "mambaquant")
 
@@ -70,7 +71,7 @@ def measure(preset: str, args, calib: torch.Tensor, windows: torch.Tensor) -> di
 
 def render(rows: list[dict], command: str, args) -> str:
     lines = [f"# Real int8 vs fake-quant on a random Mamba1 (d_model {args.hidden}, {args.layers} layers)", "",
-             f"`{command}`", "", f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"`{command}`", "", f"torch {torch.__version__}, {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, "
              f"{torch.get_num_threads()} threads; {describe_environment()}", "",
              f"Model: standard init + {args.noise} * N(0,1) on every parameter (seed {args.seed}); "
              f"calibration {args.calib} x {args.seq_len} bytes of the stdlib calibration split, evaluation "

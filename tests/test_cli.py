@@ -33,8 +33,12 @@ def test_end_to_end_run_writes_reports_and_a_reloadable_checkpoint(config, tmp_p
     assert report["reload"]["identical"] is True
     assert {"load model", "evaluate FP", "save"} <= set(report["timings"])
     assert report["environment"]["torch"] == torch.__version__
+    from archquant.report import cpu_name
+    assert report["environment"]["cpu"] == cpu_name() and cpu_name()
     md = (out_dir / "report.md").read_text()
     assert "| FP |" in md and "| **hadamard_static** |" in md and md in out
+    # the last digits of fp32 results follow the CPU, so the readable report names it
+    assert f"Environment: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}" in md
     model = aq.load_quantized(out_dir / "checkpoint")
     assert sorted(p.name for p in (out_dir / "checkpoint").iterdir()) == [".archquant", "model.safetensors",
                                                                            "quantization_config.json"]

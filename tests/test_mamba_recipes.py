@@ -24,8 +24,7 @@ from archquant.core.recipe import (OnlineHadamard, Quantize, Recipe, RotatePairs
 from archquant.core.transforms import ROTATION_KINDS, HadamardTransform, MatrixTransform
 from archquant.models.mamba import MambaConfig, MambaLM, ScaledSiLU
 from archquant.models.mamba_loading import save_mamba_hf
-from archquant.run import main
-
+from cli_testing import one_error_line, run_cli
 from conftest import perturbed_mamba, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -530,19 +529,13 @@ def model_dir(tmp_path_factory):
     return save_mamba_hf(_model("mamba1"), tmp_path_factory.mktemp("mamba1") / "model")
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _one_line_error(code, err, *fragments):
     assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("archquant: error:"), err
+    line = one_error_line(err)
+    assert line.startswith("archquant: error:"), line
     for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+        assert f in line, line
+    return line
 
 
 def test_runner_end_to_end_on_a_saved_mamba1(model_dir, tmp_path, capsys):

@@ -3,7 +3,8 @@
 The fake-quant model stays the interchange format (checkpoints, evaluation of accuracy);
 ``convert_to_real`` turns a quantized model into one whose eligible ``QuantLinear``s compute
 with their codes, on the kernel the table of ``dispatch.py`` gives for (weight format,
-activation format, device): symmetric int8 W8A8 / W8A16 (``kernels/cpu_int8.py`` on the CPU,
+activation format, device): int8 W8A8 / W8A16 with symmetric or asymmetric weights
+(``kernels/cpu_int8.py`` on the CPU,
 the Triton ``w8a8_gemm`` on CUDA), and on CUDA only int4 W4A16 (``w4a16_gemm``) and fp8 W8A8
 (``fp8_gemm``):
 
@@ -24,7 +25,7 @@ module, which ``convert_to_real`` imports the first time it meets one of the fam
 backend (``backends/mamba.py``) turns a Quamba-quantized Mamba1 mixer into one whose conv1d and
 selective scan run on int8 codes.
 
-Anything no kernel takes (4-bit weights on a CPU, asymmetric formats, int8 groups, ...) keeps its
+Anything no kernel takes (4-bit weights on a CPU, asymmetric activations, int8 groups, ...) keeps its
 fake-quant module, and the summary says why. A real module gives the fake one's outputs up to
 fp32 summation order (the int8 products are exact; see ``tests/test_cpu_int8.py`` and
 ``tests/test_kernels_dispatch.py`` for the tolerances).
