@@ -1,7 +1,8 @@
 """archquant: post-training quantization for Mamba, diffusion transformers and VGGT.
 
 Sub-packages installed from the repository's top-level folders: ``archquant.models``
-(``models/``), ``archquant.kernels`` (``kernels/``) and ``archquant.eval`` (``eval/``).
+(``models/``) and ``archquant.eval`` (``eval/``); ``archquant.kernels`` is ``archquant/kernels/``
+(a top-level ``kernels/`` would shadow Hugging Face's ``kernels`` package when run from the root).
 """
 from .api import load_quantized, quantize_, save_quantized
 from .core import (ActQuantizer, LinearGroup, ModelStructure, OnlineHadamard, QuantLinear, QuantSpec, Quantize,

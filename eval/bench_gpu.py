@@ -262,7 +262,7 @@ def bench_gemm_sweep(dev) -> str:
         a_q = b_q = x = w = want = None  # free the GPU buffers
         free_memory()
     return table("W8A8 GEMM config sweep (large M)", ["M x K x N", "config", "blocks", "ms", "bf16/ours"], rows,
-                 ["Tuning data for `GEMM_CONFIGS` in kernels/w8a8_gemm.py (bf16 out).  The default row is what "
+                 ["Tuning data for `GEMM_CONFIGS` in archquant/kernels/w8a8_gemm.py (bf16 out).  The default row is what "
                   "the gemm table and the models use."])
 
 

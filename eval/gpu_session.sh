@@ -16,11 +16,11 @@ stage() { echo "== $1 (t=${SECONDS}s)" | tee -a "$OUT/summary.txt"; }
 
 stage install
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1; then
-  # fallback without pip: the archquant namespace as links (models/, kernels/, eval/ map into it)
+  # fallback without pip: the archquant namespace as links (models/ and eval/ map into it)
   echo "pip install failed (see install.log); using a linked package on PYTHONPATH" | tee -a "$OUT/summary.txt"
   mkdir -p /tmp/aq_pkg/archquant
   for f in "$PWD"/archquant/*; do ln -sfn "$f" /tmp/aq_pkg/archquant/; done
-  for d in models kernels eval; do ln -sfn "$PWD/$d" "/tmp/aq_pkg/archquant/$d"; done
+  for d in models eval; do ln -sfn "$PWD/$d" "/tmp/aq_pkg/archquant/$d"; done
   export PYTHONPATH=/tmp/aq_pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import archquant.eval.bench_e2e" || { echo "archquant does not import" | tee -a "$OUT/summary.txt"; exit 1; }

@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm`` in PyTorch: normalised in fp32, cast back to x's dtype, then times γ (so the
     result has ``promote_types(weight.dtype, x.dtype)``). The kernels keep their own copy as
-    their oracle (``kernels/rmsnorm_quant.py``: kernels import no model code)."""
+    their oracle (``archquant/kernels/rmsnorm_quant.py``: kernels import no model code)."""
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -1,4 +1,4 @@
-"""CPU int8 backend: kernels/cpu_int8.py (int8 GEMM paths, weight-only paths, activation
+"""CPU int8 backend: archquant/kernels/cpu_int8.py (int8 GEMM paths, weight-only paths, activation
 quantization) and archquant/backends/real.py (RealQuantLinear, convert_to_real, runner backend=real).
 
 Tolerances, and why:
@@ -90,7 +90,7 @@ def test_int8_linear_is_exact_for_odd_shapes(path, m, k, n):
 
 @pytest.mark.parametrize("path", CPU_PATHS)
 def test_epilogue_matches_the_triton_kernels_reference(path):
-    """Same epilogue as kernels/w8a8_gemm (fp32, (acc·a)·b + bias, one rounding), incl. bf16/fp16 out."""
+    """Same epilogue as archquant/kernels/w8a8_gemm (fp32, (acc·a)·b + bias, one rounding), incl. bf16/fp16 out."""
     from archquant.kernels.w8a8_gemm import w8a8_gemm_reference
 
     x_q, w_q = _codes(5, 72), _codes(19, 72, seed=3)

@@ -111,7 +111,7 @@ def test_cpu_keeps_fp8_and_w4a16_linears_and_says_why():
                                ("3", "int4 W4A16: no CPU kernel; kept in fake quant")]
     assert isinstance(model[0], QuantLinear) and isinstance(model[3], QuantLinear)
     assert isinstance(model[5], RealQuantLinear) and summary["converted"] == 1
-    assert summary["paths"] == {"5": "int8 W8A8 on torch CPU int8 ops (kernels/cpu_int8.py)"}
+    assert summary["paths"] == {"5": "int8 W8A8 on torch CPU int8 ops (archquant/kernels/cpu_int8.py)"}
     with torch.no_grad():
         got = model(x)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # the int8 Linear at the end (fp32 sums)

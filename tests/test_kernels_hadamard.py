@@ -220,7 +220,7 @@ p = H.hadamard_plan(48)
 aot(H._hadamard_quant_dense_kernel,
     dict(N=48, N_PAD=p.b_pad, NORM=1.0 / math.sqrt(48), HAS_SIGNS=False, STATIC=False, Y_ROUND=1, QMAX=127,
          MIN_SCALE=1e-8, PRECISION="ieee", BLOCK_M=16), dict(ptrs, x_ptr="fp16"), ones=("stride_xk", "stride_qk"))
-# the quantize kernels with the blocks their wrappers pick (kernels/quantize.py _blocks), 4 warps
+# the quantize kernels with the blocks their wrappers pick (archquant/kernels/quantize.py _blocks), 4 warps
 for bm, bk in ((1, 4096), (4, 1024), (16, 256)):  # e.g. K = 5120 / 10240 / 160
     aot(Q._per_token_int8_kernel, dict(QMAX=127, MIN_SCALE=1e-8, BLOCK_M=bm, BLOCK_K=bk),
         dict(x_ptr="bf16", q_ptr="i8", s_ptr="fp32"), ones=("stride_xk", "stride_qk"))

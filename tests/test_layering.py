@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_FILES = sorted((ROOT / "kernels").glob("*.py"))
+KERNEL_FILES = sorted((ROOT / "archquant" / "kernels").glob("*.py"))
 #: what kernels/ must not import: model code and family adapters (absolute or relative spellings)
 FORBIDDEN = ("archquant.models", "models", "archquant.adapters", "adapters")
 
@@ -97,3 +97,14 @@ def test_conversion_loads_the_family_backend_on_demand():
                            "from archquant.backends import convert_to_real\n"
                            "convert_to_real(MambaLM(MambaConfig(hidden_size=16, num_layers=1)))")
     assert "archquant.backends.mamba" in loaded and "triton" in loaded
+
+
+def test_run_from_the_repository_root_transformers_finds_its_own_kernels_package():
+    """``python -m`` from the root puts the root first on sys.path; nothing there may shadow a
+    package our dependencies import (transformers 5.x imports Hugging Face's ``kernels`` with its
+    model code, and a top-level ``kernels/`` of ours broke every transformers model import)."""
+    code = ("import importlib.util, transformers.activations; spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec else None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not out.stdout.strip().startswith(str(ROOT) + "/kernels"), out.stdout

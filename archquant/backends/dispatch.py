@@ -44,9 +44,9 @@ class LinearKernel:
         return f"{self.label} on {self.runs_on}"
 
 
-_CPU_INT8 = "torch CPU int8 ops (kernels/cpu_int8.py)"
-_W8A8 = "Triton w8a8_gemm (kernels/w8a8_gemm.py)"
-_FP8 = "Triton fp8_gemm (kernels/w8a8_gemm.py)"
+_CPU_INT8 = "torch CPU int8 ops (archquant/kernels/cpu_int8.py)"
+_W8A8 = "Triton w8a8_gemm (archquant/kernels/w8a8_gemm.py)"
+_FP8 = "Triton fp8_gemm (archquant/kernels/w8a8_gemm.py)"
 
 #: (weight format, activation format, device) -> kernel
 LINEAR_KERNELS: dict[tuple[str, str, str], LinearKernel] = {
@@ -65,7 +65,7 @@ LINEAR_KERNELS: dict[tuple[str, str, str], LinearKernel] = {
     ("int8 asymmetric", "none", "cuda"): LinearKernel("int8 W8A16 (asymmetric weights)",
                                                       "int8 weights dequantized for torch's matmul", RealQuantLinear,
                                                       int8_layout),
-    ("int4", "none", "cuda"): LinearKernel("int4 W4A16", "Triton w4a16_gemm (kernels/w4a16_gemm.py)",
+    ("int4", "none", "cuda"): LinearKernel("int4 W4A16", "Triton w4a16_gemm (archquant/kernels/w4a16_gemm.py)",
                                            RealW4A16Linear, w4a16_layout),
     ("fp8_e4m3", "fp8_e4m3", "cuda"): LinearKernel("fp8_e4m3 W8A8", _FP8, RealFP8Linear, fp8_layout),
     ("fp8_e5m2", "fp8_e5m2", "cuda"): LinearKernel("fp8_e5m2 W8A8", _FP8, RealFP8Linear, fp8_layout),

@@ -39,7 +39,7 @@ def _on_kernel(kernels: str, t: torch.Tensor, *params: torch.Tensor) -> bool:
 
 
 class FusedRMSNorm(RMSNorm):
-    """``RMSNorm`` on the fused kernel of ``kernels/rmsnorm_quant.py``."""
+    """``RMSNorm`` on the fused kernel of ``archquant/kernels/rmsnorm_quant.py``."""
 
     fused_kernels = "auto"
 

@@ -3,7 +3,7 @@
 Each holds the fake module's codes as they are stored (no requantization), reuses its online
 transform and activation quantizers (specs and frozen static scales), and runs one kernel path:
 
-* :class:`RealQuantLinear`: int8 codes; W8A8 through ``kernels/cpu_int8.py`` on the CPU and the
+* :class:`RealQuantLinear`: int8 codes; W8A8 through ``archquant/kernels/cpu_int8.py`` on the CPU and the
   Triton ``w8a8_gemm`` on CUDA (or forced); weight-only through ``int8_weight_only_linear``.
 * :class:`RealW4A16Linear`: the fake module's packed int4 codes (two per byte, compressed-tensors'
   layout, which is the kernel's) and group scales, Triton ``w4a16_gemm``.
@@ -192,7 +192,7 @@ class Int8InputPath:
     ``quantize(rows, static scale or None) -> (codes, scale)`` of the transformed rows (None:
     weight-only); ``linear(rows, Int8Weight, bias, out_dtype, path) -> y``, the whole Linear in
     one call where the path has one; ``fuses_hadamard``: the quantize kernel can apply a
-    full-width online Hadamard itself (``kernels/hadamard_quant.py``)."""
+    full-width online Hadamard itself (``archquant/kernels/hadamard_quant.py``)."""
 
     quantize: Callable | None
     linear: Callable | None = None
@@ -278,7 +278,7 @@ class RealQuantLinear(nn.Module):
         """int8 codes and scale of the rows x2 (M, K): online transform, then the input quantizer.
 
         On the Triton path an online Hadamard and the quantization run as one kernel
-        (``kernels/hadamard_quant.py``, the same matrices as the offline fusion)."""
+        (``archquant/kernels/hadamard_quant.py``, the same matrices as the offline fusion)."""
         path, how = self._input_path(x2)
         if how.quantize is None:
             raise ValueError("a weight-only int8 Linear takes float inputs: it has no input quantizer")

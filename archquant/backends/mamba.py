@@ -17,7 +17,7 @@ the fake-quant model quantizes it. With a ``MambaLayerState`` the mixer keeps an
 window and an fp32 SSM state and decodes one token at a time (``quant_causal_conv1d_update``,
 ``quant_selective_state_update``), in place, so a decode step can be captured in a CUDA graph.
 
-Kernels: on CUDA tensors (or ``kernels="triton"``) the Triton kernels of ``kernels/``; on the
+Kernels: on CUDA tensors (or ``kernels="triton"``) the Triton kernels of ``archquant/kernels/``; on the
 CPU the same arithmetic through their PyTorch references and the CPU int8 GEMMs. Mixers
 quantized otherwise (MambaQuant's dynamic per-tensor scales, S-SiLU gate, state quantization;
 4-bit weights) are not replaced: the reason is reported and their Linears go real one by one.
@@ -200,7 +200,7 @@ class RealQuantMamba1Mixer(nn.Module):
 
 class RealQuantMambaBlock(nn.Module):
     """A Mamba1 block whose pre-mixer RMSNorm and in_proj input quantization are one kernel
-    (``kernels/rmsnorm_quant.py``) on the Triton path, feeding a :class:`RealQuantMamba1Mixer`.
+    (``archquant/kernels/rmsnorm_quant.py``) on the Triton path, feeding a :class:`RealQuantMamba1Mixer`.
     Same function as ``MambaBlock``: residual + mixer(norm(hidden))."""
 
     def __init__(self, block: MambaBlock, kernels: str = "auto") -> None:

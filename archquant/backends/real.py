@@ -4,7 +4,7 @@ The fake-quant model stays the interchange format (checkpoints, evaluation of ac
 ``convert_to_real`` turns a quantized model into one whose eligible ``QuantLinear``s compute
 with their codes, on the kernel the table of ``dispatch.py`` gives for (weight format,
 activation format, device): int8 W8A8 / W8A16 with symmetric or asymmetric weights
-(``kernels/cpu_int8.py`` on the CPU,
+(``archquant/kernels/cpu_int8.py`` on the CPU,
 the Triton ``w8a8_gemm`` on CUDA), and on CUDA only int4 W4A16 (``w4a16_gemm``) and fp8 W8A8
 (``fp8_gemm``):
 
@@ -13,8 +13,8 @@ the Triton ``w8a8_gemm`` on CUDA), and on CUDA only int4 W4A16 (``w4a16_gemm``) 
     model._archquant_real             # {"converted": n, "blocks": [...], "kept": [(name, reason), ...],
                                       #  "kernels": ..., "paths": {name: kernel}}
 
-Kernels (``kernels=``): ``"auto"`` runs CUDA tensors on the Triton kernels (``kernels/``) and CPU
-tensors on torch's CPU int8 operators (``kernels/cpu_int8.py``); ``"triton"`` runs the Triton
+Kernels (``kernels=``): ``"auto"`` runs CUDA tensors on the Triton kernels (``archquant/kernels/``) and CPU
+tensors on torch's CPU int8 operators (``archquant/kernels/cpu_int8.py``); ``"triton"`` runs the Triton
 kernels everywhere, which on a CPU means Triton's interpreter (``TRITON_INTERPRET=1`` set before
 anything imports Triton): slow, but the very code that runs on the GPU, so the CUDA path can be
 checked against the fake-quant twin on a machine without one.
