@@ -32,6 +32,27 @@ def test_save_load_is_bit_identical(toy_model, toy_batches, tmp_path, preset):
     assert all(m["type"] == "QuantLinear" for m in cfg["modules"].values())
 
 
+@pytest.mark.parametrize("preset", ["rtn_dynamic", "hadamard_static"])
+def test_a_model_with_column_major_weights_reloads_bit_identically(toy_model, toy_batches, tmp_path, preset):
+    """Weights in another layout (a transpose's strides: same values) must not survive into the
+    quantized model: a checkpoint reloads row-major, and x @ W takes another kernel for another
+    layout (on some CPUs another summation order, so other bits)."""
+    with torch.no_grad():
+        for m in toy_model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.t().contiguous().t()
+    assert any(not p.is_contiguous() for p in toy_model.parameters())
+    x = torch.cat(toy_batches)
+    aq.quantize_(toy_model, preset, calib_data=toy_batches, progress=False)
+    bad = [n for n, t in [*toy_model.named_parameters(), *toy_model.named_buffers()] if not t.is_contiguous()]
+    assert not bad, bad
+    with torch.no_grad():
+        before = toy_model(x)
+    aq.save_quantized(toy_model, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(aq.load_quantized(tmp_path / "ckpt")(x), before)
+
+
 def test_checkpoint_describes_formats_and_transforms(toy_model, toy_batches, tmp_path):
     aq.quantize_(toy_model, "hadamard_static", calib_data=toy_batches, progress=False)
     aq.save_quantized(toy_model, tmp_path / "c")

@@ -276,7 +276,24 @@ def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
         if snapshot is not None:
             snapshot.restore()
         raise
+    make_tensors_contiguous(model)
     return ctx.timings
+
+
+def make_tensors_contiguous(model: nn.Module) -> None:
+    """Give every parameter and buffer the row-major layout a reloaded checkpoint has.
+
+    A fused rotation or a cloned transpose can leave a tensor with other strides; the same values
+    in another layout can take another GEMM kernel (another summation order), so the model in
+    memory and the one reloaded from its checkpoint would differ in the last bits. Done after the
+    steps, in place (same ``Parameter`` objects)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and not p.is_contiguous():
+                p.data = p.data.contiguous()
+        for name, b in module._buffers.items():
+            if b is not None and not b.is_contiguous():
+                module._buffers[name] = b.contiguous()
 
 
 class ModelSnapshot:

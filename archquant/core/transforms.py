@@ -292,7 +292,9 @@ class MatrixTransform(OnlineTransform):
     def __init__(self, matrix: torch.Tensor, name: str = "matrix") -> None:
         super().__init__()
         self.name = name  # what the matrix is (e.g. "klt_hadamard"), kept in the config for readers
-        self.register_buffer("weight", matrix.detach().float().clone())
+        # row-major whatever the input's strides (a QR factor is column-major): a reloaded
+        # checkpoint is row-major, and x @ W takes another kernel for another layout
+        self.register_buffer("weight", matrix.detach().float().clone(memory_format=torch.contiguous_format))
 
     @property
     def size(self) -> int:
