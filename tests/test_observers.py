@@ -258,7 +258,7 @@ def test_channel_absmax_other_axis_and_params():
 
 
 def test_build_observer():
-    assert set(O.OBSERVERS) == {"minmax", "percentile", "mse", "channel_absmax", "grouped_minmax", "keyed"}
+    assert set(O.OBSERVERS) == {"minmax", "percentile", "mse", "channel_absmax", "grouped_minmax", "keyed", "twinlog_mse"}
     obs = O.build_observer("percentile", QuantSpec(), alpha=0.9)
     assert isinstance(obs, O.PercentileObserver) and obs.alpha == 0.9
     assert isinstance(O.build_observer("channel_absmax", None), O.ChannelAbsMaxObserver)

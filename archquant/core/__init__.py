@@ -3,6 +3,7 @@
 Nothing in here imports a model family, the runner, ``eval`` or ``kernels``.
 """
 from .formats import QuantSpec, dequantize, fake_quantize, quantize, register_format
+from . import twinlog  # registers the "twinlog" format and its "twinlog_mse" observer
 from .modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
 from .recipe import OnlineHadamard, Quantize, Recipe, RotateResidual, SmoothQuant, apply_recipe
 from .structure import LinearGroup, ModelStructure

@@ -221,6 +221,9 @@ class Format(ABC):
     """
 
     name: str = ""
+    #: the weight observer that fits this format's params from the weight itself (None: params
+    #: come from a range, so any range observer works)
+    weight_observer: str | None = None
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Raise ``ValueError`` if ``spec`` is unusable for this format (after the

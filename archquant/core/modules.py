@@ -193,9 +193,19 @@ class ActQuantizer(nn.Module):
                 f"{kind}{keys} mode={self.mode}")
 
 
+#: formats whose codes of <= 4 bits are stored two per byte
+NIBBLE_FORMATS = ("int", "twinlog")
+
+
 def _packable(spec: QuantSpec, shape: tuple[int, ...]) -> bool:
-    """Integer codes of ≤ 4 bits are stored two per byte (when the last axis is even)."""
-    return spec.format == "int" and spec.bits <= 4 and len(shape) > 0 and shape[-1] % 2 == 0
+    """Codes of ≤ 4 bits are stored two per byte (when the last axis is even)."""
+    return spec.format in NIBBLE_FORMATS and spec.bits <= 4 and len(shape) > 0 and shape[-1] % 2 == 0
+
+
+def _signed_nibbles(spec: QuantSpec) -> bool:
+    """Whether the codes are signed integers (symmetric int: stored offset by +8); twin-log codes
+    (sign bit + magnitude) and asymmetric int codes are unsigned."""
+    return spec.format == "int" and spec.symmetric
 
 
 def pack_nibbles(codes: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -239,7 +249,7 @@ class _QuantWeightMixin:
         if self.frozen:
             codes = self.weight_codes
             if self.weight_packed:
-                codes = unpack_nibbles(codes, self.weight_spec.symmetric)
+                codes = unpack_nibbles(codes, _signed_nibbles(self.weight_spec))
             return formats.dequantize(codes, self.weight_spec, self.weight_params.as_dict(), dtype=self.weight_dtype)
         return formats.fake_quantize(self.weight, self.weight_spec, self._weight_params(self.weight))
 
@@ -252,7 +262,7 @@ class _QuantWeightMixin:
         codes = formats.quantize(w, self.weight_spec, params)
         self.weight_packed = _packable(self.weight_spec, tuple(codes.shape))
         if self.weight_packed:
-            codes = pack_nibbles(codes, self.weight_spec.symmetric)
+            codes = pack_nibbles(codes, _signed_nibbles(self.weight_spec))
         self.register_buffer("weight_codes", codes)
         self.weight_dtype = w.dtype
         del self.weight
@@ -284,13 +294,13 @@ class _QuantWeightMixin:
         codes = self.weight_codes
         if self.weight_packed:
             if not _packable(spec, shape):
-                raise ValueError(f"tensor {name!r}: packing 'int4x2' needs an int format of <= 4 bits and an "
+                raise ValueError(f"tensor {name!r}: packing 'int4x2' needs an int or twinlog format of <= 4 bits and an "
                                  f"even last dim, the weight is {spec.format} {spec.bits}-bit of shape {shape}")
             packed_shape = shape[:-1] + (shape[-1] // 2,)
             if codes.dtype != torch.uint8 or tuple(codes.shape) != packed_shape:
                 raise ValueError(f"tensor {name!r} is {str(codes.dtype).removeprefix('torch.')} of shape "
                                  f"{tuple(codes.shape)}, packed int4x2 codes are uint8 of shape {packed_shape}")
-            codes = unpack_nibbles(codes, spec.symmetric)
+            codes = unpack_nibbles(codes, _signed_nibbles(spec))
         formats.check_stored(spec, params, codes=codes, shape=shape, codes_name=name,
                              params_prefix=prefix + "weight_params.")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import matching
 from .calibration import calibrate
-from .formats import QuantSpec
+from .formats import QuantSpec, get_format
 from .modules import ActQuantizer, ActSite, QuantConv1d, QuantLinear, act_quantizers, freeze_model
 from .observers import OBSERVERS
 from .recipe import Context, Step, get_submodule, quantized_modules, register_step, set_submodule
@@ -88,6 +88,10 @@ class Quantize(Step):
                 QuantSpec.from_dict(over["activation"])
         check_observer(self.act_observer, f"{where}.act_observer")
         check_observer(self.weight_observer, f"{where}.weight_observer")
+        fitted_by = None if self.weight is None else get_format(self.weight.format).weight_observer
+        if fitted_by is not None and self.weight_observer != fitted_by:
+            raise ValueError(f"{where}.weight_observer is {self.weight_observer!r}, but weight format "
+                             f"{self.weight.format!r} is fitted by the observer {fitted_by!r}: set weight_observer: {fitted_by}")
         for over in self.overrides.values():
             if "observer" in over:
                 check_observer(over["observer"], f"{where}.overrides.observer")
