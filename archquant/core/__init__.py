@@ -7,6 +7,7 @@ from . import twinlog  # registers the "twinlog" format and its "twinlog_mse" ob
 from .modules import ActQuantizer, QuantConv1d, QuantLinear, QuantMatmul
 from .recipe import OnlineHadamard, Quantize, Recipe, RotateResidual, SmoothQuant, apply_recipe
 from .structure import LinearGroup, ModelStructure
+from . import ars  # registers the AdaptiveRotation step and the duquant / chain online transforms
 
 __all__ = ["QuantSpec", "quantize", "dequantize", "fake_quantize", "register_format", "ActQuantizer",
            "QuantLinear", "QuantConv1d", "QuantMatmul", "Recipe", "SmoothQuant", "RotateResidual",
