@@ -139,6 +139,7 @@ _ADAPTERS: dict[str, FamilyAdapter] = {}
 FAMILY_MODULES: dict[str, str] = {
     "mamba": "archquant.adapters.mamba",
     "toy": "archquant.adapters.toy",
+    "dit": "archquant.adapters.dit",
 }
 
 

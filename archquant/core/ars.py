@@ -239,7 +239,8 @@ def fluctuation(sumsq: torch.Tensor, rows: int, scale: torch.Tensor | None = Non
     return math.sqrt(float(s2.sum()) / (rows * sumsq.numel()))
 
 
-BRANCHES = ("hadamard", "duquant")
+#: "none": smoothing only (the SmoothQuant baseline with an online scale)
+BRANCHES = ("hadamard", "duquant", "none")
 
 
 @register_step
@@ -251,6 +252,8 @@ class AdaptiveRotation(Step):
 
     kind: ClassVar[str] = "adaptive_rotation"
     alpha: float = 0.5
+    #: False: no SmoothQuant scaling (QuaRot-style rotation only); J is then measured on X itself
+    smooth: bool = True
     threshold: float = 1.0
     block_size: int = 128
     max_steps: int = 256
@@ -297,14 +300,21 @@ class AdaptiveRotation(Step):
                               forward_fn=ctx.forward_fn, desc="ARS statistics", progress=ctx.progress)
         for name in sites:
             lin, st = get_submodule(model, name), stats[name]
-            s = T.smoothquant_scales(st.amax, lin.weight.detach().abs().amax(dim=0), self.alpha)
+            if self.smooth:
+                s = T.smoothquant_scales(st.amax, lin.weight.detach().abs().amax(dim=0), self.alpha)
+            else:
+                s = torch.ones(lin.in_features)
             j = fluctuation(st.sumsq, st.rows, s)
             branch = self.branch(name, j)
+            parts: list[T.OnlineTransform] = [T.ChannelScale(s)] if self.smooth else []
             if branch == "hadamard":
-                rotation = T.HadamardTransform(lin.in_features, seed=self.seed)
-            else:
-                rotation = DuQuantTransform.fit(torch.cat(st.sample) / s, self.block_size, self.max_steps)
-            transform = ChainTransform([T.ChannelScale(s), rotation], label={"ars": branch, "J": round(j, 6)})
-            # x -> x diag(1/s) R online; the weight takes diag(s) R so the product is unchanged
-            T.rotate_linear_input(lin, torch.diag(s.double()) @ rotation.matrix())
+                parts.append(T.HadamardTransform(lin.in_features, seed=self.seed))
+            elif branch == "duquant":
+                parts.append(DuQuantTransform.fit(torch.cat(st.sample) / s, self.block_size, self.max_steps))
+            if not parts:
+                continue  # neither smoothing nor rotation: nothing to do here
+            transform = ChainTransform(parts, label={"ars": branch, "J": round(j, 6)})
+            # x -> x T online (T = diag(1/s) R); the weight takes T^-T = diag(s) R, so the product is unchanged
+            inverse_t = torch.diag(s.double()) @ (parts[-1].matrix() if branch != "none" else torch.eye(len(s), dtype=torch.float64))
+            T.rotate_linear_input(lin, inverse_t)
             set_submodule(model, name, QuantLinear.from_float(lin, input_transform=transform))
