@@ -211,15 +211,23 @@ class ChainTransform(T.OnlineTransform):
 
 
 class InputStatistics:
-    """Per-channel max|x| and sum of x^2 over every row seen, and the first ``max_rows`` rows (what
-    DuQuant is fitted to)."""
+    """Per-channel max|x| and sum of x^2 over every row seen, and a uniform sample of at most
+    ``max_rows`` rows over all calls (what DuQuant is fitted to). Calibration runs whole sampler
+    trajectories, so the sample spans every timestep rather than the first forward pass (the
+    reference code's choice). Bottom-k sampling with seeded random keys: the same data gives the
+    same sample."""
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, max_rows: int, seed: int = 0) -> None:
         self.max_rows = max_rows
         self.amax = self.sumsq = None
         self.rows = 0
-        self.sample: list[torch.Tensor] = []
-        self.kept = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._sample: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self._sample
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
@@ -227,10 +235,15 @@ class InputStatistics:
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.sumsq = sumsq if self.sumsq is None else self.sumsq + sumsq
         self.rows += x.shape[0]
-        if self.kept < self.max_rows:
-            take = x[: self.max_rows - self.kept].clone()
-            self.sample.append(take)
-            self.kept += take.shape[0]
+        keys = torch.rand(x.shape[0], generator=self._generator)
+        rows = x if self._sample is None else torch.cat([self._sample, x])
+        keys = keys if self._keys is None else torch.cat([self._keys, keys])
+        if rows.shape[0] > self.max_rows:
+            keys, index = torch.topk(keys, self.max_rows, sorted=False)
+            rows = rows[index]
+        else:
+            rows = rows.clone()  # never hold on to the caller's tensor
+        self._sample, self._keys = rows, keys
 
 
 def fluctuation(sumsq: torch.Tensor, rows: int, scale: torch.Tensor | None = None) -> float:
@@ -310,7 +323,7 @@ class AdaptiveRotation(Step):
             if branch == "hadamard":
                 parts.append(T.HadamardTransform(lin.in_features, seed=self.seed))
             elif branch == "duquant":
-                parts.append(DuQuantTransform.fit(torch.cat(st.sample) / s, self.block_size, self.max_steps))
+                parts.append(DuQuantTransform.fit(st.sample / s, self.block_size, self.max_steps))
             if not parts:
                 continue  # neither smoothing nor rotation: nothing to do here
             transform = ChainTransform(parts, label={"ars": branch, "J": round(j, 6)})
