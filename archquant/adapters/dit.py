@@ -52,7 +52,7 @@ class DiTAdapter(FamilyAdapter):
     data_options = {
         "class_ids": Option([], type=list, items=int, help="class ids to generate (empty: every class)"),
         "num_steps": Option(25, minimum=1, help="sampler steps"),
-        "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none)"),
+        "guidance_scale": Option(1.5, minimum=0.0, help="classifier-free guidance scale (<= 1: none)"),
     }
     metrics = (
         Metric("psnr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,

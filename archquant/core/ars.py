@@ -121,8 +121,11 @@ class DuQuantTransform(T.OnlineTransform):
         return int(self.r1.shape[-1])
 
     def _blockwise(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        # one (rows x b) @ (b x b) GEMM per block (a batched matmul over blocks), not rows x blocks
+        # matrix-vector products
         shape = x.shape
-        return (x.reshape(*shape[:-1], -1, self.block_size).unsqueeze(-2) @ r.to(x)).reshape(shape)
+        blocks = x.reshape(-1, shape[-1] // self.block_size, self.block_size).transpose(0, 1)
+        return torch.bmm(blocks, r.to(x)).transpose(0, 1).reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._blockwise(x.float(), self.r1)[..., self.perm]
