@@ -1,6 +1,7 @@
 # One-command entry points. Both create (once) and reuse the virtual environment in .venv.
 #   make demo   set up + run the main quantization job
 #   make test   set up + run the test suite
+#   make demo-dit  set up + run LRQ-DiT W4A8 on the committed reference DiT (offline)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch comes first and pinned, so that nothing later can pull a multi-GB CUDA wheel.
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.archquant-installed
 DEMO_CONFIG ?= configs/mamba_w8a8.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-dit test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +23,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m archquant.run $(DEMO_CONFIG)
+
+demo-dit: $(STAMP)
+	$(PY) -m archquant.run configs/dit_w4a8.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

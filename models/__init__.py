@@ -1,0 +1,10 @@
+"""Model code archquant owns, its loaders, and the committed reference models."""
+from pathlib import Path
+
+#: the committed reference models (``models/reference/<name>``; installed with the package)
+REFERENCE_ROOT = Path(__file__).resolve().parent / "reference"
+
+
+def reference_dir(name: str) -> Path:
+    """Directory of the committed reference model ``name``."""
+    return REFERENCE_ROOT / name

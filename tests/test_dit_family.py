@@ -129,3 +129,18 @@ def test_bad_pipeline_folders_are_one_line_errors(tmp_path, pipeline_dir, capsys
         f.rename(f.with_suffix(".bin"))
     code, _, err = run_cli(capsys, write_config(tmp_path, pipeline_dir), f"model.path={pickled}")
     assert code == 2 and "only pickled weights" in one_error_line(err)
+
+
+@pytest.mark.parametrize("config", ["dit_w4a8.yaml", "dit_w8a8.yaml"])
+def test_the_committed_configs_run_on_the_reference_dit(tmp_path, capsys, config):
+    from cli_testing import ROOT
+
+    small = ["calibration.num_samples=1", "evaluation.num_samples=1", "calibration.options.num_steps=2",
+             "evaluation.options.num_steps=2", "compare=[]", "progress=false", f"output_dir={tmp_path / 'out'}"]
+    code, out, err = run_cli(capsys, ROOT / "configs" / config, *small)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metrics"]["fp"]["class_accuracy"] >= 0.5  # 10 samples of 2 steps: a smoke check
+    assert report["metrics"]["quantized"]["psnr_vs_fp"] > 20
+    if report.get("real"):
+        assert report["real"]["converted"] > 0

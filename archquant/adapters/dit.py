@@ -27,12 +27,12 @@ from torch import nn
 from ..core.structure import ModelStructure
 from ..data import DataSplit, digest_record, label_digests
 from ..evaluation import EvalContext, Metric
+from ..models import reference_dir
 from ..models.dit_loading import DiffusionModel, build_diffusion_model, load_pipeline_folder
 from ..options import Option
 from . import dit_recipes
 from .base import FamilyAdapter, register_adapter
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "models" / "reference"
 #: Linears quantized in every block (diffusers' names; attn2 is cross-attention where a model has it)
 QUANTIZED_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -52,7 +52,7 @@ class DiTAdapter(FamilyAdapter):
     data_options = {
         "class_ids": Option([], type=list, items=int, help="class ids to generate (empty: every class)"),
         "num_steps": Option(25, minimum=1, help="sampler steps"),
-        "guidance_scale": Option(1.5, minimum=0.0, help="classifier-free guidance scale (<= 1: none)"),
+        "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none)"),
     }
     metrics = (
         Metric("psnr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,
@@ -67,7 +67,7 @@ class DiTAdapter(FamilyAdapter):
     # ------------------------------------------------------------------ model
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
-        folder = Path(path).expanduser() if path is not None else REFERENCE_DIR / options["reference"]
+        folder = Path(path).expanduser() if path is not None else reference_dir(options["reference"])
         if path is None and not folder.is_dir():
             raise FileNotFoundError(f"model.options.reference={options['reference']!r}: no reference model at "
                                     f"{folder}")

@@ -34,9 +34,9 @@ REFERENCE_MODELS = ("mamba1-byte", "mamba2-byte")
 
 def reference_model_dir(name: str) -> Path:
     """Directory of a committed reference model (``models/reference/<name>``)."""
-    from .. import models
+    from ..models import reference_dir
 
-    return Path(models.__file__).resolve().parent / "reference" / name
+    return reference_dir(name)
 
 
 # ----------------------------------------------------------------------------------------
