@@ -117,7 +117,7 @@ class DiTAdapter(FamilyAdapter):
                    for i in range(0, len(pairs), bs)]
         # content identity: the same (class, seed) is the same label and the same initial noise
         digests = label_digests((digest_record({"class": c, "seed": s}), f"class {c} seed {s}") for c, s in pairs)
-        extra = {"classifier": model_config.get("classifier")}
+        extra = {"classifier": _load_classifier(model_config.get("classifier")) if role == "evaluation" else None}
         return DataSplit(f"classes/{role}", batches, frozenset(pairs), extra=extra, digests=digests)
 
     def validate_batch(self, model: nn.Module, batch: Any) -> None:
@@ -146,9 +146,11 @@ class DiTAdapter(FamilyAdapter):
                                                                  disable=None)])
         labels = torch.cat([b["class_labels"] for b in data.batches])
         metrics: dict[str, float] = {}
-        accuracy = _class_accuracy(data.extra.get("classifier"), images, labels)
-        if accuracy is not None:
-            metrics["class_accuracy"] = accuracy
+        classifier = data.extra.get("classifier")
+        if classifier is not None:
+            from ..models.digits import class_accuracy
+
+            metrics["class_accuracy"] = float(class_accuracy(classifier, images, labels))
         if ctx is None:
             return metrics
         if ctx.is_fp:
@@ -177,12 +179,13 @@ def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(structural_similarity_index_measure(images, reference, data_range=1.0, kernel_size=kernel))
 
 
-def _class_accuracy(classifier_dir: str | None, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+def _load_classifier(classifier_dir: str | None):
+    """The reference model's digit classifier, read once with the evaluation data (None: no class metric)."""
     if not classifier_dir:
         return None
-    from ..models.digits import class_accuracy, load_classifier
+    from ..models.digits import load_classifier
 
-    return float(class_accuracy(load_classifier(classifier_dir), images, labels))
+    return load_classifier(classifier_dir)
 
 
 def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, labels: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from . import matching
 from . import transforms as T
 from .calibration import collect_stats
 from .modules import QuantLinear
+from .observers import add_sampled_rows
 from .recipe import Context, Step, get_submodule, register_step, set_submodule
 
 
@@ -238,15 +239,7 @@ class InputStatistics:
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.sumsq = sumsq if self.sumsq is None else self.sumsq + sumsq
         self.rows += x.shape[0]
-        keys = torch.rand(x.shape[0], generator=self._generator)
-        rows = x if self._sample is None else torch.cat([self._sample, x])
-        keys = keys if self._keys is None else torch.cat([self._keys, keys])
-        if rows.shape[0] > self.max_rows:
-            keys, index = torch.topk(keys, self.max_rows, sorted=False)
-            rows = rows[index]
-        else:
-            rows = rows.clone()  # never hold on to the caller's tensor
-        self._sample, self._keys = rows, keys
+        self._sample, self._keys = add_sampled_rows(self._sample, self._keys, x, self._generator, self.max_rows)
 
 
 def fluctuation(sumsq: torch.Tensor, rows: int, scale: torch.Tensor | None = None) -> float:
@@ -322,15 +315,17 @@ class AdaptiveRotation(Step):
                 s = torch.ones(lin.in_features)
             j = fluctuation(st.sumsq, st.rows, s)
             branch = self.branch(name, j)
-            parts: list[T.OnlineTransform] = [T.ChannelScale(s)] if self.smooth else []
+            rotation = None
             if branch == "hadamard":
-                parts.append(T.HadamardTransform(lin.in_features, seed=self.seed))
+                rotation = T.HadamardTransform(lin.in_features, seed=self.seed)
             elif branch == "duquant":
-                parts.append(DuQuantTransform.fit(st.sample / s, self.block_size, self.max_steps))
+                rotation = DuQuantTransform.fit(st.sample / s, self.block_size, self.max_steps)
+            parts = ([T.ChannelScale(s)] if self.smooth else []) + ([rotation] if rotation is not None else [])
             if not parts:
                 continue  # neither smoothing nor rotation: nothing to do here
             transform = ChainTransform(parts, label={"ars": branch, "J": round(j, 6)})
-            # x -> x T online (T = diag(1/s) R); the weight takes T^-T = diag(s) R, so the product is unchanged
-            inverse_t = torch.diag(s.double()) @ (parts[-1].matrix() if branch != "none" else torch.eye(len(s), dtype=torch.float64))
-            T.rotate_linear_input(lin, inverse_t)
+            # x -> x T online with T = diag(1/s) R; the weight takes T^-T = diag(s) R (R orthogonal),
+            # so the product is unchanged
+            fold = torch.diag(s.double())
+            T.rotate_linear_input(lin, fold if rotation is None else fold @ rotation.matrix())
             set_submodule(model, name, QuantLinear.from_float(lin, input_transform=transform))

@@ -29,6 +29,7 @@ from archquant.core.formats import QuantSpec
 
 __all__ = [
     "Observer",
+    "add_sampled_rows",
     "MinMaxObserver",
     "PercentileObserver",
     "MSEObserver",
@@ -267,6 +268,21 @@ def _search_clip_range(
     return lo * best_t, hi * best_t
 
 
+def add_sampled_rows(sample: Tensor | None, keys: Tensor | None, rows: Tensor, generator: torch.Generator,
+                     capacity: int) -> tuple[Tensor, Tensor]:
+    """A uniform sample without replacement of at most ``capacity`` rows over every call ("bottom-k"
+    sampling: each row gets a random key from the seeded ``generator``, the largest keys stay).
+    Returns the new (sample, keys); the caller's ``rows`` are never held on to."""
+    new_keys = torch.rand(rows.shape[0], generator=generator).to(rows.device)
+    if sample is not None:
+        rows = torch.cat([sample, rows])
+        new_keys = torch.cat([keys, new_keys])
+    if rows.shape[0] > capacity:
+        new_keys, index = torch.topk(new_keys, capacity, sorted=False)
+        return rows[index], new_keys
+    return rows.clone(), new_keys
+
+
 class MSEObserver(Observer):
     """Clip range minimising the Lp error of fake quantization.
 
@@ -363,19 +379,8 @@ class MSEObserver(Observer):
         return x.reshape(-1, width)
 
     def _add_rows(self, rows: Tensor) -> None:
-        """Keep the rows with the largest random keys over all batches: a uniform
-        sample without replacement of bounded size ("bottom-k" sampling)."""
-        capacity = max(1, self.max_samples // rows.shape[1])
-        keys = torch.rand(rows.shape[0], generator=self._generator).to(rows.device)
-        if self._sample is not None:
-            rows = torch.cat([self._sample, rows])
-            keys = torch.cat([self._keys, keys])
-        if rows.shape[0] > capacity:
-            keys, index = torch.topk(keys, capacity, sorted=False)
-            rows = rows[index]
-        else:
-            rows = rows.clone()  # never hold on to the caller's tensor
-        self._sample, self._keys = rows, keys
+        self._sample, self._keys = add_sampled_rows(self._sample, self._keys, rows, self._generator,
+                                                    max(1, self.max_samples // rows.shape[1]))
 
     def _range(self) -> tuple[Tensor, Tensor]:
         if self._result is None:

@@ -53,6 +53,25 @@ def _log_magnitude(w: Tensor, eta: Tensor) -> Tensor:
     return torch.log2(w.abs() + eta).clamp_min(_LOG_FLOOR)
 
 
+def _level(u: Tensor, delta: Tensor, zero: Tensor, levels: int) -> Tensor:
+    """The magnitude code q of log-magnitudes ``u`` on the grid (delta, zero)."""
+    return (torch.round(u / delta) - zero).clamp_(0, levels - 1)
+
+
+def _magnitude(q: Tensor, delta: Tensor, zero: Tensor, eta: Tensor) -> Tensor:
+    """The magnitude code q stands for: 2^((q + zero) * delta) - eta, never below 0."""
+    return (torch.exp2((q + zero) * delta) - eta).clamp_min_(0.0)
+
+
+def _step_and_zero(lo: Tensor, hi: Tensor, present: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """(delta, zero) of a grid of ``levels`` levels from ``lo`` to ``hi``; rows without entries of
+    the sign (``present`` False) get delta 1 and zero 0 (never used)."""
+    delta = ((torch.maximum(hi, lo) - lo) / max(levels - 1, 1)).clamp_min(_MIN_DELTA)
+    delta = torch.where(present, delta, torch.ones_like(delta))
+    zero = torch.where(present, torch.round(lo / delta), torch.zeros_like(lo))
+    return delta, zero
+
+
 @register_format("twinlog")
 class TwinLogFormat(Format):
     """Codes uint8 ``q | negative << (bits - 1)``; params ``eta``, ``delta_pos``, ``zero_pos``,
@@ -77,8 +96,7 @@ class TwinLogFormat(Format):
         negative = x < 0
         delta = torch.where(negative, params["delta_neg"], params["delta_pos"])
         zero = torch.where(negative, params["zero_neg"], params["zero_pos"])
-        u = _log_magnitude(x, params["eta"])
-        q = (torch.round(u / delta) - zero).clamp_(0, _levels(spec) - 1)
+        q = _level(_log_magnitude(x, params["eta"]), delta, zero, _levels(spec))
         return (q.to(torch.uint8) | (negative.to(torch.uint8) << (spec.bits - 1)))
 
     def dequantize(self, codes, spec, params, dtype=torch.float32):
@@ -87,7 +105,7 @@ class TwinLogFormat(Format):
         q = (codes & (_levels(spec) - 1)).float()
         delta = torch.where(negative, params["delta_neg"], params["delta_pos"])
         zero = torch.where(negative, params["zero_neg"], params["zero_pos"])
-        magnitude = (torch.exp2((q + zero) * delta) - params["eta"]).clamp_min_(0.0)
+        magnitude = _magnitude(q, delta, zero, params["eta"])
         return torch.where(negative, -magnitude, magnitude).to(dtype)
 
     def check_stored(self, spec, params, codes, shape, name):
@@ -140,11 +158,7 @@ def fit_side(a_sorted: Tensor, count: Tensor, eta: Tensor, pct: float, levels: i
     zeros = torch.zeros_like(lo)
     lo = torch.where(present, lo, zeros)
     hi = torch.where(present, u_below + (u_above - u_below) * frac, zeros)
-    hi = torch.maximum(hi, lo)
-    delta = ((hi - lo) / max(levels - 1, 1)).clamp_min(_MIN_DELTA)
-    delta = torch.where(present, delta, torch.ones_like(delta))
-    zero = torch.where(present, torch.round(lo / delta), zeros)
-    return delta, zero
+    return _step_and_zero(lo, hi, present, levels)
 
 
 def fit_side_zero_filled(u: Tensor, mask: Tensor, pct: float, levels: int) -> tuple[Tensor, Tensor]:
@@ -153,11 +167,8 @@ def fit_side_zero_filled(u: Tensor, mask: Tensor, pct: float, levels: int) -> tu
     present = mask.any(dim=1, keepdim=True)
     big = torch.finfo(u.dtype).max
     lo = torch.where(present, torch.where(mask, u, big).amin(dim=1, keepdim=True), torch.zeros_like(u[:, :1]))
-    hi = torch.maximum(torch.quantile(torch.where(mask, u, torch.zeros_like(u)), pct, dim=1, keepdim=True), lo)
-    delta = ((hi - lo) / max(levels - 1, 1)).clamp_min(_MIN_DELTA)
-    delta = torch.where(present, delta, torch.ones_like(delta))
-    zero = torch.where(present, torch.round(lo / delta), torch.zeros_like(lo))
-    return delta, zero
+    hi = torch.quantile(torch.where(mask, u, torch.zeros_like(u)), pct, dim=1, keepdim=True)
+    return _step_and_zero(lo, hi, present, levels)
 
 
 def squared_error(w: Tensor, u: Tensor, negative: Tensor, eta: Tensor, pos: tuple[Tensor, Tensor],
@@ -166,8 +177,7 @@ def squared_error(w: Tensor, u: Tensor, negative: Tensor, eta: Tensor, pos: tupl
     log-magnitudes) under the two sides' (delta, zero)."""
     delta = torch.where(negative, neg[0], pos[0])
     zero = torch.where(negative, neg[1], pos[1])
-    q = (torch.round(u / delta) - zero).clamp_(0, levels - 1)
-    err = (w.abs() - (torch.exp2((q + zero) * delta) - eta).clamp_min_(0.0)).square_()
+    err = (w.abs() - _magnitude(_level(u, delta, zero, levels), delta, zero, eta)).square_()
     err_neg = torch.where(negative, err, 0.0).sum(dim=1, keepdim=True)
     return err.sum(dim=1, keepdim=True) - err_neg, err_neg
 
