@@ -159,3 +159,17 @@ def train_classifier(images01: torch.Tensor, labels: torch.Tensor, *, epochs: in
             opt.step()
         sched.step()
     return model.eval()
+
+
+#: the words a prompt may use for each digit
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_in_prompt(prompt: str) -> int | None:
+    """The one digit ``prompt`` names ("a handwritten seven", "the digit 7"), or None when it names
+    none or several different ones."""
+    import re
+
+    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
+             for w in re.findall(r"[a-z]+|\d", prompt.lower()) if w in DIGIT_WORDS or w.isdigit()}
+    return found.pop() if len(found) == 1 else None

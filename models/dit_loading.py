@@ -1,14 +1,18 @@
 """Diffusion transformers from diffusers pipeline folders, as one module the core can quantize.
 
 A pipeline folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` and one
-subfolder per component. We load the transformer, the scheduler and (if there is one) the VAE with
-their own classes, safetensors only: a folder holding only ``*.bin`` weights is refused rather than
-unpickled. The reference models are pixel-space (``"vae": [null, null]`` in ``model_index.json``).
+subfolder per component. We load the transformer, the scheduler, the VAE (if there is one) and,
+for text-to-image models, the tokenizers and text encoders, each with its own class and
+safetensors only: a folder holding only ``*.bin`` weights is refused rather than unpickled. A hub
+id (``org/name``) is downloaded first when online. The reference models are pixel-space
+(``"vae": [null, null]`` in ``model_index.json``).
 
-``DiffusionModel`` holds the transformer (what gets quantized) and the VAE as submodules and the
-scheduler as a config (schedulers are stateful, so each generation builds a fresh one). Its
-``build_config()`` is JSON and rebuilds the same skeleton without the folder, so a saved quantized
-checkpoint reloads on its own.
+``DiffusionModel`` holds the transformer (what gets quantized) and the VAE as submodules, the
+scheduler as a config (schedulers are stateful, so each generation builds a fresh one) and the
+text side as a ``PromptEncoder`` outside the module tree (never quantized, not saved in quantized
+checkpoints; see ``text_encoders``). Its ``build_config()`` is JSON and rebuilds the same model: the
+transformer and VAE skeletons from their configs (a checkpoint fills the weights), the text
+encoders from the files they were read from.
 """
 from __future__ import annotations
 
@@ -19,10 +23,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .text_encoders import PromptEncoder
+
 #: transformer classes this family understands, with the pipeline kind they are sampled as
-SUPPORTED_TRANSFORMERS = {"DiTTransformer2DModel": "class_conditional"}
+SUPPORTED_TRANSFORMERS = {"DiTTransformer2DModel": "class_conditional", "PixArtTransformer2DModel": "pixart",
+                          "FluxTransformer2DModel": "flux"}
 #: what later versions add (named in the refusal, so users know it is planned, not broken)
-PLANNED_TRANSFORMERS = ("PixArtTransformer2DModel", "FluxTransformer2DModel")
+PLANNED_TRANSFORMERS = ("WanTransformer3DModel", "CogVideoXTransformer3DModel")
+#: the text encoders each kind reads (``text_encoders.TEXT_COMPONENTS``)
+TEXT_KINDS = {"pixart": "t5", "flux": "clip_t5"}
+#: the pipelines' default T5 length, by pipeline class (``model_index.json``'s _class_name), then by kind
+DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "FluxPipeline": 512,
+                               "pixart": 300, "flux": 512}
+#: the pipeline class written for each kind by ``save_pipeline_folder``
+PIPELINE_CLASSES = {"class_conditional": "DiTPipeline", "pixart": "PixArtSigmaPipeline", "flux": "FluxPipeline"}
 
 
 def _diffusers():
@@ -63,10 +77,11 @@ def _require_safetensors(folder: Path, what: str) -> None:
 
 class DiffusionModel(nn.Module):
     """A diffusion transformer with what sampling it needs: ``transformer``, optional ``vae``,
-    and the scheduler's class and config."""
+    the scheduler's class and config, and for text-to-image kinds a ``prompt_encoder``."""
 
     def __init__(self, transformer: nn.Module, scheduler_class: str, scheduler_config: dict,
-                 vae: nn.Module | None = None) -> None:
+                 vae: nn.Module | None = None, prompt_encoder: PromptEncoder | None = None,
+                 pipeline_class: str | None = None) -> None:
         super().__init__()
         self.transformer = transformer
         self.vae = vae
@@ -76,6 +91,12 @@ class DiffusionModel(nn.Module):
         if name not in SUPPORTED_TRANSFORMERS:
             raise ValueError(unsupported_message(name))
         self.kind = SUPPORTED_TRANSFORMERS[name]
+        if (self.kind in TEXT_KINDS) != (prompt_encoder is not None):
+            raise ValueError(f"a {name} needs text encoders" if prompt_encoder is None else
+                             f"a {name} is class-conditional: it takes no text encoder")
+        #: not a submodule: frozen, shared by copies of the model, kept out of quantized checkpoints
+        self.prompt_encoder = prompt_encoder
+        self.pipeline_class = pipeline_class or PIPELINE_CLASSES[self.kind]
         #: the digit classifier folder of a reference model (evaluation only; not a submodule)
         self.classifier_path: str | None = None
 
@@ -84,13 +105,56 @@ class DiffusionModel(nn.Module):
         return cls.from_config(self.scheduler_config)
 
     @property
+    def is_text_conditional(self) -> bool:
+        return self.prompt_encoder is not None
+
+    @property
     def num_classes(self) -> int:
-        return int(self.transformer.config.num_embeds_ada_norm)
+        return int(self.transformer.config.num_embeds_ada_norm) if self.kind == "class_conditional" else 0
 
     @property
     def null_class(self) -> int:
         """The class id classifier-free guidance uses as "no class" (DiTPipeline's 1000)."""
         return self.num_classes
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel (1 in pixel space)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What a resolution must be a multiple of: VAE factor x patch size (FLUX: x 2 for its
+        2x2 packing of latents; its transformer's own patch is 1)."""
+        patch = 2 * int(self.transformer.config.patch_size) if self.kind == "flux" else \
+            int(self.transformer.config.patch_size)
+        return self.vae_factor * patch
+
+    @property
+    def native_resolution(self) -> int:
+        """The resolution the transformer was configured for (DiT / PixArt: ``sample_size``
+        latents; FLUX has no fixed size and defaults to 1024 / VAE factor 8, as its pipeline)."""
+        if self.kind == "flux":
+            return 128 * self.vae_factor
+        return int(self.transformer.config.sample_size) * self.vae_factor
+
+    def generate(self, seeds: list[int], *, num_steps: int, guidance_scale: float, class_labels=None,
+                 prompts: list[str] | None = None, negative_prompt: str = "", resolution: int | None = None,
+                 progress=None) -> torch.Tensor:
+        """Images in [0, 1], (B, C, H, W), one per seed, for class ids or prompts."""
+        from . import diffusion
+
+        latent = (resolution or self.native_resolution) // self.vae_factor
+        common = dict(num_steps=num_steps, guidance_scale=guidance_scale, vae=self.vae, progress=progress)
+        if self.kind == "class_conditional":
+            return diffusion.sample_class_conditional(self.transformer, self.new_scheduler(), class_labels, seeds,
+                                                      null_class=self.null_class, latent_size=latent, **common)
+        text = self.prompt_encoder.encode(list(prompts))
+        if self.kind == "pixart":
+            negative = self.prompt_encoder.encode([negative_prompt] * len(prompts)) if guidance_scale > 1 else None
+            return diffusion.sample_pixart(self.transformer, self.new_scheduler(), text, seeds, negative=negative,
+                                           latent_size=latent, **common)
+        return diffusion.sample_flux(self.transformer, self.new_scheduler(), text, seeds, latent_size=latent, **common)
 
     def build_config(self) -> dict:
         return {
@@ -100,6 +164,8 @@ class DiffusionModel(nn.Module):
             "scheduler_config": self.scheduler_config,
             "vae_class": None if self.vae is None else type(self.vae).__name__,
             "vae_config": None if self.vae is None else json.loads(self.vae.to_json_string()),
+            "pipeline_class": self.pipeline_class,
+            "text": None if self.prompt_encoder is None else self.prompt_encoder.describe(),
         }
 
 
@@ -117,18 +183,66 @@ def _from_config(class_name: str, config: dict) -> nn.Module:
     return cls.from_config(config)
 
 
-def build_diffusion_model(config: dict) -> DiffusionModel:
-    """The skeleton ``DiffusionModel.build_config()`` describes (random weights; a checkpoint fills them)."""
+def resolve_source(source: dict) -> Path:
+    """The folder a text source names: ``{"path": ...}``, ``{"reference": name}`` (a committed
+    reference model) or ``{"hub": repo id}`` (downloaded or taken from the hub cache)."""
+    if "reference" in source:
+        from . import reference_dir
+
+        return reference_dir(source["reference"])
+    if "hub" in source:
+        return download_pipeline(source["hub"])
+    return Path(source["path"])
+
+
+def build_diffusion_model(config: dict, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """The model ``DiffusionModel.build_config()`` describes: transformer and VAE skeletons (random
+    weights; a checkpoint fills them), text encoders read again from their source."""
     if config.get("transformer_class") not in SUPPORTED_TRANSFORMERS:
         raise ValueError(unsupported_message(str(config.get("transformer_class"))))
     transformer = _from_config(config["transformer_class"], config["transformer_config"])
     vae = None if not config.get("vae_class") else _from_config(config["vae_class"], config["vae_config"])
-    return DiffusionModel(transformer, config["scheduler_class"], config["scheduler_config"], vae).eval()
+    text, encoder = config.get("text"), None
+    if text:
+        folder = resolve_source(text["source"])
+        if not folder.is_dir():
+            raise ValueError(f"the text encoders of this model were read from {folder}, which is gone: the "
+                             "checkpoint does not carry them (restore that folder)")
+        encoder = PromptEncoder.from_folder(folder, text["kind"], text["max_sequence_length"], text["source"], dtype)
+    return DiffusionModel(transformer, config["scheduler_class"], config["scheduler_config"], vae, encoder,
+                          config.get("pipeline_class")).eval()
 
 
-def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """Load a pipeline folder (``save_pretrained`` layout); every problem is a one-line error naming
-    the file or the class."""
+def looks_like_hub_id(path: str) -> bool:
+    parts = str(path).split("/")
+    return len(parts) == 2 and all(parts) and not str(path).startswith((".", "~")) and not Path(path).exists()
+
+
+#: what a hub download fetches: configs, safetensors weights, tokenizer files (no pickles)
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                "*/spiece.model", "*/*.txt", "scheduler/*"]
+
+
+def download_pipeline(repo_id: str) -> Path:
+    """A hub pipeline's folder (from the cache when present); a one-line error offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, gated, unknown repo: all are "cannot get it", said in one line
+        first = " ".join(str(e).split())[:200]
+        raise FileNotFoundError(f"model.path {repo_id!r}: not a local folder, and the hub download failed "
+                                f"({type(e).__name__}: {first})") from None
+
+
+def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *, text_source: dict | None = None,
+                         max_sequence_length: int | None = None) -> DiffusionModel:
+    """Load a pipeline folder (``save_pretrained`` layout) or hub id; every problem is a one-line
+    error naming the file or the class. ``text_source`` is how a reloaded checkpoint finds the
+    text encoders again (default: this folder's absolute path, or the hub id)."""
+    if looks_like_hub_id(str(path)):
+        text_source = text_source or {"hub": str(path)}
+        path = download_pipeline(str(path))
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model.path {str(path)!r}: no such directory (a diffusers pipeline folder "
@@ -156,20 +270,38 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32) -
         vae_class = _component_class(vdir, "config.json", "vae")
         _require_safetensors(vdir, "vae")
         vae = getattr(diffusers, vae_class).from_pretrained(str(vdir), use_safetensors=True, torch_dtype=dtype,
-                                                          low_cpu_mem_usage=False)
-    return DiffusionModel(transformer.eval(), scheduler_class, dict(scheduler_config), vae).eval()
+                                                          low_cpu_mem_usage=False).eval()
+    kind = SUPPORTED_TRANSFORMERS[name]
+    pipeline_class = index.get("_class_name") if isinstance(index.get("_class_name"), str) else None
+    encoder = None
+    if kind in TEXT_KINDS:
+        length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(pipeline_class or "",
+                                                                        DEFAULT_MAX_SEQUENCE_LENGTH[kind])
+        source = text_source or {"path": str(folder.resolve())}
+        encoder = PromptEncoder.from_folder(folder, TEXT_KINDS[kind], length, source, dtype)
+    return DiffusionModel(transformer.eval(), scheduler_class, dict(scheduler_config), vae, encoder,
+                          pipeline_class).eval()
 
 
 def save_pipeline_folder(model: DiffusionModel, path: str | Path) -> None:
-    """Write ``model`` as a pipeline folder (what tests and the training script use)."""
+    """Write ``model`` as a pipeline folder (what tests and the training scripts use)."""
+    from .text_encoders import TEXT_COMPONENTS
+
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     model.transformer.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     model.new_scheduler().save_pretrained(str(folder / "scheduler"))
-    index: dict[str, Any] = {"_class_name": "DiTPipeline", "_diffusers_version": _diffusers().__version__,
+    index: dict[str, Any] = {"_class_name": model.pipeline_class, "_diffusers_version": _diffusers().__version__,
                              "transformer": ["diffusers", type(model.transformer).__name__],
                              "scheduler": ["diffusers", model.scheduler_class], "vae": [None, None]}
     if model.vae is not None:
         model.vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
         index["vae"] = ["diffusers", type(model.vae).__name__]
+    if model.prompt_encoder is not None:
+        pe = model.prompt_encoder
+        for (tok_dir, enc_dir), tokenizer, encoder in zip(TEXT_COMPONENTS[pe.kind], pe.tokenizers, pe.encoders):
+            tokenizer.save_pretrained(str(folder / tok_dir))
+            encoder.save_pretrained(str(folder / enc_dir), safe_serialization=True)
+            index[tok_dir] = ["transformers", type(tokenizer).__name__]
+            index[enc_dir] = ["transformers", type(encoder).__name__]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

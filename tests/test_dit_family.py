@@ -97,7 +97,7 @@ def test_overlapping_calibration_and_evaluation_seeds_are_refused(tmp_path, pipe
 @pytest.mark.parametrize("override, message", [
     ("evaluation.options.class_ids=[7]", "class id 7 is outside the model's classes 0..3"),
     ("evaluation.options.num_steps=0", "num_steps"),
-    ("evaluation.source=prompts", "allowed values are classes"),
+    ("evaluation.source=prompts", "does not fit a DiTTransformer2DModel, which is class-conditional"),
 ])
 def test_bad_data_options_are_one_line_errors(tmp_path, pipeline_dir, capsys, override, message):
     code, out, err = run_cli(capsys, write_config(tmp_path, pipeline_dir), override)

@@ -1,23 +1,27 @@
-"""The diffusion-transformer family: class-conditional DiTs from diffusers pipeline folders.
+"""The diffusion-transformer family: DiT (class-conditional), PixArt and FLUX (text-to-image).
 
 What it declares:
-* model: a pipeline folder (``model.path``) or the committed reference model
+* model: a diffusers pipeline folder or hub id (``model.path``) or a committed reference model
   (``model.options.reference``), loaded as ``models.dit_loading.DiffusionModel``;
-* data: ``source: classes``: every (class id, seed) pair of ``options.class_ids`` x ``num_samples``
-  seeds from ``seed``, generated with ``options.num_steps`` sampler steps at
-  ``options.guidance_scale``. A calibration pass samples the whole trajectory, so activations are
-  collected at every timestep of the sampler (timestep-aware calibration). Calibration and
-  evaluation pairs must differ: a shared (class, seed) is the same noise and label, and the
-  disjointness check refuses it;
-* structure: attention projections and feed-forward Linears of every block are quantized; the
-  timestep / class embedders, the adaLN modulation Linears, the patch embedding and the output
-  projections stay in floating point (LRQ-DiT's and ViDiT-Q's skip list);
-* metrics: PSNR and SSIM of every image against the FP model's image from the same class and seed,
-  and, on the reference model, the share of samples its digit classifier assigns to the asked class.
+* data: ``source: classes`` (DiT): every (class id, seed) pair of ``options.class_ids`` x
+  ``num_samples`` seeds from ``seed``; ``source: prompts`` (PixArt, FLUX): every (prompt, seed)
+  pair of ``options.prompts``. Generated with ``options.num_steps`` sampler steps at
+  ``options.guidance_scale`` and ``options.resolution``. A calibration pass samples whole
+  trajectories, so activations are collected at every timestep of the sampler (timestep-aware
+  calibration). Calibration and evaluation must not share a (class, seed) pair (the same noise and
+  label) nor a prompt (whatever its seeds): the disjointness check refuses either;
+* structure: per transformer class (``LAYOUTS``), the attention projections and feed-forward
+  Linears of every block are quantized; the timestep / class / caption embedders, the adaLN
+  modulation Linears, the patch embedding and the output projections stay in floating point
+  (LRQ-DiT's and ViDiT-Q's skip list);
+* metrics: PSNR and SSIM of every image against the FP model's image from the same class or
+  prompt and seed, and, on the reference models, the share of samples their digit classifier
+  assigns to the class asked for (by class id, or by the digit a prompt names).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from ..core.structure import ModelStructure
-from ..data import DataSplit, digest_record, label_digests
+from ..data import DataSplit, digest_record, digest_text, label_digests
 from ..evaluation import EvalContext, Metric
 from ..models import reference_dir
 from ..models.dit_loading import DiffusionModel, build_diffusion_model, load_pipeline_folder
@@ -33,12 +37,42 @@ from ..options import Option
 from . import dit_recipes
 from .base import FamilyAdapter, register_adapter
 
-#: Linears quantized in every block (diffusers' names; attn2 is cross-attention where a model has it)
-QUANTIZED_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-#: kept in floating point by default (patterns over the model's module names)
-FP_BY_DEFAULT = ["re:.*\\.norm1\\.emb\\..*", "re:.*\\.norm1\\.linear", "re:.*proj_out.*", "re:.*pos_embed.*",
-                 "re:vae\\..*"]
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One list of repeated blocks of a transformer class: the Linears quantized in each block
+    (attention projections, and feed-forward ones unless ``model.options.feed_forward`` is off)."""
+
+    blocks: str
+    attention: tuple[str, ...]
+    feed_forward: tuple[str, ...]
+
+
+_SELF_AND_CROSS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # attn2: cross-attention (PixArt)
+_FF = ("ff.net.0.proj", "ff.net.2")
+#: transformer class -> its block lists (diffusers' module names; a name a model lacks is skipped)
+LAYOUTS = {
+    "DiTTransformer2DModel": (BlockLayout("transformer_blocks", _SELF_AND_CROSS, _FF),),
+    "PixArtTransformer2DModel": (BlockLayout("transformer_blocks", _SELF_AND_CROSS, _FF),),
+    "FluxTransformer2DModel": (
+        # joint attention: image (to_*) and text (add_*_proj, to_add_out) streams; their two MLPs
+        BlockLayout("transformer_blocks",
+                    ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+                    _FF + ("ff_context.net.0.proj", "ff_context.net.2")),
+        # single blocks: q/k/v and the MLP read the same input; proj_out maps [attention, MLP] back
+        BlockLayout("single_transformer_blocks", ("attn.to_q", "attn.to_k", "attn.to_v"), ("proj_mlp", "proj_out")),
+    ),
+}
+#: kept in floating point by default (patterns over the model's module names): embedders, adaLN
+#: modulation, patch embedding, output layers, caption projection, and the VAE
+FP_BY_DEFAULT = ["re:.*\\.norm1\\.emb\\..*", "re:.*\\.norm1(_context)?\\.linear", "re:.*\\.norm\\.linear",
+                 "re:transformer\\.proj_out(_\\d)?", "re:transformer\\.norm_out\\..*", "re:.*pos_embed.*",
+                 "re:transformer\\.(adaln_single|caption_projection|time_text_embed)\\..*",
+                 "re:transformer\\.(context_embedder|x_embedder)", "re:vae\\..*"]
+#: the data source each sampling kind reads
+SOURCES = {"class_conditional": "classes", "pixart": "prompts", "flux": "prompts"}
 
 
 @register_adapter
@@ -47,18 +81,26 @@ class DiTAdapter(FamilyAdapter):
     model_options = {
         "reference": Option("dit-digits", help="committed reference model under models/reference/ (model.path=null)"),
         "classifier": Option(None, type=str, help="digit classifier folder for class accuracy (default: the model folder)"),
+        "max_sequence_length": Option(None, type=int, minimum=1,
+                                      help="T5 tokens per prompt (default: the pipeline's, e.g. PixArt-Sigma 300)"),
+        "feed_forward": Option(True, help="quantize feed-forward Linears too (false: attention only, as LRQ-DiT's "
+                                          "FLUX scripts)"),
     }
-    data_sources = ("classes",)
+    data_sources = ("classes", "prompts")
     data_options = {
         "class_ids": Option([], type=list, items=int, help="class ids to generate (empty: every class)"),
+        "prompts": Option([], type=list, items=str, help="prompts to generate (source: prompts)"),
+        "negative_prompt": Option("", help="PixArt's negative prompt for classifier-free guidance"),
         "num_steps": Option(25, minimum=1, help="sampler steps"),
-        "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none)"),
+        "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none); FLUX: the "
+                                                        "distilled guidance of guidance-embedding models"),
+        "resolution": Option(None, type=int, minimum=1, help="image side in pixels (default: the model's own)"),
     }
     metrics = (
         Metric("psnr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,
-               description="PSNR of each image against the FP model's from the same class and seed (mean)"),
+               description="PSNR of each image against the FP model's from the same class or prompt and seed (mean)"),
         Metric("ssim_vs_fp", lower_is_better=False, relative_to_fp=True,
-               description="SSIM against the FP model's image from the same class and seed (mean)"),
+               description="SSIM against the FP model's image from the same class or prompt and seed (mean)"),
         Metric("class_accuracy", lower_is_better=False,
                description="share of samples the reference classifier assigns to the requested class"),
     )
@@ -67,30 +109,45 @@ class DiTAdapter(FamilyAdapter):
     # ------------------------------------------------------------------ model
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
-        folder = Path(path).expanduser() if path is not None else reference_dir(options["reference"])
-        if path is None and not folder.is_dir():
-            raise FileNotFoundError(f"model.options.reference={options['reference']!r}: no reference model at "
-                                    f"{folder}")
-        model = load_pipeline_folder(folder, dtype=getattr(torch, dtype))
-        default = str(folder) if (folder / "classifier.safetensors").is_file() else None
+        if path is None:
+            folder = reference_dir(options["reference"])
+            if not folder.is_dir():
+                raise FileNotFoundError(f"model.options.reference={options['reference']!r}: no reference model at "
+                                        f"{folder}")
+            source = {"reference": options["reference"]}
+        else:
+            folder, source = Path(path).expanduser(), None
+        model = load_pipeline_folder(folder if path is None else path, dtype=getattr(torch, dtype), text_source=source,
+                                     max_sequence_length=options.get("max_sequence_length"))
+        local = folder if folder.is_dir() else None
+        default = str(local) if local is not None and (local / "classifier.safetensors").is_file() else None
         model.classifier_path = options.get("classifier") or default
+        model.feed_forward = bool(options.get("feed_forward", True))
         return model, self.model_config(model)
 
     def model_config(self, model: nn.Module) -> dict:
-        return {**model.build_config(), "classifier": getattr(model, "classifier_path", None)}
+        return {**model.build_config(), "classifier": getattr(model, "classifier_path", None),
+                "feed_forward": getattr(model, "feed_forward", True)}
 
     def build_model(self, model_config: dict) -> nn.Module:
         model = build_diffusion_model(model_config)
         model.classifier_path = model_config.get("classifier")
+        model.feed_forward = bool(model_config.get("feed_forward", True))
         return model
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, DiffusionModel)
 
     def structure(self, model: nn.Module) -> ModelStructure:
-        blocks = [f"transformer.transformer_blocks.{i}" for i in range(len(model.transformer.transformer_blocks))]
         names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        quantize = [f"{b}.{lin}" for b in blocks for lin in QUANTIZED_LINEARS if f"{b}.{lin}" in names]
+        with_ff = getattr(model, "feed_forward", True)
+        blocks, quantize = [], []
+        for layout in LAYOUTS[type(model.transformer).__name__]:
+            linears = layout.attention + (layout.feed_forward if with_ff else ())
+            for i in range(len(getattr(model.transformer, layout.blocks))):
+                block = f"transformer.{layout.blocks}.{i}"
+                blocks.append(block)
+                quantize += [f"{block}.{lin}" for lin in linears if f"{block}.{lin}" in names]
         cfg = model.transformer.config
         return ModelStructure(hidden_size=int(cfg.num_attention_heads * cfg.attention_head_dim),
                               quantize=quantize, skip=list(FP_BY_DEFAULT), blocks=blocks)
@@ -102,40 +159,45 @@ class DiTAdapter(FamilyAdapter):
         if source not in self.data_sources:
             raise ValueError(f"{role}.source={source!r} not available for family dit: allowed "
                              f"{', '.join(map(repr, self.data_sources))}")
+        transformer_class = model_config["transformer_class"]
+        kind = _kind(transformer_class)
+        if source != SOURCES[kind]:
+            what = "class-conditional" if kind == "class_conditional" else "text-to-image"
+            raise ValueError(f"{role}.source={source!r} does not fit a {transformer_class}, which is {what}: use "
+                             f"source {SOURCES[kind]!r}")
         opts = self.data_options_of(data_cfg, role)
-        num_classes = int(model_config["transformer_config"]["num_embeds_ada_norm"])
-        class_ids = list(opts["class_ids"]) or list(range(num_classes))
-        bad = [c for c in class_ids if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"{role}.options.class_ids: class id {bad[0]} is outside the model's classes "
-                             f"0..{num_classes - 1}")
+        resolution = _check_resolution(opts["resolution"], model_config, role)
         n, first, bs = int(data_cfg["num_samples"]), int(data_cfg.get("seed") or 0), int(data_cfg["batch_size"])
-        pairs = [(c, first + k) for k in range(n) for c in class_ids]
-        batches = [{"class_labels": torch.tensor([c for c, _ in pairs[i:i + bs]]),
-                    "seeds": [s for _, s in pairs[i:i + bs]],
-                    "num_steps": opts["num_steps"], "guidance_scale": opts["guidance_scale"]}
-                   for i in range(0, len(pairs), bs)]
-        # content identity: the same (class, seed) is the same label and the same initial noise
-        digests = label_digests((digest_record({"class": c, "seed": s}), f"class {c} seed {s}") for c, s in pairs)
+        common = {"num_steps": opts["num_steps"], "guidance_scale": opts["guidance_scale"], "resolution": resolution}
+        if source == "classes":
+            items, batches, digests = _class_items(opts, model_config, role, n, first, bs, common)
+        else:
+            items, batches, digests = _prompt_items(opts, role, n, first, bs, common)
         extra = {"classifier": _load_classifier(model_config.get("classifier")) if role == "evaluation" else None}
-        return DataSplit(f"classes/{role}", batches, frozenset(pairs), extra=extra, digests=digests)
+        return DataSplit(f"{source}/{role}", batches, frozenset(items), extra=extra, digests=digests)
 
     def validate_batch(self, model: nn.Module, batch: Any) -> None:
-        if not isinstance(batch, dict) or "class_labels" not in batch or "seeds" not in batch:
-            raise ValueError("a DiT batch is a dict with 'class_labels' and 'seeds'")
-        labels = torch.as_tensor(batch["class_labels"])
-        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < model.num_classes):
-            raise ValueError(f"class ids must be in 0..{model.num_classes - 1}, got {labels.tolist()}")
-        if len(batch["seeds"]) != labels.numel():
-            raise ValueError(f"{len(batch['seeds'])} seeds for {labels.numel()} class labels")
+        if not isinstance(batch, dict) or "seeds" not in batch:
+            raise ValueError("a DiT batch is a dict with 'seeds' and 'class_labels' or 'prompts'")
+        if model.is_text_conditional:
+            prompts = batch.get("prompts")
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"a {type(model.transformer).__name__} batch needs 'prompts', a list of strings")
+            count = len(prompts)
+        else:
+            if "class_labels" not in batch:
+                raise ValueError(f"a {type(model.transformer).__name__} batch needs 'class_labels'")
+            labels = torch.as_tensor(batch["class_labels"])
+            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < model.num_classes):
+                raise ValueError(f"class ids must be in 0..{model.num_classes - 1}, got {labels.tolist()}")
+            count = labels.numel()
+        if len(batch["seeds"]) != count:
+            raise ValueError(f"{len(batch['seeds'])} seeds for {count} samples")
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
-        from ..models.diffusion import sample_class_conditional
-
-        return sample_class_conditional(model.transformer, model.new_scheduler(), batch["class_labels"],
-                                        batch["seeds"], num_steps=batch["num_steps"],
-                                        guidance_scale=batch["guidance_scale"], null_class=model.null_class,
-                                        vae=model.vae)
+        return model.generate(batch["seeds"], num_steps=batch["num_steps"], guidance_scale=batch["guidance_scale"],
+                              class_labels=batch.get("class_labels"), prompts=batch.get("prompts"),
+                              negative_prompt=batch.get("negative_prompt", ""), resolution=batch.get("resolution"))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -144,10 +206,11 @@ class DiTAdapter(FamilyAdapter):
 
         images = torch.cat([self.forward(model, b) for b in tqdm(data.batches, desc="generating", leave=False,
                                                                  disable=None)])
-        labels = torch.cat([b["class_labels"] for b in data.batches])
+        titles = [t for b in data.batches for t in _titles(b)]
         metrics: dict[str, float] = {}
         classifier = data.extra.get("classifier")
-        if classifier is not None:
+        labels = _requested_classes(data.batches)
+        if classifier is not None and labels is not None:
             from ..models.digits import class_accuracy
 
             metrics["class_accuracy"] = float(class_accuracy(classifier, images, labels))
@@ -155,12 +218,89 @@ class DiTAdapter(FamilyAdapter):
             return metrics
         if ctx.is_fp:
             ctx.keep(images)
-            _write_grid(ctx, images, None, labels)
+            _write_grid(ctx, images, None, titles)
         elif ctx.fp is not None:
             metrics["psnr_vs_fp"] = psnr_db(images, ctx.fp)
             metrics["ssim_vs_fp"] = ssim(images, ctx.fp)
-            _write_grid(ctx, images, ctx.fp, labels)
+            _write_grid(ctx, images, ctx.fp, titles)
         return metrics
+
+
+def _kind(transformer_class: str) -> str:
+    from ..models.dit_loading import SUPPORTED_TRANSFORMERS, unsupported_message
+
+    if transformer_class not in SUPPORTED_TRANSFORMERS:
+        raise ValueError(unsupported_message(transformer_class))
+    return SUPPORTED_TRANSFORMERS[transformer_class]
+
+
+def _check_resolution(resolution: int | None, model_config: dict, role: str) -> int | None:
+    """``resolution`` if the VAE factor and patch size divide it (None: the model's own)."""
+    if resolution is None:
+        return None
+    vae = model_config.get("vae_config") or {}
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
+    patch = int(model_config["transformer_config"].get("patch_size") or 1)
+    kind = _kind(model_config["transformer_class"])
+    multiple = factor * patch * (2 if kind == "flux" else 1)
+    if resolution % multiple:
+        why = f"VAE factor {factor} x patch size {patch}" + (" x FLUX's 2x2 latent packing" if kind == "flux" else "")
+        raise ValueError(f"{role}.options.resolution={resolution} is not a multiple of {multiple} ({why}) for this "
+                         f"{model_config['transformer_class']}")
+    return resolution
+
+
+def _class_items(opts: dict, model_config: dict, role: str, n: int, first: int, bs: int, common: dict):
+    num_classes = int(model_config["transformer_config"]["num_embeds_ada_norm"])
+    class_ids = list(opts["class_ids"]) or list(range(num_classes))
+    bad = [c for c in class_ids if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"{role}.options.class_ids: class id {bad[0]} is outside the model's classes "
+                         f"0..{num_classes - 1}")
+    pairs = [(c, first + k) for k in range(n) for c in class_ids]
+    batches = [{"class_labels": torch.tensor([c for c, _ in pairs[i:i + bs]]),
+                "seeds": [s for _, s in pairs[i:i + bs]], **common} for i in range(0, len(pairs), bs)]
+    # content identity: the same (class, seed) is the same label and the same initial noise
+    digests = label_digests((digest_record({"class": c, "seed": s}), f"class {c} seed {s}") for c, s in pairs)
+    return pairs, batches, digests
+
+
+def normalize_prompt(prompt: str) -> str:
+    """What makes two prompts the same prompt: case and runs of whitespace do not count."""
+    return " ".join(prompt.lower().split())
+
+
+def _prompt_items(opts: dict, role: str, n: int, first: int, bs: int, common: dict):
+    prompts = list(opts["prompts"])
+    if not prompts:
+        raise ValueError(f"{role}.options.prompts is empty: give at least one prompt to generate")
+    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise ValueError(f"{role}.options.prompts[{blank[0]}] is blank: every prompt needs some text")
+    pairs = [(p, first + k) for k in range(n) for p in prompts]
+    batches = [{"prompts": [p for p, _ in pairs[i:i + bs]], "seeds": [s for _, s in pairs[i:i + bs]],
+                "negative_prompt": opts["negative_prompt"], **common} for i in range(0, len(pairs), bs)]
+    # content identity is the prompt itself, whatever the seed: calibrating on an evaluation prompt
+    # is calibrating on the test set even with other noise
+    digests = label_digests((digest_text(normalize_prompt(p)), f"prompt {p!r}") for p in prompts)
+    return pairs, batches, digests
+
+
+def _titles(batch: dict) -> list[str]:
+    if "prompts" in batch:
+        return list(batch["prompts"])
+    return [str(int(c)) for c in batch["class_labels"]]
+
+
+def _requested_classes(batches: list[dict]) -> torch.Tensor | None:
+    """The digit each sample was asked for: its class id, or the digit its prompt names (None when
+    a prompt names none, so that no accuracy is made up)."""
+    if all("class_labels" in b for b in batches):
+        return torch.cat([torch.as_tensor(b["class_labels"]) for b in batches])
+    from ..models.digits import digit_in_prompt
+
+    digits = [digit_in_prompt(p) for b in batches for p in b["prompts"]]
+    return None if any(d is None for d in digits) else torch.tensor(digits)
 
 
 def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -188,8 +328,9 @@ def _load_classifier(classifier_dir: str | None):
     return load_classifier(classifier_dir)
 
 
-def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, labels: torch.Tensor) -> None:
-    """A PNG of the samples (FP above the quantized model's when there is an FP row), method named on it."""
+def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, titles: list[str]) -> None:
+    """A PNG of the samples (FP above the quantized model's when there is an FP row), method named on
+    it, each column titled with the class or prompt asked for."""
     path = ctx.artifact_path("samples.png")
     if path is None:
         return
@@ -201,17 +342,20 @@ def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None,
     n = min(len(images), 20)
     rows = [("FP", fp)] if fp is not None else []
     rows.append(("FP" if ctx.is_fp else ctx.label, images))
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.95 + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0 + 0.4), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for i in range(n):
             ax = axes[r][i]
-            ax.imshow(imgs[i].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+            img = imgs[i].permute(1, 2, 0).numpy()
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title(str(int(labels[i])), fontsize=7)
+                title = titles[i] if len(titles[i]) <= 18 else titles[i][:17] + "…"
+                ax.set_title(title, fontsize=5 if len(title) > 3 else 7)
             if i == 0:
                 ax.set_ylabel(name, fontsize=7)
-    fig.suptitle(f"{'FP' if ctx.is_fp else 'FP (top) vs ' + ctx.label} samples, requested class on top", fontsize=8)
+    fig.suptitle(f"{'FP' if ctx.is_fp else 'FP (top) vs ' + ctx.label} samples, requested class or prompt on top",
+                 fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    ctx.add_artifact(path, "FP samples" if ctx.is_fp else f"FP vs {ctx.label} samples (same class and seed)")
+    ctx.add_artifact(path, "FP samples" if ctx.is_fp else f"FP vs {ctx.label} samples (same class or prompt and seed)")

@@ -1,0 +1,112 @@
+"""Tiny DiT, PixArt and FLUX pipelines with random weights, built offline (tokenizers in memory,
+text encoders and VAEs from small configs), for the DiT family's tests."""
+import torch
+
+from archquant.models.dit_loading import DiffusionModel
+from archquant.models.text_encoders import PromptEncoder
+
+WORDS = ("a", "an", "the", "handwritten", "digit", "drawing", "of", "photo", "red", "blue", "cat", "dog", "small",
+         "big", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _signal(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """diffusers zero-initialises adaLN gates and output layers: give every weight some signal."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def t5_tokenizer():
+    """A real T5 (Unigram) tokenizer over a small word list, built in memory."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]  # anything else spells out
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def t5_encoder(d_model: int = 24, seed: int = 0, vocab_size: int = 64):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, dropout_rate=0.0)
+    return T5EncoderModel(cfg).eval()
+
+
+def clip_tokenizer():
+    """A CLIP BPE tokenizer over whole words (no merges needed), built in memory."""
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [w + "</w>" for w in WORDS] + list("abcdefghijklmnopqrstuvwxyz"))}
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 16
+    return tok
+
+
+def clip_encoder(hidden: int = 20, seed: int = 0, vocab_size: int = 64, eos_token_id: int = 1):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=eos_token_id,
+                         bos_token_id=0, pad_token_id=1)
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_vae(latent_channels: int = 4, flux: bool = False):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    extra = {"shift_factor": 0.1, "scaling_factor": 0.5} if flux else {}
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         latent_channels=latent_channels, norm_num_groups=8, layers_per_block=1, **extra).eval()
+
+
+def tiny_dit(seed: int = 0, num_classes: int = 4) -> DiffusionModel:
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes)
+    _signal(transformer)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    return DiffusionModel(transformer.eval(), "DDIMScheduler", dict(scheduler.config)).eval()
+
+
+def tiny_pixart(seed: int = 0, with_vae: bool = True, max_sequence_length: int = 8) -> DiffusionModel:
+    """A PixArt-Sigma-like pipeline: T5 features through cross-attention, one global adaLN, a
+    learned-sigma output, a 2-level VAE (latents 4 x 8 x 8 for 16 x 16 images) or pixel space."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    channels = 4 if with_vae else 1
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+                                           out_channels=2 * channels, num_layers=2, cross_attention_dim=32,
+                                           caption_channels=24, sample_size=8, patch_size=2,
+                                           norm_type="ada_norm_single", use_additional_conditions=False)
+    _signal(transformer)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    text = PromptEncoder("t5", [t5_tokenizer()], [t5_encoder()], max_sequence_length, {"path": "unsaved"})
+    return DiffusionModel(transformer.eval(), "DPMSolverMultistepScheduler", dict(scheduler.config),
+                          tiny_vae() if with_vae else None, text, "PixArtSigmaPipeline").eval()
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = True, max_sequence_length: int = 8) -> DiffusionModel:
+    """A FLUX-like pipeline: one joint (double) block and one single block, CLIP pooled + T5
+    features, a 2-level VAE with latent channels 4 (packed 2x2 into 16 channels per token)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                         pooled_projection_dim=20, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    _signal(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    text = PromptEncoder("clip_t5", [clip_tokenizer(), t5_tokenizer()], [clip_encoder(), t5_encoder()],
+                         max_sequence_length, {"path": "unsaved"})
+    return DiffusionModel(transformer.eval(), "FlowMatchEulerDiscreteScheduler", dict(scheduler.config),
+                          tiny_vae(flux=True), text, "FluxPipeline").eval()
