@@ -56,6 +56,8 @@ class EvalContext:
     fp: Any = None
     output_dir: Path | None = None
     artifacts: list[dict] = field(default_factory=list)
+    #: what the report should say about this evaluation (e.g. a metric skipped, and why)
+    notes: list[str] = field(default_factory=list)
     kept: Any = None
     #: set by ``keep``: whether the FP evaluation kept anything
     has_kept: bool = False
@@ -67,6 +69,12 @@ class EvalContext:
     def keep(self, outputs: Any) -> None:
         """Called by the FP evaluation: outputs every quantized evaluation receives as ``ctx.fp``."""
         self.kept, self.has_kept = outputs, True
+
+    def note(self, text: str) -> None:
+        """Say something in the report about this evaluation, e.g. why a metric is absent (a metric
+        that cannot be computed is left out and explained, never made up)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def artifact_path(self, name: str) -> Path | None:
         """Where to write the file ``name`` of this evaluation (``artifacts/<label>/<name>``), or None when

@@ -70,6 +70,67 @@ def model_size_bytes(model: nn.Module) -> int:
     return total
 
 
+def _spec_text(spec: dict | None) -> str:
+    """"int8 token", "twinlog4 channel", "int4 group64" from a QuantSpec dict."""
+    if not spec:
+        return "fp"
+    fmt = spec.get("format", "int")
+    bits = spec.get("bits") if fmt in ("int", "twinlog") else ""
+    gran = spec.get("granularity", "")
+    group = spec.get("group_size") if gran == "group" else ""
+    asym = "" if spec.get("symmetric", True) else " asymmetric"
+    return f"{fmt}{bits}{asym} {gran}{group or ''}".strip()
+
+
+def _transform_text(cfg: dict | None) -> str:
+    if not cfg:
+        return ""
+    label = cfg.get("label") or {}
+    parts = cfg.get("parts")
+    kinds = "+".join(p.get("type", "?") for p in parts) if parts else cfg.get("type", "?")
+    return kinds + (" (" + ", ".join(f"{k} {_fmt(v)}" for k, v in label.items()) + ")" if label else "")
+
+
+def quantized_modules(model: nn.Module) -> dict:
+    """What a recipe did, module by module: each quantized module's weight and input formats and its
+    online input transform (with the transform's label, e.g. LRQ-DiT's ARS branch and J), and the
+    Linears left in floating point."""
+    from .core.modules import QuantConv1d, QuantLinear
+
+    rows, kept = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv1d)):
+            cfg = m.to_config()
+            q = cfg.get("input_quantizer")
+            inp = "fp" if not q else f"{_spec_text(q.get('spec'))} {'dynamic' if q.get('dynamic') else 'static'}"
+            transform = cfg.get("input_transform") or {}
+            rows.append({"module": name, "weight": _spec_text((cfg.get("weight") or {}).get("spec")),
+                         "input": inp, "transform": _transform_text(transform), "label": transform.get("label") or {}})
+        elif isinstance(m, nn.Linear):
+            kept.append(name)
+    return {"modules": rows, "kept_fp_linears": kept}
+
+
+def _quantized_section(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    rows, kept = summary.get("modules") or [], summary.get("kept_fp_linears") or []
+    branches: dict[str, int] = {}
+    for r in rows:  # LRQ-DiT's adaptive rotation: how many Linears took each branch
+        if "ars" in (r.get("label") or {}):
+            branches[r["label"]["ars"]] = branches.get(r["label"]["ars"], 0) + 1
+    lines = ["", f"## Quantized modules ({len(rows)}; {len(kept)} Linears kept in floating point)", ""]
+    if branches:
+        lines += ["Adaptive rotation branches: " + ", ".join(f"{b} {n}" for b, n in sorted(branches.items()))
+                  + " (J = RMS of the smoothed calibration activations, per Linear below)", ""]
+    lines += ["<details><summary>per module: weight, input, online transform</summary>", "",
+              "| module | weight | input | input transform |", "|---|---|---|---|"]
+    lines += [f"| {r['module']} | {r['weight']} | {r['input']} | {r['transform'] or '–'} |" for r in rows]
+    if kept:
+        lines += ["", "Kept in floating point: " + ", ".join(f"`{n}`" for n in kept)]
+    return lines + ["", "</details>"]
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -144,6 +205,7 @@ def render_markdown(report: dict) -> str:
         *_output_notes(report.get("output") or {}),
         *(f"- note ({report['method']['name']}): {n}" for n in report.get("method_notes") or []),
         *(f"- note ({name}): {n}" for name, c in (report.get("compare") or {}).items() for n in c.get("notes") or []),
+        *(f"- note (evaluation): {n}" for n in report.get("evaluation_notes") or []),
         "",
         "| model | " + " | ".join(_header(n, m) for n, m in cols) + " | size on disk | calibration+quantize time |",
         "|---|" + "---|" * len(cols) + "---|---|",
@@ -194,6 +256,7 @@ def render_markdown(report: dict) -> str:
     if env:  # last-digit metrics depend on the CPU and thread count (fp32 summation order)
         lines.append(f"Environment: {env.get('cpu') or env.get('processor')}, {env.get('threads')} threads, "
                      f"torch {env.get('torch')}, Python {env.get('python')}, archquant {env.get('git_commit') or env.get('archquant')}.")
+    lines += _quantized_section(report.get("quantized_modules"))
     artifacts = report.get("artifacts") or []
     if artifacts:
         lines += ["", "## Files", ""]

@@ -32,7 +32,8 @@ from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
 from .evaluation import EvalContext, metric_table
 from .backends import check_kernels, convert_to_real
-from .report import CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, write_reports
+from .report import (CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, quantized_modules,
+                     write_reports)
 
 EXIT_USAGE = 2
 USAGE = "usage: python -m archquant.run CONFIG.yaml [key=value ...]"
@@ -127,6 +128,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     out, staged = stage.target, stage.path
     cfg_dict = to_dict(cfg)
     artifacts: list[dict] = []
+    eval_notes: list[str] = []
 
     with _input_stage():
         recipe = resolve_recipe(cfg.recipe, adapter)
@@ -146,6 +148,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         with timer.stage(f"evaluate {'FP' if label == 'fp' else label}", log):
             metrics = adapter.evaluate(m, evaluation, ctx)
         artifacts.extend(ctx.artifacts)
+        eval_notes.extend(n for n in ctx.notes if n not in eval_notes)  # the same note from every model: once
         return metrics, ctx
 
     fp_metrics, fp_ctx = evaluate("fp", model)
@@ -170,6 +173,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
     # the saved model is quantized from the FP model itself: FP outputs are kept, the FP weights are not needed
     qmodel, q_metrics, step_times = quantize(recipe, model)
     del model
+    quantized = quantized_modules(qmodel)
 
     ckpt_bytes, reload = None, None
     if cfg.save:
@@ -202,6 +206,8 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         "model": {"path": cfg.model.path, "config": model_config, "fp_bytes": fp_size},
         "method": recipe.to_dict(),
         "method_notes": _notes(recipe),
+        "evaluation_notes": eval_notes,
+        "quantized_modules": quantized,
         "data": {"calibration": calib.description, "calibration_items": len(calib.item_ids),
                  "evaluation": evaluation.description, "evaluation_items": len(evaluation.item_ids),
                  "disjointness": disjointness},

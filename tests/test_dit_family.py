@@ -84,6 +84,12 @@ def test_lrq_dit_runs_end_to_end_and_reloads_bit_identically(tmp_path, pipeline_
     labels = [m["input_transform"]["label"] for m in modules.values() if m.get("input_transform")]
     assert labels and all(lab["ars"] in ("hadamard", "duquant") and lab["J"] >= 0 for lab in labels)
     assert all(m["weight"]["spec"]["format"] == "twinlog" for m in modules.values() if m.get("weight"))
+    # the report lists what was quantized, each Linear's ARS branch and J, and what stayed FP
+    listed = report["quantized_modules"]
+    assert sorted(r["module"] for r in listed["modules"]) == sorted(modules)
+    assert all(r["label"]["ars"] in ("hadamard", "duquant") for r in listed["modules"])
+    assert "transformer.transformer_blocks.0.norm1.linear" in listed["kept_fp_linears"]
+    assert "Adaptive rotation branches: hadamard" in md and "| transformer.transformer_blocks.0.attn1.to_q | twinlog8" in md
 
 
 def test_overlapping_calibration_and_evaluation_seeds_are_refused(tmp_path, pipeline_dir, capsys):
