@@ -6,6 +6,7 @@ import torch
 
 import archquant as aq
 from archquant.adapters import get_adapter
+from archquant.adapters.dit import psnr_db
 from archquant.models.dit_loading import DiffusionModel, load_pipeline_folder, save_pipeline_folder
 
 from cli_testing import one_error_line, run_cli
@@ -150,3 +151,40 @@ def test_the_committed_configs_run_on_the_reference_dit(tmp_path, capsys, config
     assert report["metrics"]["quantized"]["psnr_vs_fp"] > 20
     if report.get("real"):
         assert report["real"]["converted"] > 0
+
+
+def test_fp_kept_linears_can_store_int8_weights(tmp_path, pipeline_dir):
+    from archquant.core.modules import QuantLinear
+    from archquant.core.presets import RecipeOptions
+
+    adapter = get_adapter("dit")
+    batch = {"class_labels": torch.tensor([0, 1]), "seeds": [3, 4], "num_steps": 2, "guidance_scale": 2.0}
+    sizes, outputs = {}, {}
+    for bits in (None, 8):
+        model = load_pipeline_folder(pipeline_dir)
+        fp = adapter.forward(model, batch)
+        options = {"block_size": 16, **({} if bits is None else {"fp_layers_w_bits": bits})}
+        aq.quantize_(model, RecipeOptions(name="lrq_dit", w_bits=4, a_bits=8, options=options), calib_data=[batch],
+                     progress=False)
+        adaln = model.transformer.transformer_blocks[0].norm1.linear
+        if bits is None:
+            assert isinstance(adaln, torch.nn.Linear) and not isinstance(adaln, QuantLinear)
+        else:  # weight-only int8 per output channel: no input quantizer, no rotation
+            assert isinstance(adaln, QuantLinear) and adaln.weight_spec.bits == 8 and adaln.input_quantizer is None
+            assert adaln.input_transform is None
+            assert not [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("transformer")]
+        outputs[bits] = adapter.forward(model, batch)
+        aq.save_quantized(model, tmp_path / str(bits))
+        sizes[bits] = sum(f.stat().st_size for f in (tmp_path / str(bits)).iterdir())
+        reloaded = aq.load_quantized(tmp_path / str(bits))
+        assert torch.equal(adapter.forward(reloaded, batch), outputs[bits])
+        assert psnr_db(outputs[bits], fp) > 25
+    assert sizes[8] < 0.75 * sizes[None]
+
+
+def test_weight_only_targets_that_select_nothing_are_refused(pipeline_dir):
+    from archquant.core.recipe import QuantizeWeights, Recipe
+
+    model = load_pipeline_folder(pipeline_dir)
+    with pytest.raises(ValueError, match="pattern 're:.*no_such' selects no weight-only Linear"):
+        aq.quantize_(model, Recipe("w", [QuantizeWeights(targets=["re:.*no_such"])]), progress=False)

@@ -149,8 +149,11 @@ class DiTAdapter(FamilyAdapter):
                 blocks.append(block)
                 quantize += [f"{block}.{lin}" for lin in linears if f"{block}.{lin}" in names]
         cfg = model.transformer.config
+        # what activation quantization leaves in FP may still have its weights stored in int8
+        chosen = set(quantize)
+        weight_only = sorted(n for n in names if n.startswith("transformer.") and n not in chosen)
         return ModelStructure(hidden_size=int(cfg.num_attention_heads * cfg.attention_head_dim),
-                              quantize=quantize, skip=list(FP_BY_DEFAULT), blocks=blocks)
+                              quantize=quantize, skip=list(FP_BY_DEFAULT), blocks=blocks, weight_only=weight_only)
 
     # ------------------------------------------------------------------ data
 

@@ -8,10 +8,17 @@ from __future__ import annotations
 from ..core.ars import AdaptiveRotation
 from ..core.formats import QuantSpec
 from ..core.presets import RecipeOptions, act_spec, register_preset, weight_spec
-from ..core.recipe import Quantize, Recipe
+from ..core.recipe import Quantize, QuantizeWeights, Recipe
 from ..options import Option
 
+#: every DiT preset's own option: weight-only storage of what stays out of activation quantization
+FP_LAYER_OPTIONS = {
+    "fp_layers_w_bits": Option(None, type=int, minimum=2, maximum=8, help="store the weights of the Linears kept out of "
+                               "activation quantization (adaLN modulation, embedders, output) as int<bits> per "
+                               "output channel, weight-only (null: keep them in floating point)"),
+}
 ARS_OPTIONS = {
+    **FP_LAYER_OPTIONS,
     "threshold": Option(1.0, minimum=0.0, help="J at or above which a layer takes the DuQuant branch"),
     "block_size": Option(128, minimum=1, help="DuQuant's rotation block"),
     "force": Option({}, type=dict, help="pattern -> 'hadamard' | 'duquant' | 'none', overriding J"),
@@ -39,37 +46,45 @@ def _ars(o: RecipeOptions, **kw) -> AdaptiveRotation:
     return step
 
 
+def _recipe(name: str, o: RecipeOptions, steps: list) -> Recipe:
+    """The preset's steps, then weight-only storage of the FP-kept Linears if asked for."""
+    bits = (o.options or {}).get("fp_layers_w_bits")
+    if bits is not None:
+        steps.append(QuantizeWeights(weight=QuantSpec(bits=int(bits), granularity="channel", axis=0).validate()))
+    return Recipe(name, steps)
+
+
 @register_preset("lrq_dit", options=ARS_OPTIONS)
 def lrq_dit(o: RecipeOptions) -> Recipe:
     """LRQ-DiT: adaptive rotation (SmoothQuant, then Hadamard or DuQuant by J) + twin-log weights."""
-    return Recipe("lrq_dit", [_ars(o), _quantize(o, twinlog=True)])
+    return _recipe("lrq_dit", o, [_ars(o), _quantize(o, twinlog=True)])
 
 
-@register_preset("tlq_only")
+@register_preset("tlq_only", options=FP_LAYER_OPTIONS)
 def tlq_only(o: RecipeOptions) -> Recipe:
     """Ablation: twin-log weights, no rotation."""
-    return Recipe("tlq_only", [_quantize(o, twinlog=True)])
+    return _recipe("tlq_only", o, [_quantize(o, twinlog=True)])
 
 
 @register_preset("ars_only", options=ARS_OPTIONS)
 def ars_only(o: RecipeOptions) -> Recipe:
     """Ablation: adaptive rotation, uniform round-to-nearest weights per channel."""
-    return Recipe("ars_only", [_ars(o), _quantize(o, twinlog=False)])
+    return _recipe("ars_only", o, [_ars(o), _quantize(o, twinlog=False)])
 
 
-@register_preset("quarot")
+@register_preset("quarot", options=FP_LAYER_OPTIONS)
 def quarot(o: RecipeOptions) -> Recipe:
     """QuaRot-style baseline: a random Hadamard on every quantized input, no smoothing, RTN weights."""
     step = AdaptiveRotation(smooth=False, force={"*": "hadamard"}, seed=o.get("rotation_seed", 0))
-    return Recipe("quarot", [step, _quantize(o, twinlog=False)])
+    return _recipe("quarot", o, [step, _quantize(o, twinlog=False)])
 
 
-@register_preset("smoothquant_online")
+@register_preset("smoothquant_online", options=FP_LAYER_OPTIONS)
 def smoothquant_online(o: RecipeOptions) -> Recipe:
     """SmoothQuant baseline for DiTs: per-channel scales applied online at each quantized input
     (DiT's norms are modulated per sample, so the scale is not folded), RTN weights."""
     step = AdaptiveRotation(alpha=o.get("alpha", 0.5), force={"*": "none"})
-    return Recipe("smoothquant_online", [step, _quantize(o, twinlog=False)])
+    return _recipe("smoothquant_online", o, [step, _quantize(o, twinlog=False)])
 
 
 DIT_PRESETS = ("rtn_dynamic", "lrq_dit", "tlq_only", "ars_only", "quarot", "smoothquant_online")

@@ -225,3 +225,57 @@ class Quantize(Step):
             calibrate(model, ctx.batches(self.kind), forward_fn=ctx.forward_fn, progress=ctx.progress)
         else:
             freeze_model(model)
+
+
+@register_step
+@dataclass
+class QuantizeWeights(Step):
+    """Store the weights of Linears that stay out of activation quantization in a low-bit format
+    (weight-only: their inputs stay in floating point, the weight is dequantized for the product).
+
+    ``targets`` select among the structure's ``weight_only`` Linears (None: all of them), e.g. a
+    DiT's adaLN modulation and embedders, a third of DiT-XL's parameters and about 2 B of FLUX's
+    12 B, which activation-quantizing recipes keep in floating point. The default is int8 per
+    output channel. Run it after the ``Quantize`` step: it touches only Linears that are still plain
+    ``nn.Linear``s."""
+
+    kind: ClassVar[str] = "quantize_weights"
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity="channel", axis=0))
+    weight_observer: str = "minmax"
+    weight_observer_kwargs: dict = field(default_factory=dict)
+    targets: list[str] | None = None
+
+    def validate(self, where: str = "quantize_weights") -> None:
+        for i, pattern in enumerate(self.targets or []):
+            matching.check_pattern(pattern, f"{where}.targets[{i}]")
+        self.weight.validate()
+        check_observer(self.weight_observer, f"{where}.weight_observer")
+        fitted_by = get_format(self.weight.format).weight_observer
+        if fitted_by is not None and self.weight_observer != fitted_by:
+            raise ValueError(f"{where}.weight_observer is {self.weight_observer!r}, but weight format "
+                             f"{self.weight.format!r} is fitted by the observer {fitted_by!r}")
+
+    def _targets(self, s: ModelStructure) -> list[str]:
+        return list(s.weight_only) if self.targets is None else matching.select(s.weight_only, self.targets)
+
+    def quantizes_anything(self, s: ModelStructure) -> bool:
+        return bool(self._targets(s))
+
+    def check_selections(self, s: ModelStructure, model: nn.Module) -> None:
+        bad = matching.unmatched(s.weight_only, self.targets or [])
+        if bad:
+            example = f" (e.g. {', '.join(s.weight_only[:3])})" if s.weight_only else " (it declares none)"
+            raise ValueError(f"{self.kind}.targets: pattern {bad[0]!r} selects no weight-only Linear of this "
+                             f"model{example}")
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        s = ctx.structure
+        self.check_selections(s, model)
+        for name in self._targets(s):
+            mod = get_submodule(model, name)
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"weight-only target {name!r} is a {type(mod).__name__}, expected nn.Linear")
+            wrapped = QuantLinear.from_float(mod, weight_spec=self.weight, weight_observer=self.weight_observer,
+                                             weight_observer_kwargs=self.weight_observer_kwargs)
+            wrapped.freeze_weight()
+            set_submodule(model, name, wrapped)

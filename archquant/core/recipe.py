@@ -231,7 +231,7 @@ class Recipe:
 def check_something_to_quantize(model: nn.Module, recipe: Recipe, structure: ModelStructure) -> None:
     """Refuse a recipe whose Quantize steps find no target in ``structure`` (e.g. zero layers), or
     whose target / ignore / override patterns select nothing."""
-    quantizers = [s for s in recipe.steps if isinstance(s, Quantize)]
+    quantizers = [s for s in recipe.steps if isinstance(s, (Quantize, QuantizeWeights))]
     if quantizers and not any(s.quantizes_anything(structure) for s in quantizers):
         for step in quantizers if structure.quantize else []:
             step.check_selections(structure, model)  # a typo in targets says so, not "no layers"
@@ -353,9 +353,10 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 # The steps live in their own modules; importing them here registers them and keeps
 # ``from archquant.core.recipe import Quantize, SmoothQuant, ...`` working.
-from .quantize_step import Quantize  # noqa: E402
+from .quantize_step import Quantize, QuantizeWeights  # noqa: E402
 from .transform_steps import OnlineHadamard, RotatePairs, RotateResidual, SmoothQuant  # noqa: E402
 
-__all__ = ["Recipe", "Step", "steps_from_config", "step_class", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "apply_recipe",
+__all__ = ["Recipe", "Step", "steps_from_config", "step_class", "SmoothQuant", "RotateResidual", "OnlineHadamard", "RotatePairs", "Quantize", "QuantizeWeights",
+           "apply_recipe",
            "register_step", "STEPS", "Context", "ModelSnapshot",
            "quantized_modules"]

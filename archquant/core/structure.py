@@ -132,6 +132,9 @@ class ModelStructure:
         residual reader with a norm (its γ absorbs 1/s), the LLM layout.
     blocks: the repeated blocks in execution order (``model.named_modules()`` names), the unit
         of block-wise calibration (``core.blocks``): Mamba's layers, a DiT's transformer blocks.
+    weight_only: Linears a family keeps out of activation quantization (their ``skip``ped inputs
+        stay in floating point, e.g. a DiT's adaLN modulation and embedders) whose *weights* a
+        recipe may still store quantized (``QuantizeWeights``): a storage saving, not a speed one.
     """
 
     hidden_size: int
@@ -149,6 +152,7 @@ class ModelStructure:
     linear_pairs: list[LinearPair] = field(default_factory=list)
     smoothing: list[SmoothingGroup] | None = None
     blocks: list[str] = field(default_factory=list)
+    weight_only: list[str] = field(default_factory=list)
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """The groups to smooth that feed a quantized Linear (smoothing the LM head would only untie
