@@ -8,7 +8,9 @@ through numpy in fp32).
 Tolerance, real vs fake twin (fp32 activations): both multiply the same dequantized values; the
 fake module's F.linear sums K fp32 products (rounding error <= gamma_K * sum|x_q||w_q|, gamma_K ~
 K * 2^-24), the real one sums exact code products (int8, fp8: 8-bit significands) or per-group FMAs
-(int4) in fp32 and applies the scales afterwards (a few more roundings). So per output
+(int4) in fp32 and applies the scales afterwards (a few more roundings), or sums the fake module's
+fp32 products in another order (twinlog: its level table is the fake module's dequantized
+weight, up to the one-ulp differences of torch's vectorized and scalar exp2, far inside the bound). So per output
 |y_real - y_fake| <= (2K + 8) * 2^-24 * (|x_q| @ |w_q|^T + |b|): a worst-case bound of fp32
 rounding, ~1e-5 of the magnitude here, while any wrong code, scale or layout is off by O(|y|).
 On a GPU the fp8 kernel accumulates with Hopper's reduced-precision fp8 sums: 1e-2 of the
@@ -20,15 +22,16 @@ import pytest
 import torch
 from torch import nn
 
-from archquant.backends import (LINEAR_KERNELS, RealFP8Linear, RealQuantLinear, RealW4A16Linear, choose_linear_kernel,
-                                convert_to_real)
-from archquant.core.formats import QuantSpec
+from archquant.backends import (LINEAR_KERNELS, RealFP8Linear, RealQuantLinear, RealTwinLogLinear, RealW4A16Linear,
+                                choose_linear_kernel, convert_to_real)
+from archquant.core.formats import QuantSpec, get_format
 from archquant.core.modules import ActQuantizer, QuantLinear
 
 from kernel_testing import DEVICE, INTERPRET_MODE, requires_backend
 
 K, N = 128, 48
-REAL_TYPE = {"int8": RealQuantLinear, "int8 asymmetric": RealQuantLinear, "int4": RealW4A16Linear, "fp8_e4m3": RealFP8Linear, "fp8_e5m2": RealFP8Linear}
+REAL_TYPE = {"int8": RealQuantLinear, "int8 asymmetric": RealQuantLinear, "int4": RealW4A16Linear,
+             "fp8_e4m3": RealFP8Linear, "fp8_e5m2": RealFP8Linear, "twinlog": RealTwinLogLinear}
 
 
 def _act(fmt: str, kind: str) -> ActQuantizer:
@@ -41,7 +44,9 @@ def _act(fmt: str, kind: str) -> ActQuantizer:
     return q
 
 
-def _weight_spec(fmt: str, granularity: str = "channel", group_size: int = 32) -> QuantSpec:
+def _weight_spec(fmt: str, granularity: str = "channel", group_size: int = 32, bits: int = 4) -> QuantSpec:
+    if fmt == "twinlog":  # per output row by definition; ``bits`` only matters here
+        return QuantSpec(format="twinlog", bits=bits, granularity="channel", axis=0)
     if fmt in ("int8", "int8 asymmetric"):
         return QuantSpec(bits=8, granularity=granularity, symmetric=fmt == "int8")
     if fmt == "int4":
@@ -56,8 +61,9 @@ def fake_linear(weight: str, act: str, kind: str = "dynamic_token", seed: int = 
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
         lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
-    m = QuantLinear.from_float(lin, weight_spec=_weight_spec(weight, **weight_kw),
-                               input_quantizer=None if act == "none" else _act(act, kind))
+    spec = _weight_spec(weight, **weight_kw)
+    m = QuantLinear.from_float(lin, weight_spec=spec, input_quantizer=None if act == "none" else _act(act, kind),
+                               weight_observer=get_format(spec.format).weight_observer or "minmax")
     m.freeze()
     return m
 
@@ -123,6 +129,8 @@ def test_cpu_keeps_fp8_and_w4a16_linears_and_says_why():
     ("int4", "int8", {}, "weight int4 group, input int8 token: no real kernel for this combination"),
     ("fp8_e4m3", "fp8_e5m2", {}, "no real kernel for this combination"),
     ("int8", "fp8_e4m3", {}, "weight int8 channel, input fp8_e4m3 token: no real kernel"),
+    ("twinlog", "none", dict(bits=8), "8-bit codes are stored one per byte; the LUT GEMM takes nibble-packed codes"),
+    ("twinlog", "fp8_e4m3", {}, "weight twinlog channel, input fp8_e4m3 token: no real kernel for this combination"),
 ])
 def test_triton_rows_refuse_what_their_kernel_cannot_take(weight, act, kw, reason):
     """The decision alone (no kernel runs): a CUDA row's layout check, or no row at all."""

@@ -6,10 +6,10 @@
 conversion when it meets one of their models, so importing this package loads no Triton kernel.
 """
 from .dispatch import LINEAR_KERNELS, choose_linear_kernel
-from .linear import RealFP8Linear, RealQuantLinear, RealW4A16Linear, real_eligibility
+from .linear import RealFP8Linear, RealQuantLinear, RealTwinLogLinear, RealW4A16Linear, real_eligibility
 from .real import convert_to_real, register_family_backend, register_real_converter
 from .specs import KERNELS, check_kernels
 
-__all__ = ["KERNELS", "LINEAR_KERNELS", "RealFP8Linear", "RealQuantLinear", "RealW4A16Linear", "check_kernels",
-           "choose_linear_kernel", "convert_to_real", "real_eligibility", "register_family_backend",
+__all__ = ["KERNELS", "LINEAR_KERNELS", "RealFP8Linear", "RealQuantLinear", "RealTwinLogLinear", "RealW4A16Linear",
+           "check_kernels", "choose_linear_kernel", "convert_to_real", "real_eligibility", "register_family_backend",
            "register_real_converter"]

@@ -19,8 +19,8 @@ from typing import Callable
 from torch import nn
 
 from ..core.modules import QuantLinear
-from .linear import (RealFP8Linear, RealQuantLinear, RealW4A16Linear, fp8_layout, frozen_quant_linear, int8_layout,
-                     w4a16_layout)
+from .linear import (RealFP8Linear, RealQuantLinear, RealTwinLogLinear, RealW4A16Linear, fp8_layout,
+                     frozen_quant_linear, int8_layout, twinlog_layout, w4a16_layout)
 from .specs import format_label, spec_name
 
 __all__ = ["DEVICES", "LINEAR_KERNELS", "LinearKernel", "choose_linear_kernel", "kernel_device", "linear_key"]
@@ -47,6 +47,7 @@ class LinearKernel:
 _CPU_INT8 = "torch CPU int8 ops (archquant/kernels/cpu_int8.py)"
 _W8A8 = "Triton w8a8_gemm (archquant/kernels/w8a8_gemm.py)"
 _FP8 = "Triton fp8_gemm (archquant/kernels/w8a8_gemm.py)"
+_TWINLOG = "Triton twinlog_gemm (archquant/kernels/twinlog_gemm.py)"
 
 #: (weight format, activation format, device) -> kernel
 LINEAR_KERNELS: dict[tuple[str, str, str], LinearKernel] = {
@@ -67,6 +68,12 @@ LINEAR_KERNELS: dict[tuple[str, str, str], LinearKernel] = {
                                                       int8_layout),
     ("int4", "none", "cuda"): LinearKernel("int4 W4A16", "Triton w4a16_gemm (archquant/kernels/w4a16_gemm.py)",
                                            RealW4A16Linear, w4a16_layout),
+    # twin-log (LRQ-DiT's TLQ) codes of <= 4 bits, nibble-packed: a per-row level table gathered in the GEMM
+    ("twinlog", "none", "cuda"): LinearKernel("twinlog W4A16/W3A16 LUT GEMM", _TWINLOG, RealTwinLogLinear,
+                                              twinlog_layout),
+    # LRQ-DiT's W4A8: the fake int8 input quantizer runs as it is (torch), then the same LUT GEMM
+    ("twinlog", "int8", "cuda"): LinearKernel("twinlog W4A8/W3A8 LUT GEMM, int8 activations fake-quantized to float "
+                                              "(real weights only)", _TWINLOG, RealTwinLogLinear, twinlog_layout),
     ("fp8_e4m3", "fp8_e4m3", "cuda"): LinearKernel("fp8_e4m3 W8A8", _FP8, RealFP8Linear, fp8_layout),
     ("fp8_e5m2", "fp8_e5m2", "cuda"): LinearKernel("fp8_e5m2 W8A8", _FP8, RealFP8Linear, fp8_layout),
 }

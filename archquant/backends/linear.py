@@ -1,4 +1,4 @@
-"""Real twins of a frozen ``QuantLinear``: int8 (W8A8 / W8A16), int4 W4A16 and fp8 W8A8.
+"""Real twins of a frozen ``QuantLinear``: int8 (W8A8 / W8A16), int4 W4A16, twin-log W4/W3 and fp8 W8A8.
 
 Each holds the fake module's codes as they are stored (no requantization), reuses its online
 transform and activation quantizers (specs and frozen static scales), and runs one kernel path:
@@ -7,6 +7,10 @@ transform and activation quantizers (specs and frozen static scales), and runs o
   Triton ``w8a8_gemm`` on CUDA (or forced); weight-only through ``int8_weight_only_linear``.
 * :class:`RealW4A16Linear`: the fake module's packed int4 codes (two per byte, compressed-tensors'
   layout, which is the kernel's) and group scales, Triton ``w4a16_gemm``.
+* :class:`RealTwinLogLinear`: the fake module's packed twin-log codes (W4 / W3 / W2, two per byte)
+  and a per-row table of their levels, Triton ``twinlog_gemm`` (a LUT-dequantization GEMM);
+  weight-only, or behind the fake module's own int8 input quantizer (activations fake-quantized
+  to float: the weights are real, the int8 activation arithmetic is not).
 * :class:`RealFP8Linear`: fp8 weight codes; the input quantized to fp8 by the core's own
   quantizer (torch ops on the device: no fp8 quantize kernel exists), Triton ``fp8_gemm``.
 
@@ -27,11 +31,11 @@ from ..core.transforms import HadamardTransform
 from ..kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_linear_dynamic,
                                 int8_weight_only_linear, quantize_per_tensor_int8_torch, signed_asymmetric_codes,
                                 quantize_per_token_int8_torch, quantize_static_int8_torch)
-from .specs import act_kind, check_kernels, input_kind, spec_name, static_scale, use_triton
+from .specs import act_kind, check_kernels, format_label, input_kind, spec_name, static_scale, use_triton
 
 __all__ = ["INT8_INPUT_PATHS", "Int8InputPath", "REAL_LINEAR_TYPES", "RealFP8Linear", "RealQuantLinear",
-           "RealW4A16Linear", "fp8_eligibility", "frozen_quant_linear", "int8_eligibility", "real_eligibility",
-           "w4a16_eligibility"]
+           "RealTwinLogLinear", "RealW4A16Linear", "fp8_eligibility", "frozen_quant_linear", "int8_eligibility",
+           "real_eligibility", "twinlog_eligibility", "w4a16_eligibility"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,6 +111,30 @@ def w4a16_eligibility(module: nn.Module) -> str | None:
     if module.input_quantizer is not None:
         return f"input quantized ({spec_name(module.input_quantizer.spec)}): W4A16 takes float activations"
     return w4a16_layout(module)
+
+
+def twinlog_layout(module: QuantLinear) -> str | None:
+    """What ``twinlog_gemm`` needs beyond a twin-log weight: its codes packed two per byte."""
+    if module.weight_packed:
+        return None
+    bits = module.weight_spec.bits
+    why = (f"{bits}-bit codes are stored one per byte" if bits > 4
+           else f"codes are not packed (in_features={module.in_features} is odd)")
+    return f"weight twinlog {bits}-bit: {why}; the LUT GEMM takes nibble-packed codes (<= 4 bits, even K)"
+
+
+def twinlog_eligibility(module: nn.Module) -> str | None:
+    """None if ``module`` can become a :class:`RealTwinLogLinear`, else the reason it cannot."""
+    reason = frozen_quant_linear(module)
+    if reason is not None:
+        return reason
+    spec, q = module.weight_spec, module.input_quantizer
+    if spec.format != "twinlog":
+        return f"weight {spec_name(spec)}: the LUT GEMM needs twin-log weights"
+    if q is not None and format_label(q.spec) != "int8":
+        return (f"input {spec_name(q.spec)}: the twin-log LUT GEMM takes float activations, or int8 ones "
+                "fake-quantized to float")
+    return twinlog_layout(module)
 
 
 def fp8_layout(module: QuantLinear) -> str | None:
@@ -372,6 +400,70 @@ class RealW4A16Linear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# twin-log weights (LUT GEMM)
+# ----------------------------------------------------------------------------------------
+
+
+def _twinlog_levels(qlinear: QuantLinear) -> torch.Tensor:
+    """fp32 (N, 2^bits): each row's code levels, rounded to the weight dtype the fake module
+    dequantizes to (its ``effective_weight``), so both multiply x by the same values (up to one
+    fp32 ulp of exp2, which torch's vectorized and scalar CPU loops round differently)."""
+    from ..kernels.twinlog_gemm import twinlog_lut
+
+    lut = twinlog_lut(qlinear.weight_params.as_dict(), qlinear.weight_spec.bits)
+    return lut.to(qlinear.weight_dtype).to(torch.float32).contiguous()
+
+
+class RealTwinLogLinear(nn.Module):
+    """Twin-log twin of a frozen ``QuantLinear``: y = Q_out(twinlog_gemm(Q_in(T(x)), W) + b).
+
+    ``weight_packed``: the fake module's ``weight_codes`` as stored (uint8 (N, K/2), low nibble =
+    even column, unsigned: the kernel's layout); ``weight_lut``: fp32 (N, 2^bits), what each code
+    of each row stands for. Weight-only (``Q_in`` absent), or with the fake module's int8 input
+    quantizer run as it is (quantize-dequantize in torch), so the GEMM gets exactly the fake
+    module's float input: only the weight side is real (4 or 3 bits per weight in memory). Runs on
+    the Triton kernel only (CUDA, or the interpreter on a CPU). Twin-log weights of more than 4
+    bits are stored one code per byte and stay fake-quant (``twinlog_layout``).
+    """
+
+    def __init__(self, qlinear: QuantLinear, kernels: str = "auto") -> None:
+        super().__init__()
+        reason = twinlog_eligibility(qlinear)
+        if reason is not None:
+            raise ValueError(f"cannot convert to a real twin-log Linear: {reason}")
+        self.kernels = check_kernels(kernels)
+        self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
+        self.bits = qlinear.weight_spec.bits
+        self.register_buffer("weight_packed", qlinear.weight_codes.detach().contiguous())
+        self.register_buffer("weight_lut", _twinlog_levels(qlinear))
+        self.register_buffer("bias", None if qlinear.bias is None else qlinear.bias.detach().clone())
+        self.input_transform = qlinear.input_transform
+        self.input_quantizer = qlinear.input_quantizer
+        self.output_quantizer = qlinear.output_quantizer
+        self.out_kind = act_kind(qlinear.output_quantizer)  # see _output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.twinlog_gemm import twinlog_gemm
+
+        # transform and quantizer on x as it comes, as the fake module calls them (a quantizer's
+        # axes refer to that shape); the quantizer leaves int8 values held in float
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        lead = x.shape[:-1]
+        y = twinlog_gemm(x.reshape(-1, x.shape[-1]), self.weight_packed, self.weight_lut)
+        if self.bias is not None:  # the fake module adds it in x's dtype too
+            y = y + self.bias.to(y.dtype)
+        return _output(self, y.reshape(*lead, self.out_features))
+
+    def extra_repr(self) -> str:
+        inp = "float" if self.input_quantizer is None else "int8 fake-quantized"
+        return (f"in={self.in_features}, out={self.out_features}, weight=twinlog{self.bits}/LUT{2 ** self.bits}, "
+                f"input={inp}, kernels={self.kernels}")
+
+
+# ----------------------------------------------------------------------------------------
 # fp8 W8A8
 # ----------------------------------------------------------------------------------------
 
@@ -425,4 +517,4 @@ class RealFP8Linear(nn.Module):
 
 
 #: every real Linear type (a converted block's Linears are counted with these)
-REAL_LINEAR_TYPES = (RealQuantLinear, RealW4A16Linear, RealFP8Linear)
+REAL_LINEAR_TYPES = (RealQuantLinear, RealW4A16Linear, RealTwinLogLinear, RealFP8Linear)

@@ -5,7 +5,8 @@ The fake-quant model stays the interchange format (checkpoints, evaluation of ac
 with their codes, on the kernel the table of ``dispatch.py`` gives for (weight format,
 activation format, device): int8 W8A8 / W8A16 with symmetric or asymmetric weights
 (``archquant/kernels/cpu_int8.py`` on the CPU,
-the Triton ``w8a8_gemm`` on CUDA), and on CUDA only int4 W4A16 (``w4a16_gemm``) and fp8 W8A8
+the Triton ``w8a8_gemm`` on CUDA), and on CUDA only int4 W4A16 (``w4a16_gemm``), twin-log W4/W3
+weights (``twinlog_gemm``, a per-row LUT GEMM; float or fake-quantized int8 inputs) and fp8 W8A8
 (``fp8_gemm``):
 
     model = aq.load_quantized("out/ckpt")
@@ -40,13 +41,14 @@ from torch import nn
 from ..core.modules import QuantConv1d, QuantLinear, QuantMatmul
 from ..core.recipe import get_submodule, set_submodule
 from .dispatch import LINEAR_KERNELS, LinearKernel, choose_linear_kernel
-from .linear import REAL_LINEAR_TYPES, RealFP8Linear, RealQuantLinear, RealW4A16Linear, real_eligibility
+from .linear import (REAL_LINEAR_TYPES, RealFP8Linear, RealQuantLinear, RealTwinLogLinear, RealW4A16Linear,
+                     real_eligibility)
 from .specs import KERNELS, act_kind, check_kernels, is_int8_symmetric, static_scale, use_triton
 
 __all__ = ["FAMILY_BACKENDS", "KERNELS", "LINEAR_KERNELS", "LinearKernel", "RealFP8Linear", "RealQuantLinear",
-           "RealW4A16Linear", "act_kind", "check_kernels", "choose_linear_kernel", "convert_to_real",
-           "is_int8_symmetric", "load_family_backends", "real_eligibility", "register_family_backend",
-           "register_real_converter", "static_scale", "use_triton"]
+           "RealTwinLogLinear", "RealW4A16Linear", "act_kind", "check_kernels", "choose_linear_kernel",
+           "convert_to_real", "is_int8_symmetric", "load_family_backends", "real_eligibility",
+           "register_family_backend", "register_real_converter", "static_scale", "use_triton"]
 
 
 #: (module type, converter): converter(module, kernels) returns the real module, a string saying
