@@ -195,7 +195,7 @@ def resolve_source(source: dict) -> Path:
     return Path(source["path"])
 
 
-def build_diffusion_model(config: dict, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def build_diffusion_model(config: dict) -> DiffusionModel:
     """The model ``DiffusionModel.build_config()`` describes: transformer and VAE skeletons (random
     weights; a checkpoint fills them), text encoders read again from their source."""
     if config.get("transformer_class") not in SUPPORTED_TRANSFORMERS:
@@ -208,7 +208,9 @@ def build_diffusion_model(config: dict, dtype: torch.dtype = torch.float32) -> D
         if not folder.is_dir():
             raise ValueError(f"the text encoders of this model were read from {folder}, which is gone: the "
                              "checkpoint does not carry them (restore that folder)")
-        encoder = PromptEncoder.from_folder(folder, text["kind"], text["max_sequence_length"], text["source"], dtype)
+        text_dtype = getattr(torch, text.get("dtype", "float32"))
+        encoder = PromptEncoder.from_folder(folder, text["kind"], text["max_sequence_length"], text["source"],
+                                            text_dtype)
     return DiffusionModel(transformer, config["scheduler_class"], config["scheduler_config"], vae, encoder,
                           config.get("pipeline_class")).eval()
 
@@ -275,10 +277,10 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *
     pipeline_class = index.get("_class_name") if isinstance(index.get("_class_name"), str) else None
     encoder = None
     if kind in TEXT_KINDS:
-        length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(pipeline_class or "",
-                                                                        DEFAULT_MAX_SEQUENCE_LENGTH[kind])
+        default = DEFAULT_MAX_SEQUENCE_LENGTH.get(pipeline_class or "", DEFAULT_MAX_SEQUENCE_LENGTH[kind])
         source = text_source or {"path": str(folder.resolve())}
-        encoder = PromptEncoder.from_folder(folder, TEXT_KINDS[kind], length, source, dtype)
+        encoder = PromptEncoder.from_folder(folder, TEXT_KINDS[kind], max_sequence_length or default, source, dtype,
+                                            cap_to_tokenizer=max_sequence_length is None)
     return DiffusionModel(transformer.eval(), scheduler_class, dict(scheduler_config), vae, encoder,
                           pipeline_class).eval()
 

@@ -117,16 +117,28 @@ class PromptEncoder:
 
     @classmethod
     def from_folder(cls, folder: Path, kind: str, max_sequence_length: int, source: dict,
-                    dtype: torch.dtype = torch.float32) -> "PromptEncoder":
+                    dtype: torch.dtype = torch.float32, *, cap_to_tokenizer: bool = False) -> "PromptEncoder":
+        """Read the tokenizers and encoders of ``kind`` from a pipeline folder. ``cap_to_tokenizer``:
+        ``max_sequence_length`` is a default, lowered to the T5 tokenizer's ``model_max_length``
+        (a small model's folder says how long its prompts are)."""
         tokenizers, encoders = [], []
         for tok_dir, enc_dir in TEXT_COMPONENTS[kind]:
             tokenizers.append(_load_tokenizer(folder / tok_dir))
             encoders.append(_load_encoder(folder / enc_dir, dtype))
+        if cap_to_tokenizer:
+            max_sequence_length = min(max_sequence_length, int(getattr(tokenizers[-1], "model_max_length",
+                                                                       max_sequence_length)))
         return cls(kind, tokenizers, encoders, max_sequence_length, source)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoders[-1].parameters()).dtype
+
     def describe(self) -> dict[str, Any]:
-        """JSON: enough to read the same encoders again (``source``) and encode the same way."""
-        return {"kind": self.kind, "source": self.source, "max_sequence_length": self.max_sequence_length}
+        """JSON: enough to read the same encoders again (``source``, in the same ``dtype``) and
+        encode the same way."""
+        return {"kind": self.kind, "source": self.source, "max_sequence_length": self.max_sequence_length,
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     def __deepcopy__(self, memo) -> "PromptEncoder":
         return self  # frozen and never quantized: copies of a model share it (and its cache)

@@ -1,6 +1,7 @@
-"""Train the small class-conditional pixel-space DiT on scikit-learn's digits that the offline demo quantizes.
+"""Train the small pixel-space diffusion transformers on scikit-learn's digits that the offline demos quantize.
 
     python -m archquant.models.train_dit --out models/reference/dit-digits --steps 3000 --threads 1 --seed 0
+    python -m archquant.models.train_dit --kind pixart --out models/reference/pixart-digits --steps 3000 --threads 1 --seed 0
 
 Data: ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download), upsampled to 16x16
 in [-1, 1] (``archquant.models.digits``), split by a seeded 20% hold-out. The diffusion model and
@@ -15,8 +16,17 @@ fixed at 0.1 inside ``AdaLayerNormZero`` (not a constructor argument; it is what
 table its null row), it applies in train mode only, and every block (plus the output layer, which
 reuses block 0's embedder) has its own embedder drawing its own drop.
 
+``--kind pixart``: a text-conditional ``diffusers.PixArtTransformer2DModel`` of the same size
+(4 blocks, hidden 128, cross-attention to the captions, one global adaLN-single) conditioned on
+captions such as "a handwritten seven" or "the digit 7" (``CAPTION_TEMPLATES``, a template drawn per
+sample), encoded by a tiny frozen ``T5EncoderModel`` (random weights, never trained: its features
+only have to tell the captions apart) through a T5 tokenizer over the captions' words built in
+memory. The caption is replaced by the empty prompt with probability ``--class-drop`` (the
+unconditional branch of classifier-free guidance, PixArt's negative prompt "").
+
 Writes a diffusers-style pipeline folder: ``transformer/`` and ``scheduler/`` (the DDIM scheduler to
-sample with: the training betas, ``clip_sample`` off), ``model_index.json``,
+sample with: the training betas, ``clip_sample`` off), ``model_index.json``, for PixArt
+``tokenizer/`` and ``text_encoder/``,
 ``classifier.safetensors`` + ``classifier.json``, ``samples.png`` (one row per class) and
 ``training.json`` (command, losses, the classifier's held-out accuracy, the class accuracy of FP
 samples at the default sampling settings, wall time).
@@ -35,23 +45,71 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from archquant.models.diffusion import sample_class_conditional
-from archquant.models.digits import (class_accuracy, load_digit_images, predict, save_classifier, split_indices,
-                                     train_classifier)
+from archquant.models.digits import (DIGIT_WORDS, class_accuracy, load_digit_images, predict, save_classifier,
+                                     split_indices, train_classifier)
+from archquant.models.dit_loading import DiffusionModel, save_pipeline_folder
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding appends the null row after the real classes
 MODEL_CONFIG = dict(in_channels=1, out_channels=1, sample_size=16, patch_size=2, num_embeds_ada_norm=NUM_CLASSES,
                     num_attention_heads=4, attention_head_dim=32, num_layers=4, norm_type="ada_norm_zero")
+PIXART_CONFIG = dict(in_channels=1, out_channels=1, sample_size=16, patch_size=2, num_attention_heads=4,
+                     attention_head_dim=32, num_layers=4, cross_attention_dim=128, caption_channels=64,
+                     norm_type="ada_norm_single", use_additional_conditions=False)
+#: the frozen caption encoder: a T5 encoder small enough to commit (about 0.2 M parameters)
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 dropout_rate=0.0)
+#: T5 tokens per caption (the longest template is 9 with its end token)
+MAX_SEQUENCE_LENGTH = 16
+#: caption templates; {w} is the digit's word ("seven"), {n} its numeral ("7")
+CAPTION_TEMPLATES = ("a handwritten {w}", "the digit {w}", "a drawing of a {w}", "the number {n}", "a {w}",
+                     "an image of the digit {n}", "a picture of a handwritten {w}", "digit {n}")
 # The sampling settings the reference is judged (and quantized) with; recorded in training.json.
 DEFAULT_SAMPLE_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
 
 
-def build_transformer(seed: int):
-    from diffusers import DiTTransformer2DModel
+def caption(template: str, digit: int) -> str:
+    return template.format(w=DIGIT_WORDS[digit], n=digit)
+
+
+def caption_tokenizer():
+    """A T5 (Unigram) tokenizer whose pieces are the caption words, built in memory; other text
+    is spelled out in letters and digits, so any prompt tokenizes."""
+    from transformers import T5Tokenizer
+
+    words = sorted({w for t in CAPTION_TEMPLATES for w in t.replace("{w}", "").replace("{n}", "").split()}
+                   | set(DIGIT_WORDS) | {str(d) for d in range(10)})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    vocab += [("▁", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.model_max_length = MAX_SEQUENCE_LENGTH  # saved: the loader pads prompts to this, not to PixArt's 300
+    return tokenizer
+
+
+def build_prompt_encoder(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    from archquant.models.text_encoders import PromptEncoder
+
+    tokenizer = caption_tokenizer()
+    torch.manual_seed(seed + 1)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval().requires_grad_(False)
+    return PromptEncoder("t5", [tokenizer], [encoder], MAX_SEQUENCE_LENGTH, {"path": "unsaved"})
+
+
+def build_transformer(seed: int, kind: str = "dit"):
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
+    if kind == "pixart":
+        model = PixArtTransformer2DModel(**PIXART_CONFIG)
+        # PixArt's initialisation (as DiT's): the timestep modulation and the output start at zero
+        with torch.no_grad():
+            for layer in (model.adaln_single.linear, model.proj_out):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        return model
     model = DiTTransformer2DModel(**MODEL_CONFIG)
     for block in model.transformer_blocks:
         table = block.norm1.emb.class_embedder.embedding_table.weight
@@ -71,7 +129,8 @@ def build_transformer(seed: int):
 
 
 def class_embedders(model):
-    return [block.norm1.emb.class_embedder for block in model.transformer_blocks]
+    return [block.norm1.emb.class_embedder for block in getattr(model, "transformer_blocks", [])
+            if hasattr(block.norm1, "emb")]
 
 
 def make_schedulers():
@@ -85,12 +144,38 @@ def make_schedulers():
     return train_sched, DDIMScheduler.from_config(train_sched.config, clip_sample=False)
 
 
-def sample(model, ddim, labels: list[int], seeds: list[int], *, num_steps: int, guidance: float,
-           batch: int = 100) -> torch.Tensor:
+class Conditioning:
+    """What a training batch is conditioned on, with the label drop of classifier-free guidance."""
+
+    def __init__(self, kind: str, prompt_encoder=None):
+        self.kind, self.prompt_encoder = kind, prompt_encoder
+
+    def draw(self, y: torch.Tensor, drop: float, gen: torch.Generator) -> dict:
+        if self.kind == "dit":
+            y = y.clone()
+            y[torch.rand(y.shape, generator=gen) < drop] = NULL_CLASS
+            return {"class_labels": y}
+        templates = torch.randint(0, len(CAPTION_TEMPLATES), y.shape, generator=gen)
+        dropped = torch.rand(y.shape, generator=gen) < drop
+        captions = ["" if d else caption(CAPTION_TEMPLATES[int(t)], int(c)) for c, t, d in zip(y, templates, dropped)]
+        text = self.prompt_encoder.encode(captions)
+        return {"encoder_hidden_states": text["embeds"], "encoder_attention_mask": text["mask"],
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def pipeline_model(transformer, ddim, prompt_encoder=None) -> DiffusionModel:
+    return DiffusionModel(transformer, "DDIMScheduler", dict(ddim.config), None, prompt_encoder).eval()
+
+
+def sample(model: DiffusionModel, labels: list[int], seeds: list[int], *, num_steps: int, guidance: float,
+           batch: int = 100, template: str = CAPTION_TEMPLATES[0]) -> torch.Tensor:
+    """Samples of the digits ``labels`` (class ids, or for PixArt captions from ``template``)."""
     out = []
     for i in range(0, len(labels), batch):
-        out.append(sample_class_conditional(model, ddim, torch.tensor(labels[i:i + batch]), seeds[i:i + batch],
-                                            num_steps=num_steps, guidance_scale=guidance, null_class=NULL_CLASS))
+        chunk = labels[i:i + batch]
+        cond = ({"prompts": [caption(template, c) for c in chunk]} if model.is_text_conditional
+                else {"class_labels": torch.tensor(chunk)})
+        out.append(model.generate(seeds[i:i + batch], num_steps=num_steps, guidance_scale=guidance, **cond))
     return torch.cat(out)
 
 
@@ -100,7 +185,9 @@ def train(args):
     train_idx, test_idx = split_indices(len(labels), 0.2, seed=args.seed)
     x_train, y_train = images[train_idx], labels[train_idx]
 
-    model = build_transformer(args.seed)
+    prompt_encoder = build_prompt_encoder(args.seed) if args.kind == "pixart" else None
+    conditioning = Conditioning(args.kind, prompt_encoder)
+    model = build_transformer(args.seed, args.kind)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     train_sched, ddim = make_schedulers()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -116,12 +203,12 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, x_train.shape[0], (args.batch_size,), generator=gen)
-        x0, y = x_train[idx], y_train[idx].clone()
-        y[torch.rand(y.shape, generator=gen) < args.class_drop] = NULL_CLASS
+        x0 = x_train[idx]
+        cond = conditioning.draw(y_train[idx], args.class_drop, gen)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = train_sched.add_noise(x0, noise, t)
-        pred = model(xt, timestep=t, class_labels=y).sample
+        pred = model(xt, timestep=t, **cond).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -144,24 +231,42 @@ def train(args):
     classifier_seconds = time.time() - t1
     print(f"classifier: held-out accuracy {classifier_test_acc:.4f} ({classifier_seconds:.0f}s)", flush=True)
 
-    # FP samples: every class with seeds 0..n-1 (the same noise in each class's row)
+    # FP samples: every class with seeds 0..n-1 (the same noise in each class's row); PixArt: the
+    # first caption template, and the per-template accuracy on a few seeds
     t2 = time.time()
+    pipe = pipeline_model(ema, ddim, prompt_encoder)
     seeds = list(range(args.eval_seeds))
     want = [c for c in range(NUM_CLASSES) for _ in seeds]
-    samples = sample(ema, ddim, want, seeds * NUM_CLASSES, num_steps=args.sample_steps, guidance=args.guidance)
+    samples = sample(pipe, want, seeds * NUM_CLASSES, num_steps=args.sample_steps, guidance=args.guidance)
     pred = predict(classifier, samples)
     want_t = torch.tensor(want)
     per_class = {str(c): float(pred[want_t == c].eq(c).float().mean()) for c in range(NUM_CLASSES)}
     sample_acc = float(pred.eq(want_t).float().mean())
+    per_template = {}
+    if args.kind == "pixart":
+        few = list(range(1000, 1005))
+        few_want = [c for c in range(NUM_CLASSES) for _ in few]
+        for template in CAPTION_TEMPLATES:
+            got = predict(classifier, sample(pipe, few_want, few * NUM_CLASSES, num_steps=args.sample_steps,
+                                             guidance=args.guidance, template=template))
+            per_template[template] = float(got.eq(torch.tensor(few_want)).float().mean())
     sample_seconds = time.time() - t2
     print(f"FP samples: class accuracy {sample_acc:.4f} ({args.sample_steps} DDIM steps, guidance "
-          f"{args.guidance}, {len(want)} samples, {sample_seconds:.0f}s)  per class {per_class}", flush=True)
+          f"{args.guidance}, {len(want)} samples, {sample_seconds:.0f}s)  per class {per_class}"
+          + (f"  per template {per_template}" if per_template else ""), flush=True)
 
     import diffusers
 
+    dit = args.kind == "dit"
     result = {
         "command": "python -m archquant.models.train_dit " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "model": "diffusers.DiTTransformer2DModel", "config": MODEL_CONFIG, "null_class": NULL_CLASS,
+        "model": "diffusers.DiTTransformer2DModel" if dit else "diffusers.PixArtTransformer2DModel",
+        "config": MODEL_CONFIG if dit else PIXART_CONFIG,
+        **({"null_class": NULL_CLASS} if dit else {
+            "text_encoder": {"model": "transformers.T5EncoderModel (random, frozen)", "config": T5_CONFIG,
+                             "parameters": sum(p.numel() for p in prompt_encoder.encoders[0].parameters()),
+                             "max_sequence_length": MAX_SEQUENCE_LENGTH},
+            "captions": list(CAPTION_TEMPLATES), "negative_prompt": ""}),
         "parameters": sum(p.numel() for p in ema.parameters()),
         "data": (f"sklearn.datasets.load_digits upsampled to 16x16 in [-1, 1]: {len(train_idx)} train / "
                  f"{len(test_idx)} held-out (seeded split, seed {args.seed})"),
@@ -174,9 +279,11 @@ def train(args):
         "classifier_test_samples": len(test_idx),
         "sampling": {"scheduler": "DDIMScheduler (scheduler/)", "num_steps": args.sample_steps,
                      "guidance_scale": args.guidance, "seeds": f"0..{args.eval_seeds - 1} for each class",
-                     "samples": len(want)},
+                     "samples": len(want), **({} if dit else {"prompt": CAPTION_TEMPLATES[0]})},
         "sample_class_accuracy": sample_acc,
         "sample_class_accuracy_per_class": per_class,
+        **({"sample_class_accuracy_per_template": per_template, "per_template_seeds": "1000..1004 for each class"}
+           if per_template else {}),
         "train_seconds": round(train_seconds, 1),
         "classifier_seconds": round(classifier_seconds, 1),
         "sample_seconds": round(sample_seconds, 1),
@@ -186,7 +293,7 @@ def train(args):
     }
     grid = samples.view(NUM_CLASSES, args.eval_seeds, 1, 16, 16)[:, :args.grid_seeds]
     grid_pred = pred.view(NUM_CLASSES, args.eval_seeds)[:, :args.grid_seeds]
-    return ema, ddim, classifier, result, grid, grid_pred
+    return pipe, classifier, result, grid, grid_pred
 
 
 def save_grid(grid: torch.Tensor, pred: torch.Tensor, path: Path, title: str) -> None:
@@ -219,21 +326,15 @@ def save_grid(grid: torch.Tensor, pred: torch.Tensor, path: Path, title: str) ->
     plt.close(fig)
 
 
-def save_pipeline(out: Path, transformer, ddim, classifier, result: dict, grid, grid_pred) -> None:
-    import diffusers
-
+def save_pipeline(out: Path, pipe: DiffusionModel, classifier, result: dict, grid, grid_pred) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out / "transformer", safe_serialization=True)
-    ddim.save_pretrained(out / "scheduler")
-    index = {"_class_name": "DiTPipeline", "_diffusers_version": diffusers.__version__,
-             "transformer": ["diffusers", "DiTTransformer2DModel"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "vae": [None, None]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_pipeline_folder(pipe, out)
     save_classifier(classifier, out)
     s = result["sampling"]
+    what = f"prompt '{s['prompt']}'" if "prompt" in s else "class ids"
     save_grid(grid, grid_pred, out / "samples.png",
-              f"dit-digits FP samples: {s['num_steps']} DDIM steps, guidance {s['guidance_scale']}, seeds 0-"
-              f"{grid.shape[1] - 1}; class accuracy {result['sample_class_accuracy']:.3f} over {s['samples']} samples")
+              f"{out.name} FP samples ({what}): {s['num_steps']} DDIM steps, guidance {s['guidance_scale']}, seeds 0-"
+              f"{grid.shape[1] - 1};\nclass accuracy {result['sample_class_accuracy']:.3f} over {s['samples']} samples")
     # written twice so that the recorded size includes training.json itself
     result["folder_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -244,6 +345,8 @@ def save_pipeline(out: Path, transformer, ddim, classifier, result: dict, grid, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--kind", choices=("dit", "pixart"), default="dit",
+                   help="dit: class-conditional DiT; pixart: text-conditional PixArt with a frozen T5 encoder")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -262,9 +365,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.grid_seeds = min(args.grid_seeds, args.eval_seeds)
-    transformer, ddim, classifier, result, grid, grid_pred = train(args)
-    out = Path(args.out)
-    save_pipeline(out, transformer, ddim, classifier, result, grid, grid_pred)
+    pipe, classifier, result, grid, grid_pred = train(args)
+    save_pipeline(Path(args.out), pipe, classifier, result, grid, grid_pred)
     print(json.dumps({k: result[k] for k in ("final_loss", "classifier_test_accuracy", "sample_class_accuracy",
                                              "wall_seconds", "folder_bytes")}))
     return 0

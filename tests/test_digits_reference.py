@@ -129,3 +129,34 @@ def test_reference_classifier_accuracy_on_held_out_digits():
     accuracy = class_accuracy(classifier, (x[test] + 1) / 2, y[test])
     assert accuracy >= 0.9
     assert accuracy == pytest.approx(training["classifier_test_accuracy"], abs=1e-6)
+
+
+PIXART = REFERENCE.parent / "pixart-digits"
+
+
+def test_pixart_reference_folder_is_a_text_to_image_pipeline_with_a_frozen_t5():
+    from archquant.models.dit_loading import load_pipeline_folder
+
+    index = json.loads((PIXART / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and index["vae"] == [None, None]
+    assert not list(PIXART.rglob("*.bin")) and not list(PIXART.rglob("*.pt*"))  # safetensors only
+    assert sum(p.stat().st_size for p in PIXART.rglob("*") if p.is_file()) < 8 * 2**20
+    training = json.loads((PIXART / "training.json").read_text())
+    assert training["sample_class_accuracy"] >= 0.85
+    model = load_pipeline_folder(PIXART)
+    assert model.prompt_encoder.max_sequence_length == 16  # the folder's tokenizer says so, not PixArt's 300
+    from archquant.models.digits import digit_in_prompt
+
+    prompts = ["a handwritten three", "the digit 7"]
+    assert [digit_in_prompt(p) for p in prompts] == [3, 7]
+    out = model.generate([0, 1], num_steps=4, guidance_scale=3.0, prompts=prompts)
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
+def test_digit_in_prompt_needs_exactly_one_digit():
+    from archquant.models.digits import digit_in_prompt
+
+    assert digit_in_prompt("A handwritten Seven") == 7 and digit_in_prompt("number 0") == 0
+    assert digit_in_prompt("a cat") is None and digit_in_prompt("a one and a two") is None
+    assert digit_in_prompt("one 1") == 1  # the same digit twice is still one digit

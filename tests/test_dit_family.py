@@ -138,7 +138,7 @@ def test_bad_pipeline_folders_are_one_line_errors(tmp_path, pipeline_dir, capsys
     assert code == 2 and "only pickled weights" in one_error_line(err)
 
 
-@pytest.mark.parametrize("config", ["dit_w4a8.yaml", "dit_w8a8.yaml"])
+@pytest.mark.parametrize("config", ["dit_w4a8.yaml", "dit_w8a8.yaml", "pixart_w4a8.yaml"])
 def test_the_committed_configs_run_on_the_reference_dit(tmp_path, capsys, config):
     from cli_testing import ROOT
 
