@@ -145,6 +145,12 @@ def test_lrq_dit_w4a8_runs_through_the_cli_and_reloads_bit_identically(tmp_path,
     assert report["reload"]["identical"] and report["reload"]["outputs_identical"]
     assert report["metrics"]["quantized"]["psnr_vs_fp"] > 10
     assert "psnr_vs_fp" in report["compare"]["rtn_dynamic"]["metrics"]
+    # FID / LPIPS / CLIP need weights this machine lacks: absent and explained, never made up
+    for row in (report["metrics"]["fp"], report["metrics"]["quantized"]):
+        assert not {"fid", "fid_vs_fp", "lpips_vs_fp", "clip_score"} & set(row)
+    notes = report["evaluation_notes"]
+    assert any(n.startswith("clip_score skipped: CLIP model 'openai/clip-vit-base-patch16'") for n in notes)
+    assert any(n.startswith("lpips_vs_fp skipped") for n in notes) and len(notes) == len(set(notes))
     assert (tmp_path / "out" / "artifacts" / "lrq_dit" / "samples.png").is_file()
     ckpt = tmp_path / "out" / "checkpoint"
     qconfig = json.loads((ckpt / "quantization_config.json").read_text())
@@ -161,6 +167,8 @@ def test_lrq_dit_w4a8_runs_through_the_cli_and_reloads_bit_identically(tmp_path,
     ('evaluation.options.prompts=[]', "evaluation.options.prompts is empty"),
     ('evaluation.options.prompts=["A  blue dog"]', "overlap in 1 item(s), e.g. calibration prompt 'a blue dog'"),
     ("evaluation.options.resolution=18", "resolution=18 is not a multiple of 4 (VAE factor 2 x patch size 2)"),
+    ("evaluation.options.fid_reference=/no/such/folder", "fid_reference folder /no/such/folder does not exist"),
+    ("calibration.options.fid_reference=/tmp", "'calibration.options.fid_reference' is only meaningful under 'evaluation'"),
     ("evaluation.source=classes", "does not fit a PixArtTransformer2DModel, which is text-to-image: use source "
                                   "'prompts'"),
 ])
@@ -192,3 +200,21 @@ def test_an_offline_hub_id_is_a_one_line_error(tmp_path, pipeline_dirs, capsys, 
                            "model.path=nobody-here/no-such-pixart")
     line = one_error_line(err)
     assert code == 2 and "'nobody-here/no-such-pixart': not a local folder, and the hub download failed" in line
+
+
+def test_the_committed_flux_config_runs_on_a_tiny_flux_folder(tmp_path, pipeline_dirs, capsys):
+    from cli_testing import ROOT
+
+    small = [f"model.path={pipeline_dirs['flux']}", "model.options.max_sequence_length=8",
+             "calibration.options.resolution=16", "evaluation.options.resolution=16", "calibration.options.num_steps=2",
+             "evaluation.options.num_steps=2", "compare=[]", "progress=false", f"output_dir={tmp_path / 'out'}"]
+    code, out, err = run_cli(capsys, ROOT / "configs" / "flux_w4a8.yaml", *small)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["reload"]["identical"] and report["reload"]["outputs_identical"]
+    quantized = [r["module"] for r in report["quantized_modules"]["modules"]]
+    # the config keeps LRQ-DiT's FLUX scope: attention projections only, in bfloat16
+    assert "transformer.transformer_blocks.0.attn.add_q_proj" in quantized
+    assert not any(".ff" in n or "proj_mlp" in n or n.endswith("single_transformer_blocks.0.proj_out")
+                   for n in quantized)
+    assert report["model"]["config"]["text"]["dtype"] == "bfloat16"

@@ -33,6 +33,7 @@ from ..data import DataSplit, digest_record, digest_text, label_digests
 from ..evaluation import EvalContext, Metric
 from ..models import reference_dir
 from ..models.dit_loading import DiffusionModel, build_diffusion_model, load_pipeline_folder
+from ..eval.image_metrics import METRICS as IMAGE_METRICS
 from ..options import Option
 from . import dit_recipes
 from .base import FamilyAdapter, register_adapter
@@ -95,6 +96,14 @@ class DiTAdapter(FamilyAdapter):
         "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none); FLUX: the "
                                                         "distilled guidance of guidance-embedding models"),
         "resolution": Option(None, type=int, minimum=1, help="image side in pixels (default: the model's own)"),
+        # optional metrics: computed when what they need is present, else left out with a note
+        "fid_reference": Option(None, type=str, roles=("evaluation",),
+                                help="folder of real images for FID (needs torch-fidelity's Inception weights)"),
+        "clip_model": Option("openai/clip-vit-base-patch16", type=str, roles=("evaluation",),
+                             help="CLIP model (local folder, or a hub id in the HF cache) for the CLIP score of "
+                                  "text-to-image samples; null: none"),
+        "lpips": Option("alex", type=str, allowed=("alex", "vgg", "squeeze", None), roles=("evaluation",),
+                        help="LPIPS backbone for lpips_vs_fp (needs torchvision's weights); null: none"),
     }
     metrics = (
         Metric("psnr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,
@@ -103,6 +112,7 @@ class DiTAdapter(FamilyAdapter):
                description="SSIM against the FP model's image from the same class or prompt and seed (mean)"),
         Metric("class_accuracy", lower_is_better=False,
                description="share of samples the reference classifier assigns to the requested class"),
+        *IMAGE_METRICS,
     )
     presets = dit_recipes.DIT_PRESETS
 
@@ -176,7 +186,13 @@ class DiTAdapter(FamilyAdapter):
             items, batches, digests = _class_items(opts, model_config, role, n, first, bs, common)
         else:
             items, batches, digests = _prompt_items(opts, role, n, first, bs, common)
-        extra = {"classifier": _load_classifier(model_config.get("classifier")) if role == "evaluation" else None}
+        extra = {}
+        if role == "evaluation":
+            from ..eval.image_metrics import OptionalImageMetrics
+
+            extra["classifier"] = _load_classifier(model_config.get("classifier"))
+            extra["image_metrics"] = OptionalImageMetrics(fid_reference=opts["fid_reference"],
+                                                          clip_model=opts["clip_model"], lpips=opts["lpips"])
         return DataSplit(f"{source}/{role}", batches, frozenset(items), extra=extra, digests=digests)
 
     def validate_batch(self, model: nn.Module, batch: Any) -> None:
@@ -219,6 +235,13 @@ class DiTAdapter(FamilyAdapter):
             metrics["class_accuracy"] = float(class_accuracy(classifier, images, labels))
         if ctx is None:
             return metrics
+        optional = data.extra.get("image_metrics")
+        if optional is not None:  # FID / LPIPS / CLIP score where their weights are present, else a note
+            prompts = [p for b in data.batches for p in b["prompts"]] if "prompts" in data.batches[0] else None
+            found, notes = optional.evaluate(images, fp_images=None if ctx.is_fp else ctx.fp, prompts=prompts)
+            metrics.update(found)
+            for note in notes:
+                ctx.note(note)
         if ctx.is_fp:
             ctx.keep(images)
             _write_grid(ctx, images, None, titles)
