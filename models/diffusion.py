@@ -114,7 +114,7 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     rows = embeds.shape[0]
     added = {"resolution": None, "aspect_ratio": None}
     if getattr(transformer, "use_additional_conditions", False):  # PixArt-alpha 1024: size conditioning
-        pixels = size * _vae_factor(vae)
+        pixels = size * (1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1))
         added = {"resolution": torch.tensor([[pixels, pixels]], dtype=dtype).repeat(rows, 1),
                  "aspect_ratio": torch.ones(rows, 1, dtype=dtype)}
     scheduler.set_timesteps(num_steps)
@@ -132,10 +132,6 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
             out = out.chunk(2, dim=1)[0]
         latents = scheduler.step(out, t, latents).prev_sample
     return decode_images(latents, vae)
-
-
-def _vae_factor(vae: nn.Module | None) -> int:
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -120,15 +120,7 @@ class DiffusionModel(nn.Module):
     @property
     def vae_factor(self) -> int:
         """Pixels per latent pixel (1 in pixel space)."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def pixel_multiple(self) -> int:
-        """What a resolution must be a multiple of: VAE factor x patch size (FLUX: x 2 for its
-        2x2 packing of latents; its transformer's own patch is 1)."""
-        patch = 2 * int(self.transformer.config.patch_size) if self.kind == "flux" else \
-            int(self.transformer.config.patch_size)
-        return self.vae_factor * patch
+        return vae_factor(None if self.vae is None else dict(self.vae.config))
 
     @property
     def native_resolution(self) -> int:
@@ -167,6 +159,25 @@ class DiffusionModel(nn.Module):
             "pipeline_class": self.pipeline_class,
             "text": None if self.prompt_encoder is None else self.prompt_encoder.describe(),
         }
+
+
+def vae_factor(vae_config: dict | None) -> int:
+    """Pixels per latent pixel of a VAE config (1 without a VAE: pixel space)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 1
+
+
+def check_resolution(resolution: int, config: dict, where: str) -> None:
+    """Refuse a resolution that the VAE factor times the patch size (times 2 for FLUX's 2x2 packing
+    of latents; its transformer's own patch is 1) does not divide; ``config`` is a
+    ``DiffusionModel.build_config()``."""
+    factor = vae_factor(config.get("vae_config"))
+    patch = int(config["transformer_config"].get("patch_size") or 1)
+    flux = SUPPORTED_TRANSFORMERS.get(config["transformer_class"]) == "flux"
+    multiple = factor * patch * (2 if flux else 1)
+    if resolution % multiple:
+        why = f"VAE factor {factor} x patch size {patch}" + (" x FLUX's 2x2 latent packing" if flux else "")
+        raise ValueError(f"{where}={resolution} is not a multiple of {multiple} ({why}) for this "
+                         f"{config['transformer_class']}")
 
 
 def unsupported_message(name: str) -> str:

@@ -32,7 +32,7 @@ from ..core.structure import ModelStructure
 from ..data import DataSplit, digest_record, digest_text, label_digests
 from ..evaluation import EvalContext, Metric
 from ..models import reference_dir
-from ..models.dit_loading import DiffusionModel, build_diffusion_model, load_pipeline_folder
+from ..models.dit_loading import DiffusionModel, build_diffusion_model, check_resolution, load_pipeline_folder
 from ..eval.image_metrics import METRICS as IMAGE_METRICS
 from ..options import Option
 from . import dit_recipes
@@ -179,7 +179,9 @@ class DiTAdapter(FamilyAdapter):
             raise ValueError(f"{role}.source={source!r} does not fit a {transformer_class}, which is {what}: use "
                              f"source {SOURCES[kind]!r}")
         opts = self.data_options_of(data_cfg, role)
-        resolution = _check_resolution(opts["resolution"], model_config, role)
+        resolution = opts["resolution"]
+        if resolution is not None:
+            check_resolution(resolution, model_config, f"{role}.options.resolution")
         n, first, bs = int(data_cfg["num_samples"]), int(data_cfg.get("seed") or 0), int(data_cfg["batch_size"])
         common = {"num_steps": opts["num_steps"], "guidance_scale": opts["guidance_scale"], "resolution": resolution}
         if source == "classes":
@@ -258,22 +260,6 @@ def _kind(transformer_class: str) -> str:
     if transformer_class not in SUPPORTED_TRANSFORMERS:
         raise ValueError(unsupported_message(transformer_class))
     return SUPPORTED_TRANSFORMERS[transformer_class]
-
-
-def _check_resolution(resolution: int | None, model_config: dict, role: str) -> int | None:
-    """``resolution`` if the VAE factor and patch size divide it (None: the model's own)."""
-    if resolution is None:
-        return None
-    vae = model_config.get("vae_config") or {}
-    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
-    patch = int(model_config["transformer_config"].get("patch_size") or 1)
-    kind = _kind(model_config["transformer_class"])
-    multiple = factor * patch * (2 if kind == "flux" else 1)
-    if resolution % multiple:
-        why = f"VAE factor {factor} x patch size {patch}" + (" x FLUX's 2x2 latent packing" if kind == "flux" else "")
-        raise ValueError(f"{role}.options.resolution={resolution} is not a multiple of {multiple} ({why}) for this "
-                         f"{model_config['transformer_class']}")
-    return resolution
 
 
 def _class_items(opts: dict, model_config: dict, role: str, n: int, first: int, bs: int, common: dict):
