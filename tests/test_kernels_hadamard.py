@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from archquant.core.hadamard import factor_size, hadamard_matrix, random_signs  # noqa: E402
+from archquant.core.transforms import ChannelScale  # noqa: E402
 from kernel_testing import DEVICE, needs_gpu, requires_backend  # noqa: E402
 from archquant.kernels.hadamard_quant import (  # noqa: E402
     hadamard_plan,
@@ -138,11 +139,50 @@ def test_static_scale(n):
         assert q.abs().max().item() == 127
 
 
+def smoothing_scales(n, seed=0):
+    """SmoothQuant-like per-channel scales over two decades, most not representable in 16 bits."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(n, generator=g)).to(DEVICE)
+
+
+# 48: the dense kernel; 96, 160, 1152 = 36 * 32: the factorised one (A = 12, 40, 36)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [48, 96, 160, 1152])
+def test_channel_scale_matches_core_reference(n, dtype):
+    """LRQ-DiT's ChannelScale + random Hadamard in the kernel vs the core modules, both scale modes."""
+    x = activations(rows_for(n), n, dtype=dtype, seed=n)
+    signs, cs = random_signs(n, seed=3).to(DEVICE), smoothing_scales(n, seed=n)
+    got = hadamard_quant_int8(x, signs=signs, channel_scale=cs)
+    ref = hadamard_quant_int8_reference(x, signs=signs, channel_scale=cs)
+    assert_codes_close(*got, *ref)
+    static = 0.8 * ref[1].max().item()  # saturates the largest rows
+    q, _ = hadamard_quant_int8(x, static, signs=signs, channel_scale=cs)
+    q_ref, _ = hadamard_quant_int8_reference(x, static, signs=signs, channel_scale=cs)
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max().item() <= 1 and (diff > 0).sum().item() <= 1 + 1e-3 * q.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [48, 1152])
+def test_channel_scale_divides_exactly_as_the_core(n, dtype):
+    """The kernel's x / s (s and the quotient rounded to x's dtype) is bit for bit ChannelScale's:
+    scaling inside the kernel or before it gives the very same codes."""
+    x = activations(rows_for(n), n, dtype=dtype, seed=n + 1)
+    cs = smoothing_scales(n, seed=n + 1)
+    fused = hadamard_quant_int8(x, channel_scale=cs)
+    separate = hadamard_quant_int8(ChannelScale(cs)(x))
+    assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
+
+
 def test_bf16_without_rounding_to_input_dtype():
     x = activations(3, 1536, dtype=torch.bfloat16, seed=4)
     got = hadamard_quant_int8(x, round_to_input_dtype=False)
     ref = hadamard_quant_int8_reference(x, round_to_input_dtype=False)
     assert_codes_close(*got, *ref)
+    cs = smoothing_scales(1536)  # then the scale and the quotient stay fp32 too
+    got = hadamard_quant_int8(x, channel_scale=cs, round_to_input_dtype=False)
+    assert_codes_close(*got, *hadamard_quant_int8_reference(x, channel_scale=cs, round_to_input_dtype=False))
+    assert torch.equal(got[0], hadamard_quant_int8(x.float() / cs, round_to_input_dtype=False)[0])
 
 
 @pytest.mark.parametrize("n", [160, 2048])
@@ -174,6 +214,8 @@ def test_unsupported_sizes_and_arguments():
     x = activations(2, 64)
     with pytest.raises(ValueError):
         hadamard_quant_int8(x, signs=torch.ones(63, device=DEVICE))
+    with pytest.raises(ValueError, match="channel_scale"):
+        hadamard_quant_int8(x, channel_scale=torch.ones(65, device=DEVICE))
     with pytest.raises(ValueError):
         hadamard_quant_int8(x, input_precision="bf16")
     with pytest.raises(ValueError):
@@ -207,18 +249,18 @@ import math
 from archquant.kernels import hadamard_quant as H
 from archquant.kernels import quantize as Q
 
-ptrs = dict(x_ptr="bf16", l_ptr="i8", r_ptr="i8", sign_ptr="fp32", q_ptr="i8", s_ptr="fp32")
+ptrs = dict(x_ptr="bf16", l_ptr="i8", r_ptr="i8", sign_ptr="fp32", cs_ptr="fp32", q_ptr="i8", s_ptr="fp32")
 for n in (160, 1536, 2560, 4096, 5120, 8192):  # incl. Mamba-130m / 2.8B d_model and d_inner
     p = H.hadamard_plan(n)
     precision, warps = H.launch_params(p)  # what the wrapper launches
-    for static, signs in ((False, False), (True, True)):
+    for static, signs in ((False, False), (True, True)):  # the second with ARS's channel scale too
         aot(H._hadamard_quant_kron_kernel,
             dict(A=p.a, B=p.b, A_PAD=p.a_pad, B_PAD=p.b_pad, NORM=1.0 / math.sqrt(n), HAS_SIGNS=signs,
-                 STATIC=static, Y_ROUND=2, QMAX=127, MIN_SCALE=1e-8, PRECISION=precision, ROWS_PER_PROG=1),
+                 HAS_CHANNEL_SCALE=signs, STATIC=static, Y_ROUND=2, QMAX=127, MIN_SCALE=1e-8, PRECISION=precision, ROWS_PER_PROG=1),
             ptrs, ones=("stride_xk", "stride_qk", "stride_s"), num_warps=warps)
 p = H.hadamard_plan(48)
 aot(H._hadamard_quant_dense_kernel,
-    dict(N=48, N_PAD=p.b_pad, NORM=1.0 / math.sqrt(48), HAS_SIGNS=False, STATIC=False, Y_ROUND=1, QMAX=127,
+    dict(N=48, N_PAD=p.b_pad, NORM=1.0 / math.sqrt(48), HAS_SIGNS=False, HAS_CHANNEL_SCALE=True, STATIC=False, Y_ROUND=1, QMAX=127,
          MIN_SCALE=1e-8, PRECISION="ieee", BLOCK_M=16), dict(ptrs, x_ptr="fp16"), ones=("stride_xk", "stride_qk"))
 # the quantize kernels with the blocks their wrappers pick (archquant/kernels/quantize.py _blocks), 4 warps
 for bm, bk in ((1, 4096), (4, 1024), (16, 256)):  # e.g. K = 5120 / 10240 / 160

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..core import formats
 from ..core.modules import QuantLinear
-from ..core.transforms import HadamardTransform
+from ..core.ars import ChainTransform
+from ..core.transforms import ChannelScale, HadamardTransform
 from ..kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_linear_dynamic,
                                 int8_weight_only_linear, quantize_per_tensor_int8_torch, signed_asymmetric_codes,
                                 quantize_per_token_int8_torch, quantize_static_int8_torch)
@@ -294,28 +295,42 @@ class RealQuantLinear(nn.Module):
     def _transform(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 if self.input_transform is None else self.input_transform(x2)
 
+    def _fused_transform(self) -> tuple[ChannelScale | None, HadamardTransform] | None:
+        """(channel scale or None, Hadamard) of an input transform the Triton path fuses with the
+        quantization: a full-width Hadamard, alone or in a chain, after a ``ChannelScale`` or not
+        (ARS's "hadamard" branch; the quarot preset's one-part chain). None for anything else."""
+        if not INT8_INPUT_PATHS[(self.act_kind, "triton")].fuses_hadamard:
+            return None
+        t = self.input_transform
+        parts = list(t.parts) if isinstance(t, ChainTransform) else [t]
+        scale = parts.pop(0) if len(parts) == 2 and isinstance(parts[0], ChannelScale) else None
+        had = parts[0] if len(parts) == 1 else None
+        if isinstance(had, HadamardTransform) and had.block is None and had.size == self.in_features:
+            return scale, had
+        return None
+
     def _fused_hadamard(self) -> HadamardTransform | None:
         """The online Hadamard the Triton path fuses with the quantization, if it can."""
-        t = self.input_transform
-        fusable = INT8_INPUT_PATHS[(self.act_kind, "triton")].fuses_hadamard
-        if fusable and isinstance(t, HadamardTransform) and t.block is None and t.size == self.in_features:
-            return t
-        return None
+        fused = self._fused_transform()
+        return None if fused is None else fused[1]
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 codes and scale of the rows x2 (M, K): online transform, then the input quantizer.
 
-        On the Triton path an online Hadamard and the quantization run as one kernel
-        (``archquant/kernels/hadamard_quant.py``, the same matrices as the offline fusion)."""
+        On the Triton path an online Hadamard (with the channel scale before it, if any) and the
+        quantization run as one kernel (``archquant/kernels/hadamard_quant.py``, the same matrices
+        as the offline fusion)."""
         path, how = self._input_path(x2)
         if how.quantize is None:
             raise ValueError("a weight-only int8 Linear takes float inputs: it has no input quantizer")
         scale = static_scale(self.input_quantizer) if self.act_kind == "static_tensor" else None
-        had = self._fused_hadamard() if path == "triton" else None
-        if had is not None:
+        fused = self._fused_transform() if path == "triton" else None
+        if fused is not None:
             from ..kernels.hadamard_quant import hadamard_quant_int8
 
-            return hadamard_quant_int8(x2, scale, signs=had.signs)
+            channel_scale, had = fused
+            return hadamard_quant_int8(x2, scale, signs=had.signs,
+                                       channel_scale=None if channel_scale is None else channel_scale.scale)
         return how.quantize(self._transform(x2), scale)
 
     def matmul_codes(self, x_q: torch.Tensor, x_scale, out_dtype: torch.dtype) -> torch.Tensor:

@@ -2,18 +2,21 @@
 
 API
 ---
-``hadamard_quant_int8(x, scale=None, *, signs=None, transpose=False,
+``hadamard_quant_int8(x, scale=None, *, signs=None, channel_scale=None, transpose=False,
 round_to_input_dtype=True, input_precision=None) -> (q, scale)``
     ``x``: (..., n) float32/float16/bfloat16 rows.  Computes ``y = x @ H_n`` (or
     ``x @ H_n.T`` with ``transpose=True``; with ``signs`` a ±1 vector of length n,
-    ``y = (x * signs) @ H_n``, i.e. ``x @ random_hadamard_matrix``), with ``H_n`` the
+    ``y = (x * signs) @ H_n``, i.e. ``x @ random_hadamard_matrix``; with
+    ``channel_scale`` a positive vector s of length n, ``y = ((x / s) * signs) @ H_n``,
+    the SmoothQuant scale of LRQ-DiT's adaptive rotation: ``ChannelScale(s)`` then
+    ``HadamardTransform``), with ``H_n`` the
     normalised matrix of :func:`archquant.core.hadamard.hadamard_matrix`, and
     quantizes ``y`` to int8 codes (restricted range ±127) in the same kernel:
     per token (``scale=None``: ``scale = max(amax / 127, 1e-8)``, returned with
     shape ``x.shape[:-1] + (1,)``) or with a given static scale (one value or one
     per token; returned unchanged as fp32).
 ``hadamard_quant_int8_reference(x, scale=None, ...)``
-    ``quantize(apply_hadamard(x))`` with the core functions.
+    ``quantize(apply_hadamard(ChannelScale(s)(x) * signs))`` with the core modules.
 ``hadamard_plan(n, transpose=False)``
     The factorisation and the (padded) ±1 matrices the kernel uses.
 
@@ -62,6 +65,15 @@ fp16/bf16 (``round_to_input_dtype=True``); then ``tl.div_rn`` + round-half-even
 Because the kernel's fp32 summation order differs from the core's butterfly, a
 ``y`` may differ in the last bit, so a code can differ by 1 where ``y / scale``
 lies within an ulp of a rounding boundary (rare).
+
+The channel scale copies ``ChannelScale.forward`` (``x / s.to(x)``, computed in x's
+dtype): with ``round_to_input_dtype=True`` and a 16-bit x, the kernel rounds s to
+x's dtype, divides in fp32 with ``tl.div_rn`` and rounds the quotient to x's dtype,
+which is what torch's 16-bit division gives (it divides in fp32 and rounds once; the
+fp32 quotient of two 16-bit values rounds to the same 16-bit value as the exact one,
+since 24 >= 2 * 11 + 2 bits).  For fp32 x (or ``round_to_input_dtype=False``, whose
+reference runs everything in fp32) it is the one IEEE fp32 division torch does.  So
+the rotation's input is bit-identical to the separate ops'; the ±1 signs are exact.
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ import triton
 import triton.language as tl
 
 from archquant.core.hadamard import apply_hadamard, factor_size, hadamard_base, hadamard_matrix
+from archquant.core.transforms import ChannelScale
 
 from ._triton_utils import (
     OUT_DTYPES,
@@ -219,11 +232,21 @@ def _finish_rows(y, s_ptr, rows64, row_mask, stride_s,
 
 
 @triton.jit
+def _divide_channels(x, cs, ROUND: tl.constexpr):
+    """``x / s`` as ``ChannelScale`` computes it in x's dtype (code ``ROUND``, see the module doc):
+    s and the quotient rounded to that dtype, the division IEEE (plain ``/`` is approximate on
+    NVIDIA).  Padded lanes load s = 1, so they stay 0 instead of 0 / 0 = NaN, which the ±1/0
+    matrices would spread over the whole row."""
+    s = round_to_dtype_code(cs.to(tl.float32), ROUND)
+    return round_to_dtype_code(tl.div_rn(x, s), ROUND)
+
+
+@triton.jit
 def _hadamard_quant_dense_kernel(
-    x_ptr, r_ptr, sign_ptr, q_ptr, s_ptr,
+    x_ptr, r_ptr, sign_ptr, cs_ptr, q_ptr, s_ptr,
     M, stride_xm, stride_xk, stride_qm, stride_qk, stride_s,
     N: tl.constexpr, N_PAD: tl.constexpr, NORM: tl.constexpr,
-    HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, Y_ROUND: tl.constexpr,
+    HAS_SIGNS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, STATIC: tl.constexpr, Y_ROUND: tl.constexpr,
     QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -236,6 +259,9 @@ def _hadamard_quant_dense_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=mask, other=0.0).to(tl.float32)
+    if HAS_CHANNEL_SCALE:
+        cs = tl.load(cs_ptr + cols, mask=col_mask, other=1.0)
+        x = _divide_channels(x, cs[None, :], Y_ROUND)
     if HAS_SIGNS:
         x = x * tl.load(sign_ptr + cols, mask=col_mask, other=0.0)[None, :]
     h = tl.load(r_ptr + cols[:, None] * N_PAD + cols[None, :]).to(tl.float32)
@@ -247,11 +273,11 @@ def _hadamard_quant_dense_kernel(
 
 @triton.jit
 def _hadamard_quant_kron_kernel(
-    x_ptr, l_ptr, r_ptr, sign_ptr, q_ptr, s_ptr,
+    x_ptr, l_ptr, r_ptr, sign_ptr, cs_ptr, q_ptr, s_ptr,
     M, stride_xm, stride_xk, stride_qm, stride_qk, stride_s,
     A: tl.constexpr, B: tl.constexpr, A_PAD: tl.constexpr, B_PAD: tl.constexpr,
     NORM: tl.constexpr,
-    HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, Y_ROUND: tl.constexpr,
+    HAS_SIGNS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, STATIC: tl.constexpr, Y_ROUND: tl.constexpr,
     QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr,
 ):
@@ -264,6 +290,8 @@ def _hadamard_quant_kron_kernel(
     rmat = tl.load(r_ptr + ib[:, None] * B_PAD + ib[None, :]).to(tl.float32)
     if HAS_SIGNS:
         sgn = tl.load(sign_ptr + idx, mask=tile_mask, other=0.0)
+    if HAS_CHANNEL_SCALE:
+        cs = tl.load(cs_ptr + idx, mask=tile_mask, other=1.0)
     pid = tl.program_id(0)
     for i in range(ROWS_PER_PROG):
         # Rows past the end are clamped to the last row instead of masked (scalar
@@ -273,6 +301,8 @@ def _hadamard_quant_kron_kernel(
         row64 = row.to(tl.int64)
         x = tl.load(x_ptr + row64 * stride_xm + idx * stride_xk,
                     mask=tile_mask, other=0.0).to(tl.float32)
+        if HAS_CHANNEL_SCALE:
+            x = _divide_channels(x, cs, Y_ROUND)
         if HAS_SIGNS:
             x = x * sgn
         t = tl.dot(lmat, x, input_precision=PRECISION)  # L^T X   (A_PAD, B_PAD)
@@ -300,11 +330,22 @@ def launch_params(plan: HadamardPlan, input_precision: str | None = None) -> tup
     return input_precision or ("tf32x3" if large else "ieee"), 8 if large else 4
 
 
+def _channel_vector(v, n: int, device: torch.device, name: str) -> torch.Tensor | None:
+    """``v`` as the kernel reads it: n contiguous fp32 values on ``device`` (None stays None)."""
+    if v is None:
+        return None
+    v = torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1).contiguous()
+    if v.numel() != n:
+        raise ValueError(f"{name} must have {n} elements, got {v.numel()}")
+    return v
+
+
 def hadamard_quant_int8(
     x: torch.Tensor,
     scale=None,
     *,
     signs: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
     transpose: bool = False,
     round_to_input_dtype: bool = True,
     input_precision: str | None = None,
@@ -314,6 +355,8 @@ def hadamard_quant_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes of ``x @ H_n`` (n = x.shape[-1]) and their scales, in one kernel.
 
+    ``signs`` / ``channel_scale``: n values each, x's columns are divided by ``channel_scale``
+    and then multiplied by ``signs`` before the rotation (see the module doc).
     ``out`` / ``out_scale`` (per-token mode only, contiguous): optional preallocated
     results.  ``rows_per_program``: rows handled by one program of the factorised
     kernel (default 1, or 4 for more than 1024 rows).
@@ -325,10 +368,8 @@ def hadamard_quant_int8(
     plan = hadamard_plan(n, bool(transpose))
     input_precision, num_warps = launch_params(plan, input_precision)
     device = x.device
-    if signs is not None:
-        signs = torch.as_tensor(signs, dtype=torch.float32, device=device).reshape(-1).contiguous()
-        if signs.numel() != n:
-            raise ValueError(f"signs must have {n} elements, got {signs.numel()}")
+    signs = _channel_vector(signs, n, device, "signs")
+    channel_scale = _channel_vector(channel_scale, n, device, "channel_scale")
     static = scale is not None
     if static:
         if out_scale is not None:
@@ -341,22 +382,24 @@ def hadamard_quant_int8(
         s, stride_s = out_scale.view(m, 1), 1
     q_full = prepare_out(out, x.shape, torch.int8, device, "out")
     q = _rows_view(q_full, m, n, "out")
-    check_launchable(x2, s, signs, q)
+    check_launchable(x2, s, signs, channel_scale, q)
     if m == 0:
         return q_full, out_scale
     left, right = _device_mats(plan, device)
     y_round = OUT_DTYPES[x.dtype] if round_to_input_dtype else 0
     norm = float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))  # what apply_hadamard uses
     common = dict(
-        HAS_SIGNS=signs is not None, STATIC=static, Y_ROUND=y_round,
+        HAS_SIGNS=signs is not None, HAS_CHANNEL_SCALE=channel_scale is not None, STATIC=static, Y_ROUND=y_round,
         QMAX=INT8_QMAX, MIN_SCALE=MIN_SCALE, PRECISION=input_precision,
         enable_fp_fusion=False,
     )
+    # an absent vector's pointer is never read (its HAS_ flag is off): any fp32 tensor will do
     sign_arg = signs if signs is not None else s
+    channel_scale_arg = channel_scale if channel_scale is not None else s
     strides = (m, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1), stride_s)
     if plan.dense:
         _hadamard_quant_dense_kernel[(triton.cdiv(m, _DENSE_BLOCK_M),)](
-            x2, right, sign_arg, q, s, *strides,
+            x2, right, sign_arg, channel_scale_arg, q, s, *strides,
             N=n, N_PAD=plan.b_pad, NORM=norm, BLOCK_M=_DENSE_BLOCK_M,
             num_warps=num_warps, **common,
         )
@@ -365,7 +408,7 @@ def hadamard_quant_int8(
         if not isinstance(rpp, int) or rpp < 1:
             raise ValueError(f"rows_per_program must be a positive int, got {rows_per_program!r}")
         _hadamard_quant_kron_kernel[(triton.cdiv(m, rpp),)](
-            x2, left, right, sign_arg, q, s, *strides,
+            x2, left, right, sign_arg, channel_scale_arg, q, s, *strides,
             A=plan.a, B=plan.b, A_PAD=plan.a_pad, B_PAD=plan.b_pad, NORM=norm,
             ROWS_PER_PROG=rpp, num_warps=num_warps, **common,
         )
@@ -377,11 +420,15 @@ def hadamard_quant_int8_reference(
     scale=None,
     *,
     signs: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
     transpose: bool = False,
     round_to_input_dtype: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Core oracle: ``quantize(apply_hadamard(x * signs))`` (per token or static scale)."""
+    """Core oracle: ``quantize(apply_hadamard(ChannelScale(channel_scale)(x) * signs))`` (per
+    token or static scale); without rounding to the input dtype, all of it in fp32."""
     xin = x if round_to_input_dtype else x.to(torch.float32)
+    if channel_scale is not None:
+        xin = ChannelScale(torch.as_tensor(channel_scale).reshape(-1)).to(x.device)(xin)
     if signs is not None:
         xin = xin * torch.as_tensor(signs, device=x.device).to(xin.dtype)  # ±1: exact
     y = apply_hadamard(xin, transpose=transpose)
