@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton kernels (H100 / H200): medians and ratios measured side by side.
 
     python -m archquant.eval.bench_gpu --write eval/results/gpu_h100.md
-    python -m archquant.eval.bench_gpu --only gemm          # one section (gemm|sweep|hadamard|mamba|w4|memory)
+    python -m archquant.eval.bench_gpu --only gemm          # one section (gemm|sweep|hadamard|mamba|w4|twinlog|memory)
     python -m archquant.eval.bench_gpu --rep 50             # shorter timing window per measurement
 
 Every number in a table comes from this one run on one device, so the ratios compare like with
@@ -13,7 +13,8 @@ section replays CUDA graphs, because decode-size GEMMs are otherwise dominated b
 Sections: gemm (W8A8 int8 / FP8 GEMM vs cuBLAS bf16, ``torch._int_mm`` + epilogue,
 ``torch._scaled_mm``), hadamard (fused Hadamard+quantize vs matmul+quantize and a plain copy),
 mamba (quantized conv1d+SiLU and selective scan, Mamba-2.8B shapes), w4 (W4A16 decode GEMM),
-memory (weight bytes of a W8A8 Mamba-2.8B layer vs fp16).
+twinlog (twin-log W4 LUT GEMM vs fp16 at DiT-XL/2 Linear shapes), memory (weight bytes of a W8A8
+Mamba-2.8B layer vs fp16).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("gemm", "sweep", "hadamard", "mamba", "w4", "memory")
+SECTIONS = ("gemm", "sweep", "hadamard", "mamba", "w4", "twinlog", "memory")
 GEMM_MS = (1, 16, 256, 2048, 8192)
 GEMM_KN = ((1536, 768), (5120, 2560), (1152, 4608), (4096, 4096), (8192, 8192))
 HAD_MS = (2048, 8192)
@@ -33,6 +34,10 @@ HAD_NS = (1536, 4096, 5120)
 W4_MS = (1, 4, 16)
 W4_KN = ((4096, 4096), (8192, 8192), (5120, 2560))
 W4_GROUP = 128
+# DiT-XL/2 Linears (hidden 1152, MLP 4608): qkv/proj/adaLN-sized (1152, 1152), fc1 (1152, 4608),
+# fc2 (4608, 1152); M: one token, a small batch, a 256-token image x 2 (classifier-free guidance)
+TLQ_MS = (1, 16, 512)
+TLQ_KN = ((1152, 1152), (1152, 4608), (4608, 1152))
 # Mamba-2.8B: d_model 2560, d_inner 5120, d_state 16, dt_rank 160, d_conv 4, 64 layers.
 MAMBA = dict(d_model=2560, d_inner=5120, d_state=16, dt_rank=160, d_conv=4, layers=64, batch=1, seq=1024)
 
@@ -451,6 +456,59 @@ def bench_w4(dev) -> str:
     return table("W4A16 decode GEMM", header, rows, notes)
 
 
+# --------------------------------------------------------------------------- 4b. twin-log LUT GEMM
+
+
+def _twinlog_weight(n: int, k: int, dev):
+    """A W4 twin-log weight fitted to a DiT-like (heavy-tailed) random matrix: packed codes and
+    the per-row level table (small search grid: the timing does not depend on the fit)."""
+    from archquant.core import formats
+    from archquant.core.formats import QuantSpec
+    from archquant.core.modules import pack_nibbles
+    from archquant.core.twinlog import fit_twinlog
+    from archquant.kernels.twinlog_gemm import twinlog_lut
+
+    spec = QuantSpec(format="twinlog", bits=4, granularity="channel", axis=0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    chi2 = torch.randn(n, k, 4, device=dev, generator=g).pow(2).sum(-1)
+    w = 0.02 * torch.randn(n, k, device=dev, generator=g) / torch.sqrt(chi2 / 4)
+    params = fit_twinlog(w, spec, etas=(0.0, 0.01, 0.05), percentiles=(0.99, 0.999))
+    codes = formats.quantize(w, spec, params)
+    return pack_nibbles(codes, signed=False).contiguous(), twinlog_lut(params, spec.bits)
+
+
+def bench_twinlog(dev) -> str:
+    from archquant.kernels.twinlog_gemm import dequantize_twinlog_reference, twinlog_gemm, twinlog_gemm_reference
+    header = ["K x N", "M", "twinlog W4 ms (graph)", "fp16 ms (graph)", "fp16/twinlog", "weight bytes vs fp16"]
+    rows = []
+    for k, n in TLQ_KN:
+        w_packed, lut = _twinlog_weight(n, k, dev)
+        w16 = dequantize_twinlog_reference(w_packed, lut).to(torch.float16)  # the same weight for cuBLAS
+        bytes_ratio = (w_packed.numel() + lut.numel() * lut.element_size()) / (w16.numel() * 2)
+        for m in TLQ_MS:
+            print(f"  twinlog K={k} N={n} M={m}")
+            label = [f"{k} x {n}", str(m)]
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            out = torch.empty(m, n, device=dev, dtype=torch.float16)  # fixed buffer for the graph
+            ours = lambda: twinlog_gemm(x, w_packed, lut, out=out)  # noqa: E731
+            # fp16 levels (2^-11 relative) and fp32 summation order: far inside 1e-2
+            bad = mismatch(ours(), twinlog_gemm_reference(x, w_packed, lut), rtol=1e-2, atol_rel=1e-2)
+            if bad:
+                rows.append(wrong_row(label, len(header), f"twinlog_gemm: {bad}"))
+                continue
+            t_ours = graph_median_ms(ours)
+            t_fp16 = try_time(lambda: torch.matmul(x, w16.t()), graph=True)
+            rows.append(label + [fmt(t_ours, 4), fmt(t_fp16, 4), ratio(t_fp16, t_ours), f"{bytes_ratio:.3f}"])
+        w_packed = lut = w16 = None  # free the GPU buffers
+        free_memory()
+    notes = ["fp16 activations; twin-log W4 weights (LRQ-DiT's TLQ: a sign bit + 3 bits of log2 magnitude, two "
+             "codes per byte) with a 16-entry fp32 level table per output row, looked up inside the GEMM; the "
+             "baseline multiplies by the same weight dequantized to fp16 (cuBLAS). Both sides replayed from CUDA "
+             "graphs. Bytes: packed codes + tables vs the fp16 weight.",
+             "Untuned launch defaults (BLOCK_M 16 for M <= 16 else 64, BLOCK_N 32, SUB 32, 4 warps)."]
+    return table("Twin-log W4A16 LUT GEMM (DiT-XL/2 shapes)", header, rows, notes)
+
+
 # --------------------------------------------------------------------------- 5. memory
 
 
@@ -480,7 +538,7 @@ def bench_memory(dev=None) -> str:
 
 
 BENCHES = {"gemm": bench_gemm, "sweep": bench_gemm_sweep, "hadamard": bench_hadamard, "mamba": bench_mamba, "w4": bench_w4,
-           "memory": bench_memory}
+           "twinlog": bench_twinlog, "memory": bench_memory}
 
 END_NOTE = ("## End to end\n\n- TPOT / TTFT of a whole Mamba-2.8B-shaped model (W8A8 real vs FP16, CUDA-graph "
             "decode): `python -m archquant.eval.bench_e2e --write eval/results/e2e_h100.md`.\n")
