@@ -261,24 +261,11 @@ def time_call_ms(fn, device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
-def capture_graph(fn):
-    """(graph, its output tensor) of one call of ``fn``, captured after warm-up on a side
-    stream (Triton compiles and cuBLAS picks its algorithms outside the capture)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def capture_all(steps: dict) -> tuple[dict, str]:
     """One graph per step, each replay checked against an eager call; all or none: ({}, why)
     when any step cannot be captured or replays differently (so every variant is timed alike)."""
+    from archquant.eval.bench_gpu import capture_graph
+
     graphs = {}
     try:
         for name, fn in steps.items():

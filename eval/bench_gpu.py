@@ -53,12 +53,9 @@ def median_ms(fn) -> float:
     return float(do_bench(fn, warmup=max(10, REP_MS // 4), rep=REP_MS, return_mode="median"))
 
 
-def graph_median_ms(fn) -> float:
-    """Median time of one replay of a CUDA graph holding ``fn()``.
-
-    Warm up on a side stream first (Triton compiles and autotunes outside the capture), then
-    capture once; a replay has no Python or launch overhead, as in a graph-captured decode loop.
-    """
+def capture_graph(fn):
+    """(graph, its output tensor) of one call of ``fn``, captured after warm-up on a side stream
+    (Triton compiles and autotunes, cuBLAS picks its algorithms, outside the capture)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -67,7 +64,14 @@ def graph_median_ms(fn) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
+    return graph, out
+
+
+def graph_median_ms(fn) -> float:
+    """Median time of one replay of a CUDA graph holding ``fn()``: a replay has no Python or
+    launch overhead, as in a graph-captured decode loop."""
+    graph, _ = capture_graph(fn)
     return median_ms(graph.replay)
 
 

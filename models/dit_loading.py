@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .pipeline_files import read_json, require_safetensors
 from .text_encoders import PromptEncoder
 
 #: transformer classes this family understands, with the pipeline kind they are sampled as
@@ -45,34 +46,12 @@ def _diffusers():
     return diffusers
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _component_class(folder: Path, config_name: str, what: str) -> str:
-    cfg = _read_json(folder / config_name, f"{what} config")
+    cfg = read_json(folder / config_name, f"{what} config")
     name = cfg.get("_class_name")
     if not isinstance(name, str):
         raise ValueError(f"{folder / config_name} has no '_class_name'")
     return name
-
-
-def _require_safetensors(folder: Path, what: str) -> None:
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.glob("*.bin"))
-    if pickled:
-        raise ValueError(f"{what} in {folder} has only pickled weights ({pickled[0]}); archquant loads "
-                         "safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
-    raise FileNotFoundError(f"no weights (*.safetensors) for the {what} in {folder}")
 
 
 class DiffusionModel(nn.Module):
@@ -260,14 +239,14 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *
     if not folder.is_dir():
         raise FileNotFoundError(f"model.path {str(path)!r}: no such directory (a diffusers pipeline folder "
                                 "with model_index.json and transformer/)")
-    index = _read_json(folder / "model_index.json", "pipeline index (model_index.json)")
+    index = read_json(folder / "model_index.json", "pipeline index (model_index.json)")
     tdir = folder / "transformer"
     if not tdir.is_dir():
         raise FileNotFoundError(f"{folder} has no transformer/ folder: not a diffusion transformer pipeline")
     name = _component_class(tdir, "config.json", "transformer")
     if name not in SUPPORTED_TRANSFORMERS:
         raise ValueError(unsupported_message(name))
-    _require_safetensors(tdir, "transformer")
+    require_safetensors(tdir, "transformer")
     diffusers = _diffusers()
     transformer = getattr(diffusers, name).from_pretrained(str(tdir), use_safetensors=True, torch_dtype=dtype,
                                                           low_cpu_mem_usage=False)
@@ -281,7 +260,7 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *
     if isinstance(vae_entry, list) and vae_entry and vae_entry[-1]:
         vdir = folder / "vae"
         vae_class = _component_class(vdir, "config.json", "vae")
-        _require_safetensors(vdir, "vae")
+        require_safetensors(vdir, "vae")
         vae = getattr(diffusers, vae_class).from_pretrained(str(vdir), use_safetensors=True, torch_dtype=dtype,
                                                           low_cpu_mem_usage=False).eval()
     kind = SUPPORTED_TRANSFORMERS[name]

@@ -16,12 +16,13 @@ encoders with ``from_pretrained(use_safetensors=True)``.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .pipeline_files import read_json, require_safetensors
 
 #: text kind -> its (tokenizer folder, encoder folder) pairs in the pipeline folder, in pipeline order
 TEXT_COMPONENTS = {
@@ -42,12 +43,7 @@ def _encoder_class(folder: Path) -> type:
     import transformers
 
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"text encoder config not found: {config_path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({type(e).__name__})") from None
+    config = read_json(config_path, "text encoder config")
     names = [n for n in (config.get("architectures") or []) if n in ENCODER_CLASSES]
     if not names:
         raise ValueError(f"{config_path}: text encoder {config.get('architectures')} is not supported: supported "
@@ -69,12 +65,7 @@ def _load_tokenizer(folder: Path):
 def _load_encoder(folder: Path, dtype: torch.dtype):
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder not found: {folder}")
-    if not any(folder.glob("*.safetensors")):
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
-        if pickled:
-            raise ValueError(f"the text encoder in {folder} has only pickled weights ({pickled[0]}); archquant "
-                             "loads safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
-        raise FileNotFoundError(f"no weights (*.safetensors) for the text encoder in {folder}")
+    require_safetensors(folder, "text encoder")
     cls = _encoder_class(folder)
     try:
         with _quiet_loading():
