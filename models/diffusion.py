@@ -43,7 +43,13 @@ def decode_images(latents: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
         if shift:
             z = z + shift
         latents = vae.decode(z.to(next(vae.parameters()).dtype)).sample
-    return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()  # metrics and grids work on the CPU
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where the transformer runs: noise is drawn on the CPU (the same per seed on every device)
+    and moved there, with the text features and timesteps."""
+    return next(module.parameters()).device
 
 
 def _steps(scheduler, progress: Callable | None):
@@ -68,10 +74,11 @@ def sample_class_conditional(transformer: nn.Module, scheduler, class_labels: to
     if len(seeds) != len(class_labels):
         raise ValueError(f"{len(seeds)} seeds for {len(class_labels)} class labels: give one seed per sample")
     cfg = transformer.config
+    device = _device(transformer)
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
-    latents = initial_noise(seeds, (channels, size, size)) * getattr(scheduler, "init_noise_sigma", 1.0)
-    labels = torch.as_tensor(class_labels, dtype=torch.long)
+    latents = initial_noise(seeds, (channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    labels = torch.as_tensor(class_labels, dtype=torch.long).to(device)
     guided = guidance_scale > 1.0
     if guided:  # DiTPipeline's order: conditional half first, null class second
         labels = torch.cat([labels, torch.full_like(labels, null_class)])
@@ -81,7 +88,7 @@ def sample_class_conditional(transformer: nn.Module, scheduler, class_labels: to
             on_step(i, int(t))
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        timestep = torch.full((model_in.shape[0],), int(t), dtype=torch.long)
+        timestep = torch.full((model_in.shape[0],), int(t), dtype=torch.long, device=device)
         eps = transformer(model_in, timestep=timestep, class_labels=labels).sample[:, :channels]
         if guided:
             cond, uncond = eps.chunk(2)
@@ -103,27 +110,28 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     cfg = transformer.config
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
-    dtype = next(transformer.parameters()).dtype
-    latents = initial_noise(seeds, (channels, size, size)) * getattr(scheduler, "init_noise_sigma", 1.0)
+    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
+    latents = initial_noise(seeds, (channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     guided = guidance_scale > 1.0
-    embeds, mask = text["embeds"], text["mask"]
+    embeds, mask = text["embeds"].to(device), text["mask"].to(device)
     if guided:
         if negative is None:
             raise ValueError("guidance_scale > 1 needs the negative prompt's features")
-        embeds, mask = torch.cat([negative["embeds"], embeds]), torch.cat([negative["mask"], mask])
+        embeds = torch.cat([negative["embeds"].to(device), embeds])
+        mask = torch.cat([negative["mask"].to(device), mask])
     rows = embeds.shape[0]
     added = {"resolution": None, "aspect_ratio": None}
     if getattr(transformer, "use_additional_conditions", False):  # PixArt-alpha 1024: size conditioning
         pixels = size * (1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1))
-        added = {"resolution": torch.tensor([[pixels, pixels]], dtype=dtype).repeat(rows, 1),
-                 "aspect_ratio": torch.ones(rows, 1, dtype=dtype)}
+        added = {"resolution": torch.tensor([[pixels, pixels]], dtype=dtype, device=device).repeat(rows, 1),
+                 "aspect_ratio": torch.ones(rows, 1, dtype=dtype, device=device)}
     scheduler.set_timesteps(num_steps)
     for i, t in enumerate(_steps(scheduler, progress)):
         if on_step is not None:
             on_step(i, int(t))
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        timestep = torch.as_tensor(t).reshape(1).expand(rows)
+        timestep = torch.as_tensor(t, device=device).reshape(1).expand(rows)
         out = transformer(model_in.to(dtype), encoder_hidden_states=embeds.to(dtype), encoder_attention_mask=mask,
                           timestep=timestep, added_cond_kwargs=added).sample.float()
         if guided:
@@ -176,25 +184,27 @@ def sample_flux(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor]
     import numpy as np
 
     cfg = transformer.config
-    dtype = next(transformer.parameters()).dtype
+    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
     channels, size = cfg.in_channels // 4, latent_size
-    latents = pack_latents(initial_noise(seeds, (channels, size, size))).to(dtype)
-    img_ids = flux_image_ids(size, size).to(dtype)
-    txt_ids = torch.zeros(text["embeds"].shape[1], 3, dtype=dtype)
+    latents = pack_latents(initial_noise(seeds, (channels, size, size))).to(device, dtype)
+    img_ids = flux_image_ids(size, size).to(device, dtype)
+    txt_ids = torch.zeros(text["embeds"].shape[1], 3, dtype=dtype, device=device)
+    embeds, pooled = text["embeds"].to(device, dtype), text["pooled"].to(device, dtype)
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     if getattr(scheduler.config, "use_flow_sigmas", False):
         sigmas = None
     mu = flux_mu(latents.shape[1], scheduler.config)
-    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+    scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
-    guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32) if cfg.guidance_embeds else None
+    guidance = (torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=device)
+                if cfg.guidance_embeds else None)
     for i, t in enumerate(_steps(scheduler, progress)):
         if on_step is not None:
             on_step(i, int(t))
         timestep = t.expand(batch).to(dtype)
         out = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                          pooled_projections=text["pooled"].to(dtype), encoder_hidden_states=text["embeds"].to(dtype),
+                          pooled_projections=pooled, encoder_hidden_states=embeds,
                           txt_ids=txt_ids, img_ids=img_ids).sample
         latents = scheduler.step(out, t, latents).prev_sample
     return decode_images(unpack_latents(latents.float(), size, size), vae)
