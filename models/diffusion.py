@@ -26,12 +26,29 @@ from torch import nn
 StepHook = Callable[[int, int], None]
 
 
+class SampleNoise:
+    """Each sample's own random stream (a CPU generator per seed): its initial noise, then whatever
+    noise a stochastic scheduler draws at each step (SDE samplers such as CogVideoX's DPM), as the
+    pipelines do when given a list of generators. A sample's noise does not depend on its batch."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def initial(self, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+        """One Gaussian of ``shape`` per sample (diffusers' ``randn_tensor`` with the list of
+        generators gives the same values)."""
+        return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.generators])
+
+    def step_kwargs(self, scheduler) -> dict:
+        """``generator=`` for a scheduler whose ``step`` draws noise, else nothing."""
+        import inspect
+
+        return {"generator": self.generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-    """One Gaussian of ``shape`` per seed, each from its own generator (a sample's noise does not
-    depend on the batch it is in; diffusers' ``randn_tensor`` with a list of generators gives
-    the same values)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
-                        for s in seeds])
+    """One Gaussian of ``shape`` per seed, each from its own generator."""
+    return SampleNoise(seeds).initial(shape, dtype)
 
 
 def decode_images(latents: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
@@ -77,7 +94,8 @@ def sample_class_conditional(transformer: nn.Module, scheduler, class_labels: to
     device = _device(transformer)
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
-    latents = initial_noise(seeds, (channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    noise = SampleNoise(seeds)
+    latents = noise.initial((channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     labels = torch.as_tensor(class_labels, dtype=torch.long).to(device)
     guided = guidance_scale > 1.0
     if guided:  # DiTPipeline's order: conditional half first, null class second
@@ -93,7 +111,7 @@ def sample_class_conditional(transformer: nn.Module, scheduler, class_labels: to
         if guided:
             cond, uncond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        latents = scheduler.step(eps, t, latents, **noise.step_kwargs(scheduler)).prev_sample
     return decode_images(latents, vae)
 
 
@@ -111,7 +129,8 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
     dtype, device = next(transformer.parameters()).dtype, _device(transformer)
-    latents = initial_noise(seeds, (channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    noise = SampleNoise(seeds)
+    latents = noise.initial((channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     guided = guidance_scale > 1.0
     embeds, mask = text["embeds"].to(device), text["mask"].to(device)
     if guided:
@@ -138,7 +157,7 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
             out = _guide(out, guidance_scale)
         if cfg.out_channels // 2 == channels:  # learned sigma: keep the noise prediction
             out = out.chunk(2, dim=1)[0]
-        latents = scheduler.step(out, t, latents).prev_sample
+        latents = scheduler.step(out, t, latents, **noise.step_kwargs(scheduler)).prev_sample
     return decode_images(latents, vae)
 
 
@@ -186,7 +205,8 @@ def sample_flux(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor]
     cfg = transformer.config
     dtype, device = next(transformer.parameters()).dtype, _device(transformer)
     channels, size = cfg.in_channels // 4, latent_size
-    latents = pack_latents(initial_noise(seeds, (channels, size, size))).to(device, dtype)
+    noise = SampleNoise(seeds)
+    latents = pack_latents(noise.initial((channels, size, size))).to(device, dtype)
     img_ids = flux_image_ids(size, size).to(device, dtype)
     txt_ids = torch.zeros(text["embeds"].shape[1], 3, dtype=dtype, device=device)
     embeds, pooled = text["embeds"].to(device, dtype), text["pooled"].to(device, dtype)
@@ -206,5 +226,5 @@ def sample_flux(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor]
         out = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
                           pooled_projections=pooled, encoder_hidden_states=embeds,
                           txt_ids=txt_ids, img_ids=img_ids).sample
-        latents = scheduler.step(out, t, latents).prev_sample
+        latents = scheduler.step(out, t, latents, **noise.step_kwargs(scheduler)).prev_sample
     return decode_images(unpack_latents(latents.float(), size, size), vae)

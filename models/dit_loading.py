@@ -28,16 +28,21 @@ from .text_encoders import PromptEncoder
 
 #: transformer classes this family understands, with the pipeline kind they are sampled as
 SUPPORTED_TRANSFORMERS = {"DiTTransformer2DModel": "class_conditional", "PixArtTransformer2DModel": "pixart",
-                          "FluxTransformer2DModel": "flux"}
+                          "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan",
+                          "CogVideoXTransformer3DModel": "cogvideox"}
 #: what later versions add (named in the refusal, so users know it is planned, not broken)
-PLANNED_TRANSFORMERS = ("WanTransformer3DModel", "CogVideoXTransformer3DModel")
+PLANNED_TRANSFORMERS = ("LatteTransformer3DModel", "HunyuanVideoTransformer3DModel")
+#: the kinds that generate videos (B, F, C, H, W) rather than images (B, C, H, W)
+VIDEO_KINDS = ("wan", "cogvideox")
 #: the text encoders each kind reads (``text_encoders.TEXT_COMPONENTS``)
-TEXT_KINDS = {"pixart": "t5", "flux": "clip_t5"}
+TEXT_KINDS = {"pixart": "t5", "flux": "clip_t5", "wan": "umt5", "cogvideox": "t5_unmasked"}
 #: the pipelines' default T5 length, by pipeline class (``model_index.json``'s _class_name), then by kind
 DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "FluxPipeline": 512,
-                               "pixart": 300, "flux": 512}
+                               "WanPipeline": 512, "CogVideoXPipeline": 226,
+                               "pixart": 300, "flux": 512, "wan": 512, "cogvideox": 226}
 #: the pipeline class written for each kind by ``save_pipeline_folder``
-PIPELINE_CLASSES = {"class_conditional": "DiTPipeline", "pixart": "PixArtSigmaPipeline", "flux": "FluxPipeline"}
+PIPELINE_CLASSES = {"class_conditional": "DiTPipeline", "pixart": "PixArtSigmaPipeline", "flux": "FluxPipeline",
+                    "wan": "WanPipeline", "cogvideox": "CogVideoXPipeline"}
 
 
 def _diffusers():
@@ -102,18 +107,37 @@ class DiffusionModel(nn.Module):
         return vae_factor(None if self.vae is None else dict(self.vae.config))
 
     @property
+    def is_video(self) -> bool:
+        return self.kind in VIDEO_KINDS
+
+    @property
     def native_resolution(self) -> int:
-        """The resolution the transformer was configured for (DiT / PixArt: ``sample_size``
-        latents; FLUX has no fixed size and defaults to 1024 / VAE factor 8, as its pipeline)."""
+        """The (square) resolution the transformer was configured for: DiT / PixArt ``sample_size``
+        latents, CogVideoX ``sample_height``; FLUX (1024) and Wan (480) have no fixed size and take
+        their pipeline's default."""
+        cfg = self.transformer.config
         if self.kind == "flux":
             return 128 * self.vae_factor
-        return int(self.transformer.config.sample_size) * self.vae_factor
+        if self.kind == "wan":
+            return 480
+        if self.kind == "cogvideox":
+            return int(cfg.sample_height) * self.vae_factor
+        return int(cfg.sample_size) * self.vae_factor
+
+    @property
+    def native_frames(self) -> int | None:
+        """Frames a video model generates by default (Wan 81, CogVideoX ``sample_frames``)."""
+        if self.kind == "wan":
+            return 81
+        if self.kind == "cogvideox":
+            return int(self.transformer.config.sample_frames)
+        return None
 
     def generate(self, seeds: list[int], *, num_steps: int, guidance_scale: float, class_labels=None,
                  prompts: list[str] | None = None, negative_prompt: str = "", resolution: int | None = None,
-                 progress=None) -> torch.Tensor:
-        """Images in [0, 1], (B, C, H, W), one per seed, for class ids or prompts."""
-        from . import diffusion
+                 num_frames: int | None = None, progress=None) -> torch.Tensor:
+        """Images in [0, 1], (B, C, H, W), or videos (B, F, C, H, W), one per seed, for class ids or prompts."""
+        from . import diffusion, video_diffusion
 
         latent = (resolution or self.native_resolution) // self.vae_factor
         common = dict(num_steps=num_steps, guidance_scale=guidance_scale, vae=self.vae, progress=progress)
@@ -121,11 +145,16 @@ class DiffusionModel(nn.Module):
             return diffusion.sample_class_conditional(self.transformer, self.new_scheduler(), class_labels, seeds,
                                                       null_class=self.null_class, latent_size=latent, **common)
         text = self.prompt_encoder.encode(list(prompts))
+        if self.kind == "flux":
+            return diffusion.sample_flux(self.transformer, self.new_scheduler(), text, seeds, latent_size=latent,
+                                         **common)
+        negative = self.prompt_encoder.encode([negative_prompt] * len(prompts)) if guidance_scale > 1 else None
         if self.kind == "pixart":
-            negative = self.prompt_encoder.encode([negative_prompt] * len(prompts)) if guidance_scale > 1 else None
             return diffusion.sample_pixart(self.transformer, self.new_scheduler(), text, seeds, negative=negative,
                                            latent_size=latent, **common)
-        return diffusion.sample_flux(self.transformer, self.new_scheduler(), text, seeds, latent_size=latent, **common)
+        sample = video_diffusion.sample_wan if self.kind == "wan" else video_diffusion.sample_cogvideox
+        return sample(self.transformer, self.new_scheduler(), text, seeds, negative=negative, latent_size=latent,
+                      num_frames=num_frames or self.native_frames, **common)
 
     def build_config(self) -> dict:
         return {
@@ -141,8 +170,33 @@ class DiffusionModel(nn.Module):
 
 
 def vae_factor(vae_config: dict | None) -> int:
-    """Pixels per latent pixel of a VAE config (1 without a VAE: pixel space)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 1
+    """Pixels per latent pixel of a VAE config (1 without a VAE: pixel space; Wan's VAE says it)."""
+    if not vae_config:
+        return 1
+    if vae_config.get("scale_factor_spatial"):
+        return int(vae_config["scale_factor_spatial"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def vae_temporal_factor(vae_config: dict | None) -> int:
+    """Frames per latent frame of a video VAE config (1 without a VAE)."""
+    if not vae_config:
+        return 1
+    return int(vae_config.get("scale_factor_temporal") or vae_config.get("temporal_compression_ratio") or 1)
+
+
+def check_frames(num_frames: int, config: dict, where: str) -> None:
+    """Refuse a frame count the VAE's temporal compression does not allow (Wan, CogVideoX: 4k + 1)."""
+    factor = vae_temporal_factor(config.get("vae_config"))
+    if factor > 1 and (num_frames - 1) % factor:
+        raise ValueError(f"{where}={num_frames} is not {factor}k+1 frames (the VAE's temporal factor is {factor}) "
+                         f"for this {config['transformer_class']}")
+
+
+def spatial_patch(transformer_config: dict) -> int:
+    """The transformer's spatial patch (Wan gives (t, h, w))."""
+    patch = transformer_config.get("patch_size") or 1
+    return int(patch[1] if isinstance(patch, (list, tuple)) else patch)
 
 
 def check_resolution(resolution: int, config: dict, where: str) -> None:
@@ -150,7 +204,7 @@ def check_resolution(resolution: int, config: dict, where: str) -> None:
     of latents; its transformer's own patch is 1) does not divide; ``config`` is a
     ``DiffusionModel.build_config()``."""
     factor = vae_factor(config.get("vae_config"))
-    patch = int(config["transformer_config"].get("patch_size") or 1)
+    patch = spatial_patch(config["transformer_config"])
     flux = SUPPORTED_TRANSFORMERS.get(config["transformer_class"]) == "flux"
     multiple = factor * patch * (2 if flux else 1)
     if resolution % multiple:

@@ -26,8 +26,10 @@ from .pipeline_files import read_json, require_safetensors
 
 #: text kind -> its (tokenizer folder, encoder folder) pairs in the pipeline folder, in pipeline order
 TEXT_COMPONENTS = {
-    "t5": (("tokenizer", "text_encoder"),),
-    "clip_t5": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    "t5": (("tokenizer", "text_encoder"),),  # PixArt: masked T5 features and the mask
+    "clip_t5": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),  # FLUX
+    "umt5": (("tokenizer", "text_encoder"),),  # Wan: masked UMT5, trimmed to the prompt and zero-padded
+    "t5_unmasked": (("tokenizer", "text_encoder"),),  # CogVideoX: T5 over the padded ids, no mask
 }
 #: encoder classes we load (transformers), by the ``architectures`` entry of their config
 ENCODER_CLASSES = ("T5EncoderModel", "UMT5EncoderModel", "CLIPTextModel", "CLIPTextModelWithProjection")
@@ -94,8 +96,8 @@ class PromptEncoder:
     transformer reads.
 
     ``kind`` "t5" (PixArt): ``{"embeds": (B, L, D), "mask": (B, L)}``; "clip_t5" (FLUX):
-    ``{"embeds": (B, L, D), "pooled": (B, P)}``. ``L`` is ``max_sequence_length`` (padded, as the
-    pipelines pad). ``source`` is how to find the files again (``{"path": folder}``,
+    ``{"embeds": (B, L, D), "pooled": (B, P)}``; "umt5" (Wan) and "t5_unmasked" (CogVideoX):
+    ``{"embeds": (B, L, D)}``. ``L`` is ``max_sequence_length`` (padded, as the pipelines pad). ``source`` is how to find the files again (``{"path": folder}``,
     ``{"reference": name}`` or ``{"hub": repo id}``); it goes into the model's build config.
     """
 
@@ -145,6 +147,16 @@ class PromptEncoder:
             ids, mask = self._tokens(self.tokenizers[0], prompt, self.max_sequence_length)
             embeds = self.encoders[0](ids, attention_mask=mask)[0]
             return {"embeds": embeds[0].float(), "mask": mask[0]}
+        if self.kind == "umt5":  # Wan: cleaned text, masked UMT5, the prompt's rows then zeros (WanPipeline)
+            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+            ids, mask = self._tokens(self.tokenizers[0], prompt_clean(prompt), self.max_sequence_length)
+            embeds = self.encoders[0](ids, mask).last_hidden_state[0].float()
+            embeds[int(mask[0].gt(0).sum()):] = 0.0
+            return {"embeds": embeds}
+        if self.kind == "t5_unmasked":  # CogVideoX: T5 over the padded ids without a mask
+            ids, _ = self._tokens(self.tokenizers[0], prompt, self.max_sequence_length)
+            return {"embeds": self.encoders[0](ids)[0][0].float()}
         # FLUX: pooled CLIP (no mask) + T5 features (no mask), as FluxPipeline.encode_prompt
         clip_tok = self.tokenizers[0]
         clip_len = min(int(getattr(clip_tok, "model_max_length", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)

@@ -110,3 +110,60 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True, max_sequence_length: 
                          max_sequence_length, {"path": "unsaved"})
     return DiffusionModel(transformer.eval(), "FlowMatchEulerDiscreteScheduler", dict(scheduler.config),
                           tiny_vae(flux=True), text, "FluxPipeline").eval()
+
+
+def umt5_encoder(d_model: int = 16, seed: int = 0, vocab_size: int = 64):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                     relative_attention_num_buckets=8, dropout_rate=0.0)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def tiny_wan(seed: int = 0, with_vae: bool = True, max_sequence_length: int = 8) -> DiffusionModel:
+    """A Wan 2.1 T2V-like pipeline: UMT5 features through cross-attention, a tiny causal 3D VAE
+    (spatial 8, temporal 4: 16 x 16 x 5 frames -> 4 x 2 x 2 x 2 latents) or pixel space, UniPC
+    flow-matching scheduler as Wan 2.1's."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    channels = 4 if with_vae else 1
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=channels, out_channels=channels, text_dim=16, freq_dim=16,
+                                        ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    _signal(transformer)
+    vae = None
+    if with_vae:
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.0, 0.2],
+                               latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    text = PromptEncoder("umt5", [t5_tokenizer()], [umt5_encoder()], max_sequence_length, {"path": "unsaved"})
+    return DiffusionModel(transformer.eval(), "UniPCMultistepScheduler", dict(scheduler.config), vae, text,
+                          "WanPipeline").eval()
+
+
+def tiny_cogvideox(seed: int = 0, dpm: bool = False, max_sequence_length: int = 8) -> DiffusionModel:
+    """A CogVideoX-like pipeline: T5 features joined with the video tokens, 3D rotary embeddings, a
+    tiny CogVideoX VAE (spatial 2, temporal 4)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                           CogVideoXTransformer3DModel)
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=4, text_embed_dim=24, num_layers=2,
+                                              sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=max_sequence_length,
+                                              use_rotary_positional_embeddings=True)
+    _signal(transformer)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                                 temporal_compression_ratio=4).eval()
+    scheduler = (CogVideoXDPMScheduler if dpm else CogVideoXDDIMScheduler)()
+    text = PromptEncoder("t5_unmasked", [t5_tokenizer()], [t5_encoder()], max_sequence_length, {"path": "unsaved"})
+    return DiffusionModel(transformer.eval(), type(scheduler).__name__, dict(scheduler.config), vae, text,
+                          "CogVideoXPipeline").eval()
