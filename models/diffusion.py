@@ -59,7 +59,7 @@ def decode_images(latents: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
         shift = getattr(vae.config, "shift_factor", None)
         if shift:
             z = z + shift
-        latents = vae.decode(z.to(next(vae.parameters()).dtype)).sample
+        latents = vae.decode(z.to(_dtype(vae))).sample
     return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()  # metrics and grids work on the CPU
 
 
@@ -67,6 +67,13 @@ def _device(module: nn.Module) -> torch.device:
     """Where the transformer runs: noise is drawn on the CPU (the same per seed on every device)
     and moved there, with the text features and timesteps."""
     return next(module.parameters()).device
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype inputs are cast to: a diffusers model's own ``dtype`` (the bulk of its weights, not a
+    module it keeps in fp32, such as Wan's norms), else its first parameter's."""
+    dtype = getattr(module, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
 
 
 def _steps(scheduler, progress: Callable | None):
@@ -128,7 +135,7 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     cfg = transformer.config
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
-    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
+    dtype, device = _dtype(transformer), _device(transformer)
     noise = SampleNoise(seeds)
     latents = noise.initial((channels, size, size)).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     guided = guidance_scale > 1.0
@@ -203,7 +210,7 @@ def sample_flux(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor]
     import numpy as np
 
     cfg = transformer.config
-    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
+    dtype, device = _dtype(transformer), _device(transformer)
     channels, size = cfg.in_channels // 4, latent_size
     noise = SampleNoise(seeds)
     latents = pack_latents(noise.initial((channels, size, size))).to(device, dtype)

@@ -302,8 +302,10 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *
         raise ValueError(unsupported_message(name))
     require_safetensors(tdir, "transformer")
     diffusers = _diffusers()
+    # low_cpu_mem_usage (through accelerate, a dependency): diffusers needs it to keep Wan's norms and
+    # time embedder in fp32 when the rest is loaded in 16 bits (``_keep_in_fp32_modules``)
     transformer = getattr(diffusers, name).from_pretrained(str(tdir), use_safetensors=True, torch_dtype=dtype,
-                                                          low_cpu_mem_usage=False)
+                                                          low_cpu_mem_usage=True)
     sdir = folder / "scheduler"
     scheduler_class = _component_class(sdir, "scheduler_config.json", "scheduler")
     if getattr(diffusers, scheduler_class, None) is None:
@@ -316,7 +318,7 @@ def load_pipeline_folder(path: str | Path, dtype: torch.dtype = torch.float32, *
         vae_class = _component_class(vdir, "config.json", "vae")
         require_safetensors(vdir, "vae")
         vae = getattr(diffusers, vae_class).from_pretrained(str(vdir), use_safetensors=True, torch_dtype=dtype,
-                                                          low_cpu_mem_usage=False).eval()
+                                                          low_cpu_mem_usage=True).eval()
     kind = SUPPORTED_TRANSFORMERS[name]
     pipeline_class = index.get("_class_name") if isinstance(index.get("_class_name"), str) else None
     encoder = None

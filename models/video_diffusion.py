@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .diffusion import SampleNoise, _device, _steps
+from .diffusion import SampleNoise, _device, _dtype, _steps
 
 
 def temporal_factor(vae: nn.Module | None) -> int:
@@ -48,7 +48,7 @@ def decode_wan(latents: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
         return _to_unit(latents)
     cfg = vae.config
     shape = (1, cfg.z_dim, 1, 1, 1)
-    dtype = next(vae.parameters()).dtype
+    dtype = _dtype(vae)
     latents = latents.to(dtype)
     mean = torch.tensor(cfg.latents_mean).view(shape).to(latents.device, dtype)
     inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(latents.device, dtype)
@@ -64,7 +64,7 @@ def sample_wan(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor],
     batch = text["embeds"].shape[0]
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
-    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
+    dtype, device = _dtype(transformer), _device(transformer)
     shape = (transformer.config.in_channels, latent_frames(num_frames, vae), latent_size, latent_size)
     noise = SampleNoise(seeds)
     latents = noise.initial(shape).to(device)
@@ -119,7 +119,7 @@ def sample_cogvideox(transformer: nn.Module, scheduler, text: dict[str, torch.Te
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
     cfg = transformer.config
-    dtype, device = next(transformer.parameters()).dtype, _device(transformer)
+    dtype, device = _dtype(transformer), _device(transformer)
     frames = latent_frames(num_frames, vae)
     extra = 0  # CogVideoX 1.5: the latent frames are padded to a multiple of the temporal patch
     if cfg.patch_size_t is not None and frames % cfg.patch_size_t:
@@ -159,6 +159,6 @@ def sample_cogvideox(transformer: nn.Module, scheduler, text: dict[str, torch.Te
     latents = latents[:, extra:].permute(0, 2, 1, 3, 4)  # (B, C, F', H', W')
     if vae is None:
         return _to_unit(latents)
-    latents = 1 / vae.config.scaling_factor * latents.to(next(vae.parameters()).dtype)  # the pipeline's order
+    latents = 1 / vae.config.scaling_factor * latents.to(_dtype(vae))  # the pipeline's order
     return _to_unit(vae.decode(latents).sample)
 

@@ -20,7 +20,6 @@ What it declares:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from ..core.structure import ModelStructure
 from ..data import DataSplit, digest_record, digest_text, label_digests
 from ..evaluation import EvalContext, Metric
 from ..models import reference_dir
-from ..models.dit_loading import DiffusionModel, build_diffusion_model, check_resolution, load_pipeline_folder
+from ..models.dit_loading import (VIDEO_KINDS, DiffusionModel, build_diffusion_model, check_frames, check_resolution,
+                                  load_pipeline_folder)
+from ..eval.diffusion_metrics import image_item_metrics, mean_over_items, video_item_metrics
 from ..eval.image_metrics import METRICS as IMAGE_METRICS
 from ..options import Option
 from . import dit_recipes
@@ -65,15 +66,22 @@ LAYOUTS = {
         # single blocks: q/k/v and the MLP read the same input; proj_out maps [attention, MLP] back
         BlockLayout("single_transformer_blocks", ("attn.to_q", "attn.to_k", "attn.to_v"), ("proj_mlp", "proj_out")),
     ),
+    # Wan: self- and cross-attention (I2V adds add_k_proj / add_v_proj for the image), its MLP is ffn.*
+    "WanTransformer3DModel": (BlockLayout("blocks", _SELF_AND_CROSS + ("attn2.add_k_proj", "attn2.add_v_proj"),
+                                          ("ffn.net.0.proj", "ffn.net.2")),),
+    # CogVideoX: one attention over text + video tokens, and the MLP
+    "CogVideoXTransformer3DModel": (BlockLayout("transformer_blocks", _SELF_AND_CROSS[:4], _FF),),
 }
 #: kept in floating point by default (patterns over the model's module names): embedders, adaLN
 #: modulation, patch embedding, output layers, caption projection, and the VAE
-FP_BY_DEFAULT = ["re:.*\\.norm1\\.emb\\..*", "re:.*\\.norm1(_context)?\\.linear", "re:.*\\.norm\\.linear",
+FP_BY_DEFAULT = ["re:.*\\.norm1\\.emb\\..*", "re:.*\\.norm[12](_context)?\\.linear", "re:.*\\.norm\\.linear",
                  "re:transformer\\.proj_out(_\\d)?", "re:transformer\\.norm_out\\..*", "re:.*pos_embed.*",
-                 "re:transformer\\.(adaln_single|caption_projection|time_text_embed)\\..*",
+                 "re:transformer\\.(adaln_single|caption_projection|time_text_embed|condition_embedder)\\..*",
+                 "re:transformer\\.(time_embedding|patch_embed)\\..*", "re:transformer\\.patch_embedding",
                  "re:transformer\\.(context_embedder|x_embedder)", "re:vae\\..*"]
 #: the data source each sampling kind reads
-SOURCES = {"class_conditional": "classes", "pixart": "prompts", "flux": "prompts"}
+SOURCES = {"class_conditional": "classes", "pixart": "prompts", "flux": "prompts", "wan": "prompts",
+           "cogvideox": "prompts"}
 
 
 @register_adapter
@@ -96,6 +104,8 @@ class DiTAdapter(FamilyAdapter):
         "guidance_scale": Option(3.0, minimum=0.0, help="classifier-free guidance scale (<= 1: none); FLUX: the "
                                                         "distilled guidance of guidance-embedding models"),
         "resolution": Option(None, type=int, minimum=1, help="image side in pixels (default: the model's own)"),
+        "num_frames": Option(None, type=int, minimum=1, help="video models: frames per clip (default: the model's "
+                                                             "own; 4k+1 through Wan's and CogVideoX's VAEs)"),
         # optional metrics: computed when what they need is present, else left out with a note
         "fid_reference": Option(None, type=str, roles=("evaluation",),
                                 help="folder of real images for FID (needs torch-fidelity's Inception weights)"),
@@ -110,8 +120,14 @@ class DiTAdapter(FamilyAdapter):
                description="PSNR of each image against the FP model's from the same class or prompt and seed (mean)"),
         Metric("ssim_vs_fp", lower_is_better=False, relative_to_fp=True,
                description="SSIM against the FP model's image from the same class or prompt and seed (mean)"),
+        Metric("frame_psnr_vs_fp", lower_is_better=False, unit="dB", relative_to_fp=True,
+               description="videos: mean over frames of each frame's PSNR against the FP frame"),
+        Metric("temporal_rmse_vs_fp", lower_is_better=True, relative_to_fp=True,
+               description="videos: RMS error of the frame-to-frame changes against the FP video's (flicker)"),
         Metric("class_accuracy", lower_is_better=False,
-               description="share of samples the reference classifier assigns to the requested class"),
+               description="share of samples (video frames) the reference classifier assigns to the requested digit"),
+        Metric("direction_accuracy", lower_is_better=False,
+               description="videos: share whose digit moves the requested way (centre of mass over frames)"),
         *IMAGE_METRICS,
     )
     presets = dit_recipes.DIT_PRESETS
@@ -179,11 +195,16 @@ class DiTAdapter(FamilyAdapter):
             raise ValueError(f"{role}.source={source!r} does not fit a {transformer_class}, which is {what}: use "
                              f"source {SOURCES[kind]!r}")
         opts = self.data_options_of(data_cfg, role)
-        resolution = opts["resolution"]
+        resolution, frames = opts["resolution"], opts["num_frames"]
         if resolution is not None:
             check_resolution(resolution, model_config, f"{role}.options.resolution")
+        if frames is not None:
+            if kind not in VIDEO_KINDS:
+                raise ValueError(f"{role}.options.num_frames: a {transformer_class} generates images, not videos")
+            check_frames(frames, model_config, f"{role}.options.num_frames")
         n, first, bs = int(data_cfg["num_samples"]), int(data_cfg.get("seed") or 0), int(data_cfg["batch_size"])
-        common = {"num_steps": opts["num_steps"], "guidance_scale": opts["guidance_scale"], "resolution": resolution}
+        common = {"num_steps": opts["num_steps"], "guidance_scale": opts["guidance_scale"], "resolution": resolution,
+                  **({"num_frames": frames} if kind in VIDEO_KINDS else {})}
         if source == "classes":
             items, batches, digests = _class_items(opts, model_config, role, n, first, bs, common)
         else:
@@ -218,40 +239,78 @@ class DiTAdapter(FamilyAdapter):
     def forward(self, model: nn.Module, batch: Any) -> Any:
         return model.generate(batch["seeds"], num_steps=batch["num_steps"], guidance_scale=batch["guidance_scale"],
                               class_labels=batch.get("class_labels"), prompts=batch.get("prompts"),
-                              negative_prompt=batch.get("negative_prompt", ""), resolution=batch.get("resolution"))
+                              negative_prompt=batch.get("negative_prompt", ""), resolution=batch.get("resolution"),
+                              num_frames=batch.get("num_frames"))
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None = None) -> dict[str, float]:
         from tqdm import tqdm
 
-        images = torch.cat([self.forward(model, b) for b in tqdm(data.batches, desc="generating", leave=False,
-                                                                 disable=None)])
-        titles = [t for b in data.batches for t in _titles(b)]
-        metrics: dict[str, float] = {}
-        classifier = data.extra.get("classifier")
-        labels = _requested_classes(data.batches)
-        if classifier is not None and labels is not None:
-            from ..models.digits import class_accuracy
-
-            metrics["class_accuracy"] = float(class_accuracy(classifier, images, labels))
+        samples = torch.cat([self.forward(model, b) for b in tqdm(data.batches, desc="generating", leave=False,
+                                                                  disable=None)])
+        video = samples.dim() == 5  # (N, F, C, H, W)
+        metrics = _task_metrics(samples, data, video)
         if ctx is None:
             return metrics
-        optional = data.extra.get("image_metrics")
-        if optional is not None:  # FID / LPIPS / CLIP score where their weights are present, else a note
-            prompts = [p for b in data.batches for p in b["prompts"]] if "prompts" in data.batches[0] else None
-            found, notes = optional.evaluate(images, fp_images=None if ctx.is_fp else ctx.fp, prompts=prompts)
-            metrics.update(found)
-            for note in notes:
-                ctx.note(note)
+        _optional_metrics(samples, data, ctx, metrics, video)
+        items = _items(data.batches)
         if ctx.is_fp:
-            ctx.keep(images)
-            _write_grid(ctx, images, None, titles)
+            ctx.keep(samples)
         elif ctx.fp is not None:
-            metrics["psnr_vs_fp"] = psnr_db(images, ctx.fp)
-            metrics["ssim_vs_fp"] = ssim(images, ctx.fp)
-            _write_grid(ctx, images, ctx.fp, titles)
+            rows = (video_item_metrics if video else image_item_metrics)(samples, ctx.fp)
+            for key in rows[0]:
+                metrics[f"{key}_vs_fp"] = mean_over_items(rows, key)
+        if video:
+            _write_videos(ctx, samples, None if ctx.is_fp else ctx.fp, items)
+        else:
+            _write_grid(ctx, samples, None if ctx.is_fp else ctx.fp, [title for title, _ in items])
         return metrics
+
+
+def _task_metrics(samples: torch.Tensor, data: DataSplit, video: bool) -> dict[str, float]:
+    """What the reference models' digit classifier says: the share of images (or video frames) of
+    the asked digit, and for videos the share moving the asked way (centre of mass over frames).
+    Absent when there is no classifier or a prompt names no digit (never made up)."""
+    classifier = data.extra.get("classifier")
+    if classifier is None:
+        return {}
+    if not video:
+        labels = _requested_classes(data.batches)
+        if labels is None:
+            return {}
+        from ..models.digits import class_accuracy
+
+        return {"class_accuracy": float(class_accuracy(classifier, samples, labels))}
+    from ..models.moving_digits import direction_accuracy, frame_class_accuracy, parse_video_prompt
+
+    asked = [parse_video_prompt(p) for b in data.batches for p in b["prompts"]]
+    metrics = {}
+    if all(digit is not None for digit, _ in asked):
+        metrics["class_accuracy"] = float(frame_class_accuracy(classifier, samples, [d for d, _ in asked]))
+    if all(direction is not None for _, direction in asked):
+        metrics["direction_accuracy"] = float(direction_accuracy(samples, [d for _, d in asked]))
+    return metrics
+
+
+def _optional_metrics(samples: torch.Tensor, data: DataSplit, ctx: EvalContext, metrics: dict, video: bool) -> None:
+    """FID / LPIPS / CLIP score where their weights are present, else a note; videos are scored
+    frame by frame (each frame with its video's prompt), and FVD is not implemented."""
+    optional = data.extra.get("image_metrics")
+    if optional is None:
+        return
+    prompts = [p for b in data.batches for p in b["prompts"]] if "prompts" in data.batches[0] else None
+    fp = None if ctx.is_fp else ctx.fp
+    if video:
+        frames = samples.shape[1]
+        samples, fp = samples.flatten(0, 1), None if fp is None else fp.flatten(0, 1)
+        prompts = None if prompts is None else [p for p in prompts for _ in range(frames)]
+        ctx.note("fvd skipped: no FVD network in this build (video metrics here are per frame, plus the temporal "
+                 "error of frame-to-frame changes)")
+    found, notes = optional.evaluate(samples, fp_images=fp, prompts=prompts)
+    metrics.update(found)
+    for note in notes:
+        ctx.note(note)
 
 
 def _kind(transformer_class: str) -> str:
@@ -298,10 +357,10 @@ def _prompt_items(opts: dict, role: str, n: int, first: int, bs: int, common: di
     return pairs, batches, digests
 
 
-def _titles(batch: dict) -> list[str]:
-    if "prompts" in batch:
-        return list(batch["prompts"])
-    return [str(int(c)) for c in batch["class_labels"]]
+def _items(batches: list[dict]) -> list[tuple[str, int]]:
+    """(class id or prompt, seed) of every sample, in order: what each image or video was asked for."""
+    return [(p if isinstance(p, str) else str(int(p)), int(s)) for b in batches
+            for p, s in zip(b["prompts"] if "prompts" in b else b["class_labels"], b["seeds"])]
 
 
 def _requested_classes(batches: list[dict]) -> torch.Tensor | None:
@@ -315,22 +374,6 @@ def _requested_classes(batches: list[dict]) -> torch.Tensor | None:
     return None if any(d is None for d in digits) else torch.tensor(digits)
 
 
-def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over images of the PSNR (data range 1) against ``reference`` (torchmetrics); identical
-    images count as 100 dB so that one exact sample does not make the mean infinite."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    values = [float(peak_signal_noise_ratio(a[None], b[None], data_range=1.0)) for a, b in zip(images, reference)]
-    return float(sum(min(v, 100.0) if math.isfinite(v) else 100.0 for v in values) / len(values))
-
-
-def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    kernel = min(11, images.shape[-1] - (1 - images.shape[-1] % 2))  # odd, no larger than the image
-    return float(structural_similarity_index_measure(images, reference, data_range=1.0, kernel_size=kernel))
-
-
 def _load_classifier(classifier_dir: str | None):
     """The reference model's digit classifier, read once with the evaluation data (None: no class metric)."""
     if not classifier_dir:
@@ -338,6 +381,25 @@ def _load_classifier(classifier_dir: str | None):
     from ..models.digits import load_classifier
 
     return load_classifier(classifier_dir)
+
+
+def _write_videos(ctx: EvalContext, videos: torch.Tensor, fp: torch.Tensor | None,
+                  items: list[tuple[str, int]]) -> None:
+    """For every (prompt, seed): the model's clip as MP4 + GIF, and beside a quantized model's clip a
+    PNG strip of frames, FP above quantized; all linked from the report."""
+    if ctx.output_dir is None:
+        return
+    from ..eval.media import write_strip, write_video
+
+    name = "FP" if ctx.is_fp else ctx.label
+    for i, (prompt, seed) in enumerate(items):
+        stem = f"item{i:03d}_seed{seed}"
+        for path in write_video(ctx.artifact_path(stem), videos[i]):
+            ctx.add_artifact(path, f"{name} {path.suffix[1:].upper()}: {prompt!r}, seed {seed}")
+        if fp is not None:
+            strip = write_strip(ctx.artifact_path(f"{stem}_strip.png"), [("FP", fp[i]), (name, videos[i])],
+                                f"FP (top) vs {name}: {prompt!r}, seed {seed}")
+            ctx.add_artifact(strip, f"FP vs {name} frames: {prompt!r}, seed {seed}")
 
 
 def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, titles: list[str]) -> None:

@@ -105,6 +105,8 @@ def _canonical(value: Any) -> bytes:
 def config_digest(qconfig: dict) -> str:
     """sha256 of the fields of ``qconfig`` that determine the model's outputs (see module doc)."""
     covered = {key: qconfig.get(key) for key in _HASHED_FIELDS}
+    if "dtype_overrides" in qconfig:  # only models of mixed dtypes have it (older checkpoints hash as before)
+        covered["dtype_overrides"] = qconfig["dtype_overrides"]
     covered["tensors"] = qconfig["integrity"]["tensors"]
     return hashlib.sha256(_canonical(covered)).hexdigest()
 
@@ -297,13 +299,14 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, family: s
     unfrozen = [n for n, m in modules.items() if getattr(m, "frozen", True) is False and m.weight_spec is not None]
     if unfrozen:
         raise ValueError(f"module {unfrozen[0]!r} is not frozen: run calibration/freeze before saving")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype, overrides = _model_dtypes(model, tuple(modules))
     qconfig = {
         "quant_method": "archquant",
         "format_version": FORMAT_VERSION,
         "family": family,
         "model_config": model_config,
-        "dtype": str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32",
+        "dtype": dtype,
+        **({"dtype_overrides": overrides} if overrides else {}),
         "recipe": recipe,
         "modules": {name: m.to_config() for name, m in modules.items()},
         "metadata": metadata or {},
@@ -316,6 +319,51 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, family: s
         write_json_atomic(stage.path / CONFIG_FILE, qconfig)
         stage.publish()
     return directory
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _float_tensors(model: nn.Module, skip: tuple[str, ...] = ()):
+    """(name, tensor) of every floating parameter and buffer outside the modules named in ``skip``."""
+    items = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b is not None]
+    prefixes = tuple(f"{m}." for m in skip)
+    return [(n, t) for n, t in items if t.is_floating_point() and not n.startswith(prefixes)]
+
+
+def _model_dtypes(model: nn.Module, quantized: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """The model's dtype (the one most parameter elements have) and the tensors outside its quantized
+    modules that are in another one: a model loaded in 16 bits may keep some modules in fp32
+    (diffusers' ``_keep_in_fp32_modules``, e.g. Wan's norms, time embedder and rotary tables), and a
+    reload must rebuild exactly that. (Quantized modules rebuild their own tensors from their config.)"""
+    counts: dict[torch.dtype, int] = {}
+    for _, p in model.named_parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        return "float32", {}
+    main = max(counts, key=counts.get)
+    return _name(main), {n: _name(t.dtype) for n, t in _float_tensors(model, quantized) if t.dtype != main}
+
+
+def _cast_skeleton(skeleton: nn.Module, dtype: torch.dtype, overrides: dict, directory: Path) -> None:
+    """Cast the FP skeleton's floating tensors to the saved model's dtype, except those the
+    checkpoint says were kept in another (``dtype_overrides``), which take that dtype straight from
+    the skeleton's own values (a table computed in fp32 stays exact)."""
+    if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: field 'dtype_overrides' must map tensor names to dtypes")
+    bad = [(n, d) for n, d in overrides.items() if d not in MODEL_DTYPES]
+    if bad:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: field 'dtype_overrides': {bad[0][0]!r} has dtype "
+                              f"{bad[0][1]!r}: allowed {', '.join(map(repr, MODEL_DTYPES))}")
+    tensors = dict(_float_tensors(skeleton))
+    unknown = [n for n in overrides if n not in tensors]
+    if unknown:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: field 'dtype_overrides' names {unknown[0]!r}, which is "
+                              "not a tensor of the model")
+    for name, t in tensors.items():
+        t.data = t.data.to(MODEL_DTYPES[overrides.get(name, _name(dtype))])
 
 
 def _save_weights(model: nn.Module, path: Path, target: Path) -> None:
@@ -431,7 +479,8 @@ def restore_quantized(skeleton: nn.Module, qconfig: dict, directory: str | os.Pa
     if tensors is None:
         tensors = read_checkpoint_tensors(directory, qconfig)
     dtype = MODEL_DTYPES[qconfig["dtype"]]
-    skeleton.to(dtype)  # the saved model's dtype (a no-op for float32 skeletons of float32 models)
+    # the saved model's dtype (a no-op for float32 skeletons of float32 models), and its exceptions
+    _cast_skeleton(skeleton, dtype, qconfig.get("dtype_overrides") or {}, directory)
     for name, cfg in qconfig["modules"].items():
         try:
             old = _check_slot(skeleton, name)
