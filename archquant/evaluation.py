@@ -58,6 +58,9 @@ class EvalContext:
     artifacts: list[dict] = field(default_factory=list)
     #: what the report should say about this evaluation (e.g. a metric skipped, and why)
     notes: list[str] = field(default_factory=list)
+    #: per-item results (one dict per image, video, ...), for families that score items one by one;
+    #: the report keeps them, and a sharded run merges its ranks' items
+    items: list[dict] | None = None
     kept: Any = None
     #: set by ``keep``: whether the FP evaluation kept anything
     has_kept: bool = False

@@ -32,6 +32,8 @@ from .core.serialization import CheckpointError, save_checkpoint
 from .data import DataOverlapError, check_disjoint
 from .evaluation import EvalContext, metric_table
 from .backends import check_kernels, convert_to_real
+from .distributed import RankFailed, Ranks
+from .sharded import checkpoint_files, load_checkpoint_files, shard_split, share_quantized, state_digest
 from .report import (CHECKPOINT_DIR, environment, is_legacy_output, model_size_bytes, quantized_modules,
                      write_reports)
 
@@ -92,26 +94,39 @@ class RunFailed(RuntimeError):
     """The work ran but its result cannot be trusted or written; nothing was published."""
 
 
-def run(cfg: RunConfig, log=print) -> dict:
-    """Run the whole job for a validated config; returns the report dict.
+def run(cfg: RunConfig, log=print, ranks: Ranks | None = None) -> dict | None:
+    """Run the whole job for a validated config; returns the report dict (rank 0; None on the other
+    ranks of a torchrun job, which only generate their shard of the evaluation).
 
     Everything (checkpoint, artifacts, reports) is built in a hidden staging directory beside
     ``output_dir`` and published in one step, only after the reload check passed
     (``core.safe_io.StagedDir``): a run that fails or is interrupted leaves ``output_dir`` as it was.
     """
+    ranks = ranks or Ranks()
     torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.family)
     with ExitStack() as stack:
-        with _input_stage():
-            if cfg.backend == "real":
-                check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
-            # The output directory is checked (ours or new, writable) before the model is even loaded.
-            stage = stack.enter_context(StagedDir(cfg.output_dir, legacy=is_legacy_output, what="output_dir"))
-        for path in stage.swept:
-            log(f"[archquant] removed the leftover of an interrupted run: {path}", flush=True)
-        for path in stage.kept:
-            log(f"[archquant] a leftover of an interrupted run held other files; kept them at {path}", flush=True)
-        report = _run_staged(cfg, adapter, stage, log)
+        held: dict = {}
+
+        def open_stage() -> str:
+            with _input_stage():
+                if cfg.backend == "real":
+                    check_kernels(cfg.real_kernels)  # before any work: "triton" without CUDA needs the interpreter
+                # The output directory is checked (ours or new, writable) before the model is even loaded.
+                held["stage"] = stack.enter_context(StagedDir(cfg.output_dir, legacy=is_legacy_output,
+                                                              what="output_dir"))
+            return str(held["stage"].path)
+
+        staged = Path(ranks.broadcast_from_main(open_stage, classify_error))  # the other ranks write files there
+        stage = held.get("stage")
+        if stage is not None:
+            for path in stage.swept:
+                log(f"[archquant] removed the leftover of an interrupted run: {path}", flush=True)
+            for path in stage.kept:
+                log(f"[archquant] a leftover of an interrupted run held other files; kept them at {path}", flush=True)
+        report = _run_staged(cfg, adapter, stage, staged, log, ranks)
+        if stage is None:
+            return None
         try:
             stage.publish()
         except OSError as e:
@@ -123,73 +138,106 @@ def run(cfg: RunConfig, log=print) -> dict:
     return report
 
 
-def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
+def _run_staged(cfg: RunConfig, adapter, stage: StagedDir | None, staged: Path, log, ranks: Ranks) -> dict | None:
     timer = Timer()
-    out, staged = stage.target, stage.path
+    out = Path(cfg.output_dir)
     cfg_dict = to_dict(cfg)
     artifacts: list[dict] = []
     eval_notes: list[str] = []
+    items: dict[str, list] = {}
+    digests: list[str] = []
 
-    with _input_stage():
-        recipe = resolve_recipe(cfg.recipe, adapter)
-        baselines = [resolve_recipe(compare_options(cfg.recipe, name), adapter) for name in cfg.compare]
-        with timer.stage("load model", log):
-            model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
-            for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work
-                adapter.check_model(model, r)
-            check_finite_parameters(model)
-        with timer.stage("load data", log):
-            calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
-            evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
-            disjointness = check_disjoint(calib, evaluation)
+    def load_inputs():
+        with _input_stage():
+            recipe = resolve_recipe(cfg.recipe, adapter)
+            baselines = [resolve_recipe(compare_options(cfg.recipe, name), adapter) for name in cfg.compare]
+            with timer.stage("load model", log):
+                model, model_config = adapter.load_model(cfg.model.path, dict(cfg.model.options), cfg.model.dtype)
+                for r in (*baselines, recipe):  # a recipe for another architecture is refused before any work
+                    adapter.check_model(model, r)
+                check_finite_parameters(model)
+            with timer.stage("load data", log):
+                calib = adapter.load_data(cfg_dict["calibration"], "calibration", model_config)
+                evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
+                disjointness = check_disjoint(calib, evaluation)
+                _check_sharding(adapter, evaluation, ranks)
+        return recipe, baselines, model, model_config, calib, evaluation, disjointness
+
+    # every rank reads its inputs; a failure on any of them stops all (one line, that rank's)
+    recipe, baselines, model, model_config, calib, evaluation, disjointness = \
+        ranks.all_ranks(load_inputs, classify_error)[ranks.rank]
+    shard = shard_split(evaluation, ranks) if ranks.distributed else evaluation
 
     def evaluate(label: str, m, fp=None, keep_files: bool = True) -> tuple[dict, EvalContext]:
         ctx = EvalContext(label=label, fp=fp, output_dir=staged if keep_files else None)
         with timer.stage(f"evaluate {'FP' if label == 'fp' else label}", log):
-            metrics = adapter.evaluate(m, evaluation, ctx)
+            if ranks.distributed:  # each rank its shard; the items come back in order, merged as in one process
+                parts = ranks.all_ranks(lambda: (adapter.evaluate_items(m, shard, ctx), ctx.artifacts, ctx.notes),
+                                        classify_error)
+                ctx.items = [row for rows, _, _ in parts for row in rows]
+                ctx.artifacts = [a for _, arts, _ in parts for a in arts]
+                ctx.notes = list(dict.fromkeys(n for _, _, notes in parts for n in notes))
+                metrics = adapter.merge_items(ctx.items)
+            else:
+                metrics = adapter.evaluate(m, evaluation, ctx)
         artifacts.extend(ctx.artifacts)
         eval_notes.extend(n for n in ctx.notes if n not in eval_notes)  # the same note from every model: once
+        if ctx.items is not None:
+            items[label] = ctx.items
         return metrics, ctx
 
     fp_metrics, fp_ctx = evaluate("fp", model)
-    fp_outputs = fp_ctx.kept  # computed once; every quantized evaluation is compared with it
+    fp_outputs = fp_ctx.kept  # computed once (per rank: its shard); every quantized evaluation is compared with it
     fp_size = model_size_bytes(model)
 
-    def quantize(recipe: Recipe, qmodel):
-        with timer.stage(f"quantize ({recipe.name})", log):
-            # qmodel is a throw-away copy (or the FP model, used last): no snapshot to undo a failure
+    def save(qmodel, directory: Path, **extra) -> None:
+        save_checkpoint(qmodel, directory, family=adapter.name, model_config=adapter.model_config(qmodel), **extra)
+
+    def quantize(recipe: Recipe, make_model):
+        def on_main():  # the model is a throw-away copy (or the FP model, used last): no snapshot to undo a failure
+            qmodel = make_model()
             steps = apply_recipe(qmodel, recipe, adapter.structure(qmodel), calib_batches=calib.batches,
-                                 forward_fn=adapter.forward, progress=cfg.progress,
+                                 forward_fn=adapter.forward, progress=cfg.progress and ranks.is_main,
                                  validate_batch=adapter.validate_batch, restore_on_failure=False)
+            return qmodel, steps
+
+        with timer.stage(f"quantize ({recipe.name})", log):
+            if ranks.distributed:  # calibrated once, on rank 0; the others load what it saved
+                qmodel, steps = share_quantized(ranks, on_main, save, classify_error)
+                _check_same_everywhere(ranks, qmodel, digests)
+            else:
+                qmodel, steps = on_main()
         metrics, _ = evaluate(recipe.name, qmodel, fp_outputs)
-        return qmodel, metrics, steps
+        return qmodel, metrics, steps or {}
 
     compared = {}
     for name, other in zip(cfg.compare, baselines):  # one copy at a time, dropped before the next
-        cmodel, cmetrics, _ = quantize(other, copy.deepcopy(model))
+        cmodel, cmetrics, _ = quantize(other, lambda: copy.deepcopy(model))
         compared[name] = {"metrics": cmetrics, "bytes": model_size_bytes(cmodel), "method": other.to_dict(),
                           "notes": _notes(other), "seconds": timer.times[f"quantize ({other.name})"]}
         del cmodel
     # the saved model is quantized from the FP model itself: FP outputs are kept, the FP weights are not needed
-    qmodel, q_metrics, step_times = quantize(recipe, model)
+    qmodel, q_metrics, step_times = quantize(recipe, lambda: model)
     del model
     quantized = quantized_modules(qmodel)
 
     ckpt_bytes, reload = None, None
     if cfg.save:
-        with timer.stage("save", log):
-            try:
-                save_checkpoint(qmodel, staged / CHECKPOINT_DIR, family=adapter.name,
-                                model_config=adapter.model_config(qmodel), recipe=recipe.to_dict(),
-                                metadata={"config": cfg_dict})
-            except OSError as e:
-                raise RunFailed(f"could not save the checkpoint: {_first_line(e)}; "
-                                f"nothing was published to {out}") from None
-            ckpt_bytes = sum(f.stat().st_size for f in (staged / CHECKPOINT_DIR).iterdir())
+        def save_final():
+            with timer.stage("save", log):
+                try:
+                    save(qmodel, staged / CHECKPOINT_DIR, recipe=recipe.to_dict(), metadata={"config": cfg_dict})
+                except OSError as e:
+                    raise RunFailed(f"could not save the checkpoint: {_first_line(e)}; "
+                                    f"nothing was published to {out}") from None
+            files = checkpoint_files(staged / CHECKPOINT_DIR)  # sent to the other ranks for their reload check
+            return files if ranks.distributed and cfg.verify_reload else None, sum(len(b) for b in files.values())
+
+        files, ckpt_bytes = ranks.broadcast_from_main(save_final, classify_error)
         if cfg.verify_reload:
             with timer.stage("verify reload", log):
-                reload = _verify_reload(adapter, qmodel, staged / CHECKPOINT_DIR, evaluation, q_metrics,
-                                        fp_outputs, out)
+                reloaded = load_quantized(staged / CHECKPOINT_DIR) if ranks.is_main else load_checkpoint_files(files)
+                reload = _verify_reload(adapter, qmodel, reloaded, shard, evaluate, q_metrics, fp_outputs, out)
 
     real = None
     if cfg.backend == "real":  # the fake-quant checkpoint stays the saved format; the model now runs in int8
@@ -199,6 +247,8 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         real = {**rmodel._archquant_real, "metrics": real_metrics, "bytes": model_size_bytes(rmodel),
                 "eval_seconds": {"fake": timer.times[f"evaluate {recipe.name}"], "real": timer.times["evaluate real"]}}
     del qmodel
+    if not ranks.is_main:
+        return None
 
     report = {
         "config": cfg_dict,
@@ -218,6 +268,9 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir, log) -> dict:
         "artifacts": artifacts,
         "checkpoint": None if not cfg.save else {"path": str(out / CHECKPOINT_DIR), "bytes": ckpt_bytes},
         "reload": reload,
+        "items": items,
+        "ranks": {"world": ranks.world, "backend": ranks.backend, "quantized_state_sha256": digests} if ranks.distributed
+        else None,
         "output": {"dir": str(out), "removed_leftovers": stage.swept, "kept_leftovers": stage.kept,
                    "kept_aside": str(aside) if (aside := stage.planned_aside()) else None},
         "timings": {**timer.times, "recipe_steps": {k: round(v, 3) for k, v in step_times.items()}},
@@ -236,18 +289,18 @@ def _notes(recipe: Recipe) -> list[str]:
     return list(notes()) if callable(notes) else []
 
 
-def _verify_reload(adapter, qmodel, checkpoint, evaluation, q_metrics: dict, fp_outputs, out) -> dict:
+def _verify_reload(adapter, qmodel, reloaded, evaluation, evaluate, q_metrics: dict, fp_outputs, out) -> dict:
     """The saved checkpoint, reloaded, must give bit-identical outputs on a fixed probe batch
     (``torch.equal``) and the same metrics; a metric its family declares not bit-reproducible
-    (``Metric.reproducible``) is compared for the report only."""
-    reloaded = load_quantized(checkpoint)
+    (``Metric.reproducible``) is compared for the report only. ``evaluation`` is this rank's shard,
+    ``evaluate`` the runner's (sharded when the job is)."""
     probe = adapter.probe_batch(evaluation)
     with torch.no_grad():
         same_outputs = _outputs_equal(adapter.forward(qmodel, probe), adapter.forward(reloaded, probe))
     if not same_outputs:
         raise RunFailed(f"the saved checkpoint reloaded to a model with different outputs on the probe batch; "
                         f"nothing was published to {out}")
-    metrics = adapter.evaluate(reloaded, evaluation, EvalContext(label="reload", fp=fp_outputs))
+    metrics, _ = evaluate("reload", reloaded, fp_outputs, keep_files=False)
     del reloaded
     loose = {m.name for m in adapter.metrics if not m.reproducible}
     differ = sorted(k for k in set(metrics) | set(q_metrics) if not _same(metrics.get(k), q_metrics.get(k)))
@@ -258,6 +311,39 @@ def _verify_reload(adapter, qmodel, checkpoint, evaluation, q_metrics: dict, fp_
                         f"{q_metrics.get(k)}); nothing was published to {out}")
     return {"metrics": metrics, "identical": not differ, "outputs_identical": True,
             "not_reproducible": [k for k in differ if k in loose]}
+
+
+def _check_sharding(adapter, evaluation, ranks: Ranks) -> None:
+    """A sharded evaluation needs a family that scores items one by one, and an item for every rank."""
+    if not ranks.distributed:
+        return
+    if not adapter.shards_evaluation:
+        raise InputError(f"family {adapter.name!r} does not shard its evaluation across processes: run it "
+                         "without torchrun (one process)")
+    if ranks.world > len(evaluation.batches):
+        raise InputError(f"torchrun started {ranks.world} ranks, but the evaluation has {len(evaluation.batches)} "
+                         f"batch(es) ({len(evaluation.item_ids)} items): use at most {len(evaluation.batches)} "
+                         "processes, or a smaller evaluation.batch_size")
+
+
+def _check_same_everywhere(ranks: Ranks, qmodel, digests: list) -> None:
+    """Every rank must hold the same quantized tensors (what rank 0 calibrated); the digests go into
+    the report."""
+    found = ranks.all_ranks(lambda: state_digest(qmodel), classify_error)
+    if len(set(found)) != 1:
+        raise RunFailed(f"the ranks hold different quantized models ({', '.join(d[:12] for d in found)})")
+    digests[:] = found
+
+
+def classify_error(e: BaseException) -> tuple[str, int]:
+    """(the one line a failure shows, its exit code) when it is reported from another rank."""
+    if isinstance(e, RankFailed):
+        return str(e).split(": ", 1)[1], e.exit_code
+    if isinstance(e, RunFailed):
+        return _first_line(e), EXIT_FAILED
+    if isinstance(e, USER_ERRORS):
+        return _first_line(e), EXIT_USAGE
+    return f"{type(e).__name__}: {_first_line(e)}", EXIT_FAILED
 
 
 def _same(a, b) -> bool:
@@ -311,31 +397,45 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[0])
         return 0 if argv else EXIT_USAGE
     cfg = report = None
+    ranks = Ranks()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
+        ranks = Ranks.from_env()  # torchrun: join the other processes (one process: nothing to join)
         with _input_stage():
             cfg = load_config(argv[0], argv[1:])
-        report = run(cfg)
-        print(Path(report["config"]["output_dir"], "report.md").read_text())
+        report = run(cfg, log=print if ranks.is_main else _quiet, ranks=ranks)
+        if ranks.is_main:
+            print(Path(report["config"]["output_dir"], "report.md").read_text())
         return 0
     except KeyboardInterrupt as e:
         where = f"; nothing was published to {cfg.output_dir}, which was left as it was" if cfg else ""
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"
         print(f"archquant: {what}" + ("" if report is not None else where), file=sys.stderr, flush=True)
         return 128 + signal.SIGTERM if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+    except RankFailed as e:  # another rank's failure: rank 0 says which and why, every rank exits alike
+        if ranks.is_main:
+            _error(str(e))
+        return e.exit_code
     except RunFailed as e:
         if os.environ.get("ARCHQUANT_DEBUG"):
             raise
-        _error(_first_line(e))
+        if ranks.is_main:
+            _error(_first_line(e))
         return EXIT_FAILED
     except USER_ERRORS as e:
         if os.environ.get("ARCHQUANT_DEBUG"):
             raise
-        _error(_first_line(e))
+        if ranks.is_main:
+            _error(_first_line(e))
         return EXIT_USAGE
     finally:
+        ranks.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of the ranks other than 0: rank 0 says what the job does."""
 
 
 def _main_thread() -> bool:

@@ -41,6 +41,9 @@ class FamilyAdapter(ABC):
     presets: ClassVar[tuple[str, ...]] = GENERIC_PRESETS
     #: per preset, the family's defaults for unset recipe knobs, e.g. {"static_minmax": {"w_granularity": "tensor"}}
     preset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: whether the family scores its evaluation items one by one (``evaluate_items`` / ``merge_items``),
+    #: so that a ``torchrun`` job can split them across processes
+    shards_evaluation: ClassVar[bool] = False
 
     @abstractmethod
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
@@ -79,6 +82,17 @@ class FamilyAdapter(ABC):
         on these inputs and seeds) comes back as ``ctx.fp`` to every quantized evaluation, for the
         FP-relative metrics. ``ctx.artifact_path`` gives files the report links (None: keep none).
         ``ctx`` is None when called outside the runner."""
+
+    def evaluate_items(self, model: nn.Module, data: DataSplit, ctx: EvalContext) -> list[dict]:
+        """(Families with ``shards_evaluation``.) One dict of metric values per item of ``data``, a
+        rank's contiguous shard of the evaluation batches; each item's values must not depend on
+        which other items are evaluated with it (its own seed, its own batch as in one process)."""
+        raise NotImplementedError(f"family {self.name!r} does not score items one by one")
+
+    def merge_items(self, rows: list[dict]) -> dict[str, float]:
+        """(Families with ``shards_evaluation``.) The metrics of all items, given in item order;
+        ``evaluate`` must give the same numbers from the same rows."""
+        raise NotImplementedError(f"family {self.name!r} does not score items one by one")
 
     def probe_batch(self, data: DataSplit) -> Any:
         """A fixed batch whose outputs must be bit-identical between the saved and the reloaded

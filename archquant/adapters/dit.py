@@ -131,6 +131,7 @@ class DiTAdapter(FamilyAdapter):
         *IMAGE_METRICS,
     )
     presets = dit_recipes.DIT_PRESETS
+    shards_evaluation = True
 
     # ------------------------------------------------------------------ model
 
@@ -245,55 +246,85 @@ class DiTAdapter(FamilyAdapter):
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None = None) -> dict[str, float]:
+        """The metrics of every item merged (``merge_items(evaluate_items(...))``, what a sharded run
+        computes from its ranks' items too), plus FID / LPIPS / CLIP score where their weights are
+        present (set-level metrics, in one process only)."""
+        rows, samples = self._generate_and_score(model, data, ctx)
+        metrics = self.merge_items(rows)
+        if ctx is not None:
+            ctx.items = rows
+            _optional_metrics(samples, data, ctx, metrics)
+        return metrics
+
+    def evaluate_items(self, model: nn.Module, data: DataSplit, ctx: EvalContext) -> list[dict]:
+        """One row per image or video of ``data`` (a shard of the evaluation batches): its task
+        results and, for a quantized model, its fidelity against the FP sample of the same item."""
+        if data.extra.get("image_metrics") is not None:
+            ctx.note("fid, lpips_vs_fp and clip_score are not computed when the evaluation is sharded across "
+                     "processes (they need every sample in one place)")
+        return self._generate_and_score(model, data, ctx)[0]
+
+    def merge_items(self, rows: list[dict]) -> dict[str, float]:
+        """Each metric's mean over the items, summed in item order (so any sharding, gathered back in
+        order, gives the same bits); a metric some item lacks is left out."""
+        keys = [k for k in rows[0] if k != "item" and all(k in r for r in rows)]
+        return {k: mean_over_items(rows, k) for k in keys}
+
+    def _generate_and_score(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None):
         from tqdm import tqdm
 
         samples = torch.cat([self.forward(model, b) for b in tqdm(data.batches, desc="generating", leave=False,
                                                                   disable=None)])
         video = samples.dim() == 5  # (N, F, C, H, W)
-        metrics = _task_metrics(samples, data, video)
-        if ctx is None:
-            return metrics
-        _optional_metrics(samples, data, ctx, metrics, video)
         items = _items(data.batches)
+        rows = [{"item": index} for index, _, _ in items]
+        for row, task in zip(rows, _task_results(samples, data, video)):
+            row.update(task)
+        if ctx is None:
+            return rows, samples
         if ctx.is_fp:
             ctx.keep(samples)
         elif ctx.fp is not None:
-            rows = (video_item_metrics if video else image_item_metrics)(samples, ctx.fp)
-            for key in rows[0]:
-                metrics[f"{key}_vs_fp"] = mean_over_items(rows, key)
+            fidelity = (video_item_metrics if video else image_item_metrics)(samples, ctx.fp)
+            for row, values in zip(rows, fidelity):
+                row.update({f"{k}_vs_fp": v for k, v in values.items()})
+        fp = None if ctx.is_fp else ctx.fp
         if video:
-            _write_videos(ctx, samples, None if ctx.is_fp else ctx.fp, items)
+            _write_videos(ctx, samples, fp, items)
         else:
-            _write_grid(ctx, samples, None if ctx.is_fp else ctx.fp, [title for title, _ in items])
-        return metrics
+            _write_grid(ctx, samples, fp, [title for _, title, _ in items], part=items[0][0] if items else 0)
+        return rows, samples
 
 
-def _task_metrics(samples: torch.Tensor, data: DataSplit, video: bool) -> dict[str, float]:
-    """What the reference models' digit classifier says: the share of images (or video frames) of
-    the asked digit, and for videos the share moving the asked way (centre of mass over frames).
-    Absent when there is no classifier or a prompt names no digit (never made up)."""
+def _task_results(samples: torch.Tensor, data: DataSplit, video: bool) -> list[dict]:
+    """Per item, what the reference models' digit classifier says: whether the image (the share of
+    a video's frames) shows the asked digit, and whether a video's digit moves the asked way (centre
+    of mass over frames). Nothing when there is no classifier or a prompt names no digit or no
+    direction (never made up)."""
+    n = len(samples)
     classifier = data.extra.get("classifier")
     if classifier is None:
-        return {}
+        return [{} for _ in range(n)]
     if not video:
         labels = _requested_classes(data.batches)
         if labels is None:
-            return {}
-        from ..models.digits import class_accuracy
+            return [{} for _ in range(n)]
+        from ..models.digits import predict
 
-        return {"class_accuracy": float(class_accuracy(classifier, samples, labels))}
+        return [{"class_accuracy": float(ok)} for ok in predict(classifier, samples).eq(labels).tolist()]
     from ..models.moving_digits import direction_accuracy, frame_class_accuracy, parse_video_prompt
 
     asked = [parse_video_prompt(p) for b in data.batches for p in b["prompts"]]
-    metrics = {}
-    if all(digit is not None for digit, _ in asked):
-        metrics["class_accuracy"] = float(frame_class_accuracy(classifier, samples, [d for d, _ in asked]))
-    if all(direction is not None for _, direction in asked):
-        metrics["direction_accuracy"] = float(direction_accuracy(samples, [d for _, d in asked]))
-    return metrics
+    rows: list[dict] = [{} for _ in range(n)]
+    for row, video_i, (digit, direction) in zip(rows, samples.split(1), asked):
+        if digit is not None:
+            row["class_accuracy"] = float(frame_class_accuracy(classifier, video_i, [digit]))
+        if direction is not None:
+            row["direction_accuracy"] = float(direction_accuracy(video_i, [direction]))
+    return rows
 
 
-def _optional_metrics(samples: torch.Tensor, data: DataSplit, ctx: EvalContext, metrics: dict, video: bool) -> None:
+def _optional_metrics(samples: torch.Tensor, data: DataSplit, ctx: EvalContext, metrics: dict) -> None:
     """FID / LPIPS / CLIP score where their weights are present, else a note; videos are scored
     frame by frame (each frame with its video's prompt), and FVD is not implemented."""
     optional = data.extra.get("image_metrics")
@@ -301,7 +332,7 @@ def _optional_metrics(samples: torch.Tensor, data: DataSplit, ctx: EvalContext, 
         return
     prompts = [p for b in data.batches for p in b["prompts"]] if "prompts" in data.batches[0] else None
     fp = None if ctx.is_fp else ctx.fp
-    if video:
+    if samples.dim() == 5:  # videos
         frames = samples.shape[1]
         samples, fp = samples.flatten(0, 1), None if fp is None else fp.flatten(0, 1)
         prompts = None if prompts is None else [p for p in prompts for _ in range(frames)]
@@ -330,7 +361,8 @@ def _class_items(opts: dict, model_config: dict, role: str, n: int, first: int, 
                          f"0..{num_classes - 1}")
     pairs = [(c, first + k) for k in range(n) for c in class_ids]
     batches = [{"class_labels": torch.tensor([c for c, _ in pairs[i:i + bs]]),
-                "seeds": [s for _, s in pairs[i:i + bs]], **common} for i in range(0, len(pairs), bs)]
+                "seeds": [s for _, s in pairs[i:i + bs]], "items": list(range(i, min(i + bs, len(pairs)))), **common}
+               for i in range(0, len(pairs), bs)]
     # content identity: the same (class, seed) is the same label and the same initial noise
     digests = label_digests((digest_record({"class": c, "seed": s}), f"class {c} seed {s}") for c, s in pairs)
     return pairs, batches, digests
@@ -350,17 +382,24 @@ def _prompt_items(opts: dict, role: str, n: int, first: int, bs: int, common: di
         raise ValueError(f"{role}.options.prompts[{blank[0]}] is blank: every prompt needs some text")
     pairs = [(p, first + k) for k in range(n) for p in prompts]
     batches = [{"prompts": [p for p, _ in pairs[i:i + bs]], "seeds": [s for _, s in pairs[i:i + bs]],
-                "negative_prompt": opts["negative_prompt"], **common} for i in range(0, len(pairs), bs)]
+                "items": list(range(i, min(i + bs, len(pairs)))), "negative_prompt": opts["negative_prompt"], **common}
+               for i in range(0, len(pairs), bs)]
     # content identity is the prompt itself, whatever the seed: calibrating on an evaluation prompt
     # is calibrating on the test set even with other noise
     digests = label_digests((digest_text(normalize_prompt(p)), f"prompt {p!r}") for p in prompts)
     return pairs, batches, digests
 
 
-def _items(batches: list[dict]) -> list[tuple[str, int]]:
-    """(class id or prompt, seed) of every sample, in order: what each image or video was asked for."""
-    return [(p if isinstance(p, str) else str(int(p)), int(s)) for b in batches
-            for p, s in zip(b["prompts"] if "prompts" in b else b["class_labels"], b["seeds"])]
+def _items(batches: list[dict]) -> list[tuple[int, str, int]]:
+    """(item index in the whole split, class id or prompt, seed) of every sample, in order: what each
+    image or video was asked for. Batches from ``load_data`` carry their items' indices (so a shard
+    names them as the whole split does); a batch without them counts on from the previous one."""
+    out: list[tuple[int, str, int]] = []
+    for b in batches:
+        asked = b["prompts"] if "prompts" in b else b["class_labels"]
+        indices = b.get("items") or range(len(out), len(out) + len(asked))
+        out += [(int(i), p if isinstance(p, str) else str(int(p)), int(s)) for i, p, s in zip(indices, asked, b["seeds"])]
+    return out
 
 
 def _requested_classes(batches: list[dict]) -> torch.Tensor | None:
@@ -384,7 +423,7 @@ def _load_classifier(classifier_dir: str | None):
 
 
 def _write_videos(ctx: EvalContext, videos: torch.Tensor, fp: torch.Tensor | None,
-                  items: list[tuple[str, int]]) -> None:
+                  items: list[tuple[int, str, int]]) -> None:
     """For every (prompt, seed): the model's clip as MP4 + GIF, and beside a quantized model's clip a
     PNG strip of frames, FP above quantized; all linked from the report."""
     if ctx.output_dir is None:
@@ -392,8 +431,8 @@ def _write_videos(ctx: EvalContext, videos: torch.Tensor, fp: torch.Tensor | Non
     from ..eval.media import write_strip, write_video
 
     name = "FP" if ctx.is_fp else ctx.label
-    for i, (prompt, seed) in enumerate(items):
-        stem = f"item{i:03d}_seed{seed}"
+    for i, (index, prompt, seed) in enumerate(items):
+        stem = f"item{index:03d}_seed{seed}"
         for path in write_video(ctx.artifact_path(stem), videos[i]):
             ctx.add_artifact(path, f"{name} {path.suffix[1:].upper()}: {prompt!r}, seed {seed}")
         if fp is not None:
@@ -402,10 +441,12 @@ def _write_videos(ctx: EvalContext, videos: torch.Tensor, fp: torch.Tensor | Non
             ctx.add_artifact(strip, f"FP vs {name} frames: {prompt!r}, seed {seed}")
 
 
-def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, titles: list[str]) -> None:
+def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, titles: list[str],
+                part: int = 0) -> None:
     """A PNG of the samples (FP above the quantized model's when there is an FP row), method named on
-    it, each column titled with the class or prompt asked for."""
-    path = ctx.artifact_path("samples.png")
+    it, each column titled with the class or prompt asked for. A shard of a sharded run (its first
+    item ``part`` > 0) writes its own ``samples_from<part>.png``."""
+    path = ctx.artifact_path("samples.png" if part == 0 else f"samples_from{part:03d}.png")
     if path is None:
         return
     import matplotlib
