@@ -67,6 +67,14 @@ stage "DiT step benchmark"  # DiT-XL/2, batches 2 and 8: bf16 vs W8A8 (+ fused H
 boxed 120 "$OUT/bench_dit.log" python3 -m archquant.eval.bench_dit --device cuda --write "$OUT/dit_gpu.md"
 echo "dit exit $?" | tee -a "$OUT/summary.txt"; tail -16 "$OUT/bench_dit.log" | tee -a "$OUT/summary.txt"
 
+stage "Wan step benchmark"  # Wan 2.1 1.3B shapes, batch 1 (WanPipeline's two calls per step): bf16 vs W8A8;
+# quarot's fold of the 8960-wide ffn input would take minutes on the CPU side, so W8A8 only. Its table is
+# appended to dit_gpu.md (the device tool brings back 8 files, and this script writes 8).
+boxed 100 /tmp/bench_wan.log python3 -m archquant.eval.bench_dit --device cuda --shapes wan --batch 1 \
+  --variants w8a8 --write /tmp/wan_gpu.md
+echo "wan exit $?" | tee -a "$OUT/summary.txt"; tail -12 /tmp/bench_wan.log | tee -a "$OUT/summary.txt"
+[ -f /tmp/wan_gpu.md ] && { echo; cat /tmp/wan_gpu.md; } >>"$OUT/dit_gpu.md"
+
 # last: the benchmarks check results before timing; sm_90 AOT compile checks skipped (they run on the CPU)
 stage "GPU tests"
 boxed 180 "$OUT/gpu_tests.log" python3 -m pytest -q -p no:cacheprovider -k "not sm90" \

@@ -131,9 +131,19 @@ def test_dit_benchmark_cpu_mode_small_shape_writes_its_table(tmp_path):
     out = tmp_path / "dit_cpu.md"
     assert bench_dit.main(["--shapes", "small", "--repeats", "1", "--write", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# DiT denoising step on CPU: FP32 vs bf16 vs W8A8 real")
+    assert text.startswith("# Diffusion transformer denoising step on CPU: FP32 vs bf16 vs W8A8 real")
     assert "`python -m archquant.eval.bench_dit --shapes small --repeats 1 --write" in text
     assert "| small DiT (hidden 128, 4 blocks, 64 tokens) | 2 | 24 (0 kept) |" in text
+
+
+def test_dit_benchmark_times_a_wan_step_too(tmp_path):
+    """The Wan 2.1 shapes take the same code path: latents (B, C, F, H, W) and text features in, the
+    attention / cross-attention / ffn Linears on int8 (tiny Wan: 2 blocks x 10)."""
+    from archquant.eval import bench_dit as B
+
+    row = B.bench("wan_tiny", batch=1, repeats=1)
+    assert row["converted"] == 20 and row["kept"] == 0
+    assert row["real_vs_fake"] < 1e-4 and row["fake_vs_fp"] < 5e-2
 
 
 def test_dit_variant_builder_gives_int8_linears_and_full_width_hadamards():
