@@ -1,22 +1,24 @@
-"""The diffusion-transformer family: DiT (class-conditional), PixArt and FLUX (text-to-image).
+"""The diffusion-transformer family: image DiTs (DiT, PixArt, FLUX) and video DiTs (Wan, CogVideoX).
 
 What it declares:
 * model: a diffusers pipeline folder or hub id (``model.path``) or a committed reference model
   (``model.options.reference``), loaded as ``models.dit_loading.DiffusionModel``;
 * data: ``source: classes`` (DiT): every (class id, seed) pair of ``options.class_ids`` x
-  ``num_samples`` seeds from ``seed``; ``source: prompts`` (PixArt, FLUX): every (prompt, seed)
-  pair of ``options.prompts``. Generated with ``options.num_steps`` sampler steps at
-  ``options.guidance_scale`` and ``options.resolution``. A calibration pass samples whole
-  trajectories, so activations are collected at every timestep of the sampler (timestep-aware
-  calibration). Calibration and evaluation must not share a (class, seed) pair (the same noise and
-  label) nor a prompt (whatever its seeds): the disjointness check refuses either;
+  ``num_samples`` seeds from ``seed``; ``source: prompts`` (the text-conditioned models): every
+  (prompt, seed) pair of ``options.prompts``. Generated with ``options.num_steps`` sampler steps at
+  ``options.guidance_scale``, ``options.resolution`` and, for videos, ``options.num_frames``. A
+  calibration pass samples whole trajectories, so activations are collected at every timestep of
+  the sampler and every frame (timestep-aware calibration; the statistics are running ones, so a
+  long clip costs no memory). Calibration and evaluation must not share a (class, seed) pair (the
+  same noise and label) nor a prompt (whatever its seeds): the disjointness check refuses either;
 * structure: per transformer class (``LAYOUTS``), the attention projections and feed-forward
   Linears of every block are quantized; the timestep / class / caption embedders, the adaLN
   modulation Linears, the patch embedding and the output projections stay in floating point
   (LRQ-DiT's and ViDiT-Q's skip list);
-* metrics: PSNR and SSIM of every image against the FP model's image from the same class or
-  prompt and seed, and, on the reference models, the share of samples their digit classifier
-  assigns to the class asked for (by class id, or by the digit a prompt names).
+* metrics, per item (so that ``torchrun`` can shard them): PSNR and SSIM of every image or video
+  against the FP model's from the same class or prompt and seed, for videos per frame and the error
+  of frame-to-frame changes too, and, on the reference models, the share of samples (frames) their
+  digit classifier assigns to the digit asked for, and for videos the share moving the asked way.
 """
 from __future__ import annotations
 
