@@ -32,7 +32,7 @@ from archquant.core.modules import ActQuantizer, QuantConv1d, QuantLinear
 from archquant.core.transforms import HadamardTransform
 from archquant.kernels import cpu_int8 as K
 from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_only_path, fbgemm_available,
-                                        int8_linear, int8_linear_reference, int8_weight_only_linear,
+                                        int8_linear, onednn_available, int8_linear_reference, int8_weight_only_linear,
                                         int8_weight_only_linear_reference, quantize_per_tensor_int8_torch,
                                         quantize_per_token_int8_torch, quantize_static_int8_torch)
 from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
@@ -45,7 +45,7 @@ from archquant.run import main
 from conftest import perturbed_mamba
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else [])
+CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else []) + (["onednn"] if onednn_available() else [])
 MODEL_TOL = 1e-2  # whole-model logits, relative Frobenius error (see the module docstring)
 LINEAR_TOL = 1e-4  # one RealQuantLinear vs its fake twin, fp32, relative to max|y|
 
@@ -180,7 +180,8 @@ def test_path_choice():
     assert choose_path(1, 5120, 2560) == "int_mm" and choose_path(1, 2560, 10240) == fb
     assert choose_path(4, 5120, 2560) == fb and choose_path(4, 1536, 768) == "int_mm"
     assert choose_path(K.FBGEMM_MAX_M + 1, 5120, 2560) == "int_mm"
-    assert choose_path(1024, 5120, 2560) == "int_mm"
+    large_m = "onednn" if onednn_available() else "int_mm"  # prefill-sized M: the prepacked oneDNN GEMM
+    assert choose_path(1024, 5120, 2560) == large_m and choose_path(K.ONEDNN_MIN_M, 768, 3072) == large_m
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="fbgemm not usable here")

@@ -55,6 +55,13 @@ is subtracted in fp32 after its epilogue (a few more fp32 roundings, no fused re
     epilogue. Used only when a one-time self-test on extreme codes confirms it is exact
     (u8 x s8 kernels without VNNI can saturate int16 pair sums, the reason fbgemm has
     ``reduce_range``); otherwise everything goes to ``"int_mm"``.
+``"onednn"``  oneDNN's int8 linear (``onednn::qlinear_pointwise``, the op behind PyTorch 2's x86
+    quantization; AMX / VNNI) on a prepacked weight, with unit input and weight scales and zero
+    points 0: its fp32 output is then exactly ``float(acc)`` (checked once, like fbgemm), and the
+    scales go in our own epilogue. Reading a blocked, prepacked weight instead of the (N, K)
+    codes in place, it is about 2x ``"int_mm"`` from M = 64 on (1500 x 1536 x 8960, Wan's FFN:
+    58 vs 109 ms; 512 x 1152 x 4608, DiT-XL/2's: 7.3 vs 19.7 ms; 2 threads, Intel Xeon with AMX)
+    and equal at M <= 16. Symmetric weights only.
 ``"triton"``  CUDA tensors: ``kernels.w8a8_gemm.w8a8_gemm`` (same epilogue, same results).
 
 Weight-only paths: ``"int8pack"`` (``aten._weight_int8pack_mm``, bf16/fp16 activations;
@@ -91,6 +98,7 @@ __all__ = [
     "choose_path",
     "choose_weight_only_path",
     "fbgemm_available",
+    "onednn_available",
     "PATHS",
     "WEIGHT_ONLY_PATHS",
 ]
@@ -99,7 +107,7 @@ INT8_QMAX = 127  # restricted symmetric range, as archquant.core.formats.qrange
 _MIN_SCALE = INT_MIN_SCALE  # the core's clamp of all-zero rows' scales
 _SPLIT_BASE = 254.0  # digit base of the "split3" path: |remainder| <= 0.5 -> |digit| <= 127
 _INT8PACK_K_MULTIPLE = 16  # aten._weight_int8pack_mm (bf16/fp16) is wrong, or crashes, otherwise
-PATHS = ("int_mm", "fbgemm", "triton")
+PATHS = ("int_mm", "fbgemm", "onednn", "triton")
 # 0-dim constants for the per-call scale arithmetic: a tensor operand skips the Python-scalar
 # wrapping, which costs ~1 us per op (a third of a small elementwise op); same fp32 values.
 # Read-only: never used as the destination of an in-place op.
@@ -114,6 +122,8 @@ WEIGHT_ONLY_PATHS = ("split3", "int8pack", "dequant")
 FBGEMM_MAX_M = 32
 FBGEMM_MIN_WEIGHT = 1 << 21
 FBGEMM_M1_MIN_WEIGHT = 1 << 24
+#: smallest M from which the oneDNN int8 linear is used when it is available (see ``choose_path``)
+ONEDNN_MIN_M = 64
 #: smallest weight (N*K) for which fp32 weight-only layers use "split3" (see ``choose_weight_only_path``)
 SPLIT3_MIN_WEIGHT = 1 << 20
 
@@ -150,11 +160,15 @@ def choose_path(m: int, k: int, n: int) -> str:
     (reading the (N, K) codes in place) wins except on the largest weight; for 2 <= M <= 32
     fbgemm's prepacked small-M kernels win by up to 4x, except on a weight as small as
     1536x768, where they are 10-20 % slower; from M = 64 on the two are within noise of each
-    other and ``_int_mm`` needs no packed copy. At M = 1 the W8A8 Linear beats fp32 by 2.8x
+    other and ``_int_mm`` needs no packed copy. From M = ``ONEDNN_MIN_M`` on, where oneDNN's int8 linear
+    works (``onednn_available``), its prepacked GEMM is about 2x both (see the module doc; measured
+    later, on an Intel Xeon with AMX). At M = 1 the W8A8 Linear beats fp32 by 2.8x
     (1536x768) to 20x (5120x2560). At the small sizes the fixed per-op cost sets that ratio:
     1536x768, M = 1 is ~12 tensor ops of 1-2.5 us around a 12-17 us int8 GEMV (it was 0.048 ms,
     1.6x, before ``int8_linear_dynamic`` and the trimmed ``int8_linear`` cut ~20 us of it).
     """
+    if m >= ONEDNN_MIN_M and onednn_available():
+        return "onednn"  # prefill-sized M: the prepacked oneDNN GEMM, ~2x int_mm (see the module doc)
     if not fbgemm_available():
         return "int_mm"
     size = n * k
@@ -306,6 +320,15 @@ class Int8Weight:
             self._cache["fbgemm"] = _fbgemm_pack(self.q)
         return self._cache["fbgemm"]
 
+    def onednn_packed(self):
+        """(oneDNN's prepacked weight, unit weight scales, zero points) for ``onednn::qlinear_pointwise``
+        (built once)."""
+        if "onednn" not in self._cache:
+            n, k = self.q.shape
+            packed = torch.ops.onednn.qlinear_prepack(self.q.contiguous(), [ONEDNN_MIN_M, k])
+            self._cache["onednn"] = (packed, torch.ones(n), torch.zeros(n, dtype=torch.int32))
+        return self._cache["onednn"]
+
     def int8pack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes with K zero-padded to a multiple of 16 and the per-channel scale in ``dtype``."""
         if self.zero is not None:
@@ -411,6 +434,39 @@ def fbgemm_available() -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- oneDNN
+
+
+def _onednn_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """``float(x_q @ w_q.T)`` (fp32) through oneDNN's int8 linear: exact int32 accumulation, output
+    scaled by 1 x 1 (unit input and weight scales, zero points 0)."""
+    packed, ones, zeros = w.onednn_packed()
+    return torch.ops.onednn.qlinear_pointwise(x_q, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """True if oneDNN's int8 linear is present and gives exactly ``float(acc)`` here (checked once,
+    on extreme codes, at M below and above ``ONEDNN_MIN_M``)."""
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        k, n = 200, 24
+        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
+        w.q[0], w.q[1] = 127, -127
+        for m in (5, ONEDNN_MIN_M + 3):
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+            x[0], x[1] = 127, -127
+            ref = (x.to(torch.int64) @ w.q.to(torch.int64).T).to(torch.float32)
+            if not torch.equal(_onednn_acc(x, w), ref):
+                return False
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 # --------------------------------------------------------------------------- int8 x int8
 
 
@@ -447,9 +503,13 @@ def _acc_fp32(x_q: torch.Tensor, w: Int8Weight, path: str) -> torch.Tensor:
             raise ValueError("path 'fbgemm' takes symmetric weights only (its packing has no zero points): "
                              "use 'int_mm'")
         return _fbgemm_acc(x_q, w.fbgemm_packed())
+    if path == "onednn":
+        if w.zero is not None:
+            raise ValueError("path 'onednn' takes symmetric weights only: use 'int_mm'")
+        return _onednn_acc(x_q, w)
     if path == "int_mm":
         return _int_mm_acc(x_q, w).float()  # .float(): ~1 us less call overhead than .to(torch.float32)
-    raise ValueError(f"unknown CPU int8 path {path!r}: allowed 'int_mm', 'fbgemm'")
+    raise ValueError(f"unknown CPU int8 path {path!r}: allowed 'int_mm', 'fbgemm', 'onednn'")
 
 
 def _epilogue_(out: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
