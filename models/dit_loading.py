@@ -188,11 +188,18 @@ def vae_temporal_factor(vae_config: dict | None) -> int:
 
 
 def check_frames(num_frames: int, config: dict, where: str) -> None:
-    """Refuse a frame count the VAE's temporal compression does not allow (Wan, CogVideoX: 4k + 1)."""
+    """Refuse a frame count the VAE's temporal compression does not allow (Wan, CogVideoX: 4k + 1),
+    or whose latent frames Wan's temporal patch does not divide."""
     factor = vae_temporal_factor(config.get("vae_config"))
     if factor > 1 and (num_frames - 1) % factor:
         raise ValueError(f"{where}={num_frames} is not {factor}k+1 frames (the VAE's temporal factor is {factor}) "
                          f"for this {config['transformer_class']}")
+    patch = config["transformer_config"].get("patch_size")
+    if isinstance(patch, (list, tuple)) and int(patch[0]) > 1:  # Wan's (t, h, w) patch
+        latent = (num_frames - 1) // factor + 1
+        if latent % int(patch[0]):
+            raise ValueError(f"{where}={num_frames} gives {latent} latent frames, which the temporal patch "
+                             f"{int(patch[0])} does not divide, for this {config['transformer_class']}")
 
 
 def spatial_patch(transformer_config: dict) -> int:
