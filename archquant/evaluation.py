@@ -88,9 +88,15 @@ class EvalContext:
         directory.mkdir(parents=True, exist_ok=True)
         return directory / name
 
-    def add_artifact(self, path: Path, title: str) -> None:
+    def add_artifact(self, path: Path, title: str, row: str | None = None, column: str | None = None) -> None:
+        """Link ``path`` from the report. Files of one item in several forms (a video's MP4, GIF and
+        frame strip) say their ``row`` (the item) and ``column`` (the form): the report then shows one
+        table per model, a row per item, rather than a line per file."""
         rel = Path(path).resolve().relative_to(Path(self.output_dir).resolve())
-        self.artifacts.append({"path": rel.as_posix(), "title": title, "model": self.label})
+        entry = {"path": rel.as_posix(), "title": title, "model": self.label}
+        if row is not None and column is not None:
+            entry.update(row=row, column=column)
+        self.artifacts.append(entry)
 
 
 def snr_db(reference: Any, approx: Any) -> float:

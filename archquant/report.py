@@ -257,11 +257,29 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Environment: {env.get('cpu') or env.get('processor')}, {env.get('threads')} threads, "
                      f"torch {env.get('torch')}, Python {env.get('python')}, archquant {env.get('git_commit') or env.get('archquant')}.")
     lines += _quantized_section(report.get("quantized_modules"))
-    artifacts = report.get("artifacts") or []
-    if artifacts:
-        lines += ["", "## Files", ""]
-        lines += [f"- [{a['title']}]({a['path']})" for a in artifacts]
+    lines += _files_section(report.get("artifacts") or [])
     return "\n".join(lines) + "\n"
+
+
+def _files_section(artifacts: list[dict]) -> list[str]:
+    """Links to every file an evaluation wrote: a line each, and for files that name their ``row`` and
+    ``column`` (one item in several forms) a table per model, in the order they were written."""
+    if not artifacts:
+        return []
+    lines = ["", "## Files", ""]
+    lines += [f"- [{a['title']}]({a['path']})" for a in artifacts if "row" not in a]
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    for a in artifacts:
+        if "row" in a:
+            tables.setdefault(a.get("model", ""), {}).setdefault(a["row"], {})[a["column"]] = a["path"]
+    for model, rows in tables.items():
+        columns = list(dict.fromkeys(c for cells in rows.values() for c in cells))
+        lines += ["", f"{'FP' if model == 'fp' else model}:", "", "| item | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for row, cells in rows.items():
+            links = [f"[{c}]({cells[c]})" if c in cells else "–" for c in columns]
+            lines.append(f"| {row.replace('|', '/')} | " + " | ".join(links) + " |")
+    return lines
 
 
 def write_reports(report: dict, out_dir: Path) -> None:

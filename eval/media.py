@@ -3,7 +3,8 @@ animated GIF beside it (plays anywhere, e.g. inline in a Markdown viewer), and P
 with one row per model.
 
 Frames are float tensors (F, C, H, W) in [0, 1], C = 1 or 3; small frames are enlarged by whole
-pixels (nearest) so that a 16 x 16 clip is still visible, and to a multiple of 16 for the codec.
+pixels (nearest) so that a 16 x 16 clip is still visible; MP4 frames get black borders up to a multiple of 16
+(the codec's macro blocks).
 """
 from __future__ import annotations
 
@@ -26,13 +27,27 @@ def _uint8_rgb(frames: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
     return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def _pad_to_macro_blocks(pixels: "numpy.ndarray", block: int = 16) -> "numpy.ndarray":  # noqa: F821
+    """Black borders that bring (F, H, W, 3) frames to a multiple of ``block`` on both sides (centred):
+    what H.264 players expect. Done here rather than by imageio, which would rescale the frames
+    (blurring whole-pixel enlargements) and warn for every clip."""
+    import numpy as np
+
+    h, w = pixels.shape[1:3]
+    dh, dw = -h % block, -w % block
+    if not dh and not dw:
+        return pixels
+    return np.pad(pixels, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+
+
 def write_video(path: Path, frames: torch.Tensor, fps: int = 8) -> list[Path]:
     """``path``.mp4 and ``path``.gif of one clip; returns the files written."""
     import imageio.v2 as iio
 
     pixels = _uint8_rgb(frames)
     mp4, gif = Path(path).with_suffix(".mp4"), Path(path).with_suffix(".gif")
-    iio.mimwrite(mp4, pixels, fps=fps, codec="libx264", macro_block_size=16, quality=8, ffmpeg_log_level="error")
+    iio.mimwrite(mp4, _pad_to_macro_blocks(pixels), fps=fps, codec="libx264", macro_block_size=16, quality=8,
+                 ffmpeg_log_level="error")
     iio.mimwrite(gif, pixels, duration=1000 / fps, loop=0)
     return [mp4, gif]
 

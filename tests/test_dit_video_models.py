@@ -123,7 +123,26 @@ def test_lrq_dit_runs_on_videos_writes_mp4s_and_reloads_bit_identically(tmp_path
     frames = iio.mimread(tmp_path / "out" / "artifacts" / "lrq_dit" / "item000_seed100.mp4")
     assert len(frames) == {"wan": 5, "cogvideox": 4}[kind]  # CogVideoX's VAE decodes 2 latent frames to 4, as its pipeline
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "item000_seed100.mp4" in md and "temporal_rmse_vs_fp" in md
+    assert "temporal_rmse_vs_fp" in md
+    # a table per model, a row per (prompt, seed): MP4, GIF and (quantized models) the frame strip
+    assert ("| 'a red cat', seed 100 | [MP4](artifacts/lrq_dit/item000_seed100.mp4) | "
+            "[GIF](artifacts/lrq_dit/item000_seed100.gif) | "
+            "[frames, FP above](artifacts/lrq_dit/item000_seed100_strip.png) |") in md
+
+
+def test_mp4_frames_are_padded_to_macro_blocks_not_rescaled(tmp_path, caplog):
+    import imageio.v2 as iio
+
+    from archquant.eval.media import write_video
+
+    clip = torch.zeros(4, 1, 24, 24)
+    clip[:, :, 8:16, 8:16] = 1.0  # a white square: enlarged 5x by whole pixels to 120, padded to 128
+    mp4, gif = write_video(tmp_path / "clip", clip)
+    frames = iio.mimread(mp4)
+    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)
+    assert frames[0][:4].max() < 20 and frames[0][64, 64].min() > 230  # black border, square centred
+    assert iio.mimread(gif)[0].shape[:2] == (120, 120)  # the GIF is not padded
+    assert "macro_block_size" not in caplog.text  # imageio-ffmpeg logs a warning when it has to rescale
 
 
 @pytest.mark.parametrize("override, message", [

@@ -435,12 +435,14 @@ def _write_videos(ctx: EvalContext, videos: torch.Tensor, fp: torch.Tensor | Non
     name = "FP" if ctx.is_fp else ctx.label
     for i, (index, prompt, seed) in enumerate(items):
         stem = f"item{index:03d}_seed{seed}"
+        row = f"{prompt!r}, seed {seed}"
         for path in write_video(ctx.artifact_path(stem), videos[i]):
-            ctx.add_artifact(path, f"{name} {path.suffix[1:].upper()}: {prompt!r}, seed {seed}")
+            kind = path.suffix[1:].upper()
+            ctx.add_artifact(path, f"{name} {kind}: {row}", row=row, column=kind)
         if fp is not None:
             strip = write_strip(ctx.artifact_path(f"{stem}_strip.png"), [("FP", fp[i]), (name, videos[i])],
                                 f"FP (top) vs {name}: {prompt!r}, seed {seed}")
-            ctx.add_artifact(strip, f"FP vs {name} frames: {prompt!r}, seed {seed}")
+            ctx.add_artifact(strip, f"FP vs {name} frames: {row}", row=row, column="frames, FP above")
 
 
 def _write_grid(ctx: EvalContext, images: torch.Tensor, fp: torch.Tensor | None, titles: list[str],
