@@ -37,6 +37,19 @@ ENCODER_CLASSES = ("T5EncoderModel", "UMT5EncoderModel", "CLIPTextModel", "CLIPT
 CLIP_MAX_LENGTH = 77
 
 
+def word_tokenizer(words, max_length: int):
+    """A T5 (Unigram) tokenizer built in memory whose pieces are ``words`` (the reference models'
+    caption words); other text is spelled out in letters and digits, so any prompt tokenizes.
+    ``max_length`` is saved with it: the loader's default prompt length."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in sorted(words)]
+    vocab += [("▁", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 

@@ -74,17 +74,13 @@ def caption(template: str, digit: int) -> str:
 
 
 def caption_tokenizer():
-    """A T5 (Unigram) tokenizer whose pieces are the caption words, built in memory; other text
-    is spelled out in letters and digits, so any prompt tokenizes."""
-    from transformers import T5Tokenizer
+    """A T5 tokenizer whose pieces are the caption words (``text_encoders.word_tokenizer``); saved with
+    the reference's prompt length, which the loader pads prompts to (not PixArt's 300)."""
+    from archquant.models.text_encoders import word_tokenizer
 
-    words = sorted({w for t in CAPTION_TEMPLATES for w in t.replace("{w}", "").replace("{n}", "").split()}
-                   | set(DIGIT_WORDS) | {str(d) for d in range(10)})
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
-    vocab += [("▁", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tokenizer.model_max_length = MAX_SEQUENCE_LENGTH  # saved: the loader pads prompts to this, not to PixArt's 300
-    return tokenizer
+    words = ({w for t in CAPTION_TEMPLATES for w in t.replace("{w}", "").replace("{n}", "").split()}
+             | set(DIGIT_WORDS) | {str(d) for d in range(10)})
+    return word_tokenizer(words, MAX_SEQUENCE_LENGTH)
 
 
 def build_prompt_encoder(seed: int):

@@ -73,3 +73,5 @@ def test_more_ranks_than_evaluation_batches_is_refused(tmp_path, pipeline):
     assert res.returncode != 0 and lines == [
         "archquant: error: torchrun started 2 ranks, but the evaluation has 1 batch(es) (4 items): use at most 1 "
         "processes, or a smaller evaluation.batch_size"]
+    # the rank exits 2 like any bad input; torchrun itself then reports the failure and exits 1
+    assert "exitcode  : 2" in res.stderr
