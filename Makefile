@@ -2,6 +2,7 @@
 #   make demo   set up + run the main quantization job
 #   make test   set up + run the test suite
 #   make demo-dit  set up + run LRQ-DiT W4A8 on the committed reference DiT (offline)
+#   make demo-video  set up + run LRQ-DiT W4A8 on the committed reference video Wan (offline)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch comes first and pinned, so that nothing later can pull a multi-GB CUDA wheel.
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.archquant-installed
 DEMO_CONFIG ?= configs/mamba_w8a8.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-dit test clean
+.PHONY: venv demo demo-dit demo-video test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: $(STAMP)
 
 demo-dit: $(STAMP)
 	$(PY) -m archquant.run configs/dit_w4a8.yaml
+
+demo-video: $(STAMP)
+	$(PY) -m archquant.run configs/wan_w4a8.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -152,3 +152,33 @@ def test_mp4_frames_are_padded_to_macro_blocks_not_rescaled(tmp_path, caplog):
 def test_bad_video_input_is_a_one_line_error(tmp_path, pipeline_dirs, capsys, override, message):
     code, _, err = run_cli(capsys, write_config(tmp_path, pipeline_dirs["wan"]), override)
     assert code == 2 and message in one_error_line(err)
+
+
+SMALL_RUN = ["calibration.options.prompts=[the digit 3 moves up,the digit 8 moves left]",
+             "evaluation.options.prompts=[a one moving right,a seven moving down]",
+             "calibration.options.num_steps=3", "evaluation.options.num_steps=3", "compare=[]", "progress=false"]
+
+
+@pytest.mark.parametrize("config", ["wan_w4a8.yaml", "wan_w8a8.yaml"])
+def test_the_committed_configs_run_on_the_reference_wan(tmp_path, capsys, config):
+    from cli_testing import ROOT
+
+    code, out, err = run_cli(capsys, ROOT / "configs" / config, *SMALL_RUN, f"output_dir={tmp_path / 'out'}")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metrics"]["fp"]["direction_accuracy"] == 1.0  # 2 clips of 3 steps: a smoke check
+    q = report["metrics"]["quantized"]
+    assert q["psnr_vs_fp"] > 20 and q["temporal_rmse_vs_fp"] < 0.2
+    assert report["reload"]["identical"] and report["reload"]["outputs_identical"]
+    if report.get("real"):
+        assert report["real"]["converted"] == 40  # every quantized Linear on int8 GEMMs
+    assert (tmp_path / "out" / "artifacts" / "fp" / "item001_seed1000.mp4").is_file()
+
+
+def test_frames_the_reference_wans_temporal_patch_does_not_divide_are_one_line_errors(tmp_path, capsys):
+    from cli_testing import ROOT
+
+    code, _, err = run_cli(capsys, ROOT / "configs" / "wan_w4a8.yaml", *SMALL_RUN, "evaluation.options.num_frames=7",
+                           f"output_dir={tmp_path / 'out'}")
+    assert code == 2 and "num_frames=7 gives 7 latent frames, which the temporal patch 2 does not divide" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
