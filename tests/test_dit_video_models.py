@@ -182,3 +182,14 @@ def test_frames_the_reference_wans_temporal_patch_does_not_divide_are_one_line_e
                            f"output_dir={tmp_path / 'out'}")
     assert code == 2 and "num_frames=7 gives 7 latent frames, which the temporal patch 2 does not divide" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["wan_w4a8.yaml", "wan_w8a8.yaml"])
+def test_the_committed_video_configs_split_into_enough_batches_for_the_readmes_torchrun(config):
+    from omegaconf import OmegaConf
+
+    from cli_testing import ROOT
+
+    evaluation = OmegaConf.load(ROOT / "configs" / config).evaluation
+    items = len(evaluation.options.prompts) * evaluation.num_samples
+    assert -(-items // evaluation.batch_size) >= 4  # `torchrun --nproc_per_node 4` refuses fewer batches
