@@ -36,7 +36,7 @@ from torch import nn
 
 from archquant.evaluation import Metric
 
-__all__ = ["OptionalImageMetrics", "ReferenceFolderError", "reference_images", "METRICS", "DEFAULT_CLIP_MODEL",
+__all__ = ["OptionalImageMetrics", "ReferenceFolderError", "frechet_distance", "reference_images", "METRICS", "DEFAULT_CLIP_MODEL",
            "LPIPS_NETS", "IMAGE_SUFFIXES"]
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"
@@ -397,6 +397,11 @@ def _fid_metric(real: torch.Tensor | None, num_features: int | None = None):
     if real is not None:
         metric.update(real, real=True)
     return metric
+
+
+def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    """The Fréchet distance between two sets of (N, d) features (torchmetrics' FID arithmetic, float64)."""
+    return _frechet(_fid_metric(real_features.double()), fake_features.double())
 
 
 def _frechet(metric, fake: torch.Tensor) -> float:

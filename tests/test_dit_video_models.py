@@ -113,7 +113,7 @@ def test_lrq_dit_runs_on_videos_writes_mp4s_and_reloads_bit_identically(tmp_path
     q = report["metrics"]["quantized"]
     assert {"psnr_vs_fp", "frame_psnr_vs_fp", "ssim_vs_fp", "temporal_rmse_vs_fp"} <= set(q)
     assert q["psnr_vs_fp"] > 10 and q["temporal_rmse_vs_fp"] >= 0
-    assert any(n.startswith("fvd skipped") for n in report["evaluation_notes"])
+    assert any(n.startswith("fvd_vs_fp skipped: no fvd_network given") for n in report["evaluation_notes"])
     files = {a["path"] for a in report["artifacts"]}
     for model in ("fp", "lrq_dit", "rtn_dynamic"):
         assert f"artifacts/{model}/item000_seed100.mp4" in files and f"artifacts/{model}/item001_seed100.gif" in files

@@ -18,7 +18,9 @@ What it declares:
 * metrics, per item (so that ``torchrun`` can shard them): PSNR and SSIM of every image or video
   against the FP model's from the same class or prompt and seed, for videos per frame and the error
   of frame-to-frame changes too, and, on the reference models, the share of samples (frames) their
-  digit classifier assigns to the digit asked for, and for videos the share moving the asked way.
+  digit classifier assigns to the digit asked for, and for videos the share moving the asked way;
+  set-level metrics in one process where their networks are present (FID, LPIPS, CLIP score; for
+  videos FVD against the FP clips with ``options.fvd_network``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from ..models import reference_dir
 from ..models.dit_loading import (VIDEO_KINDS, DiffusionModel, build_diffusion_model, check_frames, check_resolution,
                                   load_pipeline_folder)
 from ..eval.diffusion_metrics import image_item_metrics, mean_over_items, video_item_metrics
+from ..eval.fvd import METRICS as VIDEO_METRICS
 from ..eval.image_metrics import METRICS as IMAGE_METRICS
 from ..options import Option
 from . import dit_recipes
@@ -114,6 +117,9 @@ class DiTAdapter(FamilyAdapter):
         "clip_model": Option("openai/clip-vit-base-patch16", type=str, roles=("evaluation",),
                              help="CLIP model (local folder, or a hub id in the HF cache) for the CLIP score of "
                                   "text-to-image samples; null: none"),
+        "fvd_network": Option(None, type=str, roles=("evaluation",),
+                              help="video models: a local I3D state dict (.safetensors or .pt; eval/fvd.py) for "
+                                   "fvd_vs_fp; null: none"),
         "lpips": Option("alex", type=str, allowed=("alex", "vgg", "squeeze", None), roles=("evaluation",),
                         help="LPIPS backbone for lpips_vs_fp (needs torchvision's weights); null: none"),
     }
@@ -131,6 +137,7 @@ class DiTAdapter(FamilyAdapter):
         Metric("direction_accuracy", lower_is_better=False,
                description="videos: share whose digit moves the requested way (centre of mass over frames)"),
         *IMAGE_METRICS,
+        *VIDEO_METRICS,
     )
     presets = dit_recipes.DIT_PRESETS
     shards_evaluation = True
@@ -219,6 +226,10 @@ class DiTAdapter(FamilyAdapter):
             extra["classifier"] = _load_classifier(model_config.get("classifier"))
             extra["image_metrics"] = OptionalImageMetrics(fid_reference=opts["fid_reference"],
                                                           clip_model=opts["clip_model"], lpips=opts["lpips"])
+            if kind in VIDEO_KINDS and opts["fvd_network"]:
+                from ..eval.fvd import FVDvsFP
+
+                extra["fvd"] = FVDvsFP(opts["fvd_network"])  # reads the network now: a bad file is bad input
         return DataSplit(f"{source}/{role}", batches, frozenset(items), extra=extra, digests=digests)
 
     def validate_batch(self, model: nn.Module, batch: Any) -> None:
@@ -262,8 +273,8 @@ class DiTAdapter(FamilyAdapter):
         """One row per image or video of ``data`` (a shard of the evaluation batches): its task
         results and, for a quantized model, its fidelity against the FP sample of the same item."""
         if data.extra.get("image_metrics") is not None:
-            ctx.note("fid, lpips_vs_fp and clip_score are not computed when the evaluation is sharded across "
-                     "processes (they need every sample in one place)")
+            ctx.note("fid, lpips_vs_fp, clip_score and fvd_vs_fp are not computed when the evaluation is sharded "
+                     "across processes (they need every sample in one place)")
         return self._generate_and_score(model, data, ctx)[0]
 
     def merge_items(self, rows: list[dict]) -> dict[str, float]:
@@ -328,18 +339,25 @@ def _task_results(samples: torch.Tensor, data: DataSplit, video: bool) -> list[d
 
 def _optional_metrics(samples: torch.Tensor, data: DataSplit, ctx: EvalContext, metrics: dict) -> None:
     """FID / LPIPS / CLIP score where their weights are present, else a note; videos are scored
-    frame by frame (each frame with its video's prompt), and FVD is not implemented."""
+    frame by frame (each frame with its video's prompt), and FVD against the FP clips when
+    ``fvd_network`` is given."""
     optional = data.extra.get("image_metrics")
     if optional is None:
         return
     prompts = [p for b in data.batches for p in b["prompts"]] if "prompts" in data.batches[0] else None
     fp = None if ctx.is_fp else ctx.fp
     if samples.dim() == 5:  # videos
+        fvd = data.extra.get("fvd")
+        if fvd is None:
+            ctx.note("fvd_vs_fp skipped: no fvd_network given (a local I3D state dict; see eval/fvd.py)")
+        else:
+            found, notes = fvd.evaluate(samples, fp)
+            metrics.update(found)
+            for note in notes:
+                ctx.note(note)
         frames = samples.shape[1]
         samples, fp = samples.flatten(0, 1), None if fp is None else fp.flatten(0, 1)
         prompts = None if prompts is None else [p for p in prompts for _ in range(frames)]
-        ctx.note("fvd skipped: no FVD network in this build (video metrics here are per frame, plus the temporal "
-                 "error of frame-to-frame changes)")
     found, notes = optional.evaluate(samples, fp_images=fp, prompts=prompts)
     metrics.update(found)
     for note in notes:
