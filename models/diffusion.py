@@ -76,6 +76,19 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
 
 
+def _one_seed_each(seeds: Sequence[int], count: int, what: str = "prompts") -> None:
+    """Every sample is drawn from its own seed, so that it is the same alone or in any batch."""
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} {what}: give one seed per sample")
+
+
+def _required_negative(negative: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The negative prompt's features, which classifier-free guidance cannot do without."""
+    if negative is None:
+        raise ValueError("guidance_scale > 1 needs the negative prompt's features")
+    return negative
+
+
 def _steps(scheduler, progress: Callable | None):
     steps = scheduler.timesteps
     return progress(steps) if progress is not None else steps
@@ -95,8 +108,7 @@ def sample_class_conditional(transformer: nn.Module, scheduler, class_labels: to
     """Images for ``class_labels`` (B,) with one seed each; ``transformer`` is a
     ``DiTTransformer2DModel``. ``latent_size`` defaults to the model's ``sample_size``.
     ``on_step(i, t)`` is called before each denoising step; ``progress`` wraps the step iterator."""
-    if len(seeds) != len(class_labels):
-        raise ValueError(f"{len(seeds)} seeds for {len(class_labels)} class labels: give one seed per sample")
+    _one_seed_each(seeds, len(class_labels), "class labels")
     cfg = transformer.config
     device = _device(transformer)
     size = latent_size or cfg.sample_size
@@ -130,8 +142,7 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     """Images for T5 features ``text`` (``embeds`` (B, L, D), ``mask`` (B, L)) with one seed each;
     ``negative``: the negative prompt's features (B rows), needed when ``guidance_scale > 1``."""
     batch = text["embeds"].shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
+    _one_seed_each(seeds, batch)
     cfg = transformer.config
     size = latent_size or cfg.sample_size
     channels = cfg.in_channels
@@ -141,8 +152,7 @@ def sample_pixart(transformer: nn.Module, scheduler, text: dict[str, torch.Tenso
     guided = guidance_scale > 1.0
     embeds, mask = text["embeds"].to(device), text["mask"].to(device)
     if guided:
-        if negative is None:
-            raise ValueError("guidance_scale > 1 needs the negative prompt's features")
+        negative = _required_negative(negative)
         embeds = torch.cat([negative["embeds"].to(device), embeds])
         mask = torch.cat([negative["mask"].to(device), mask])
     rows = embeds.shape[0]
@@ -205,8 +215,7 @@ def sample_flux(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor]
     """Images for FLUX text features ``text`` (``embeds`` (B, L, D), ``pooled`` (B, P)) with one
     seed each; ``latent_size`` (even) is the VAE latent's side."""
     batch = text["embeds"].shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
+    _one_seed_each(seeds, batch)
     import numpy as np
 
     cfg = transformer.config

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .diffusion import SampleNoise, _device, _dtype, _steps
+from .diffusion import SampleNoise, _device, _dtype, _one_seed_each, _required_negative, _steps
 
 
 def temporal_factor(vae: nn.Module | None) -> int:
@@ -62,8 +62,7 @@ def sample_wan(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor],
                on_step: Callable | None = None, progress: Callable | None = None) -> torch.Tensor:
     """Videos for Wan text features ``text["embeds"]`` (B, L, D), one seed each."""
     batch = text["embeds"].shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
+    _one_seed_each(seeds, batch)
     dtype, device = _dtype(transformer), _device(transformer)
     shape = (transformer.config.in_channels, latent_frames(num_frames, vae), latent_size, latent_size)
     noise = SampleNoise(seeds)
@@ -71,9 +70,7 @@ def sample_wan(transformer: nn.Module, scheduler, text: dict[str, torch.Tensor],
     embeds = text["embeds"].to(device, dtype)
     guided = guidance_scale > 1.0
     if guided:
-        if negative is None:
-            raise ValueError("guidance_scale > 1 needs the negative prompt's features")
-        negative_embeds = negative["embeds"].to(device, dtype)
+        negative_embeds = _required_negative(negative)["embeds"].to(device, dtype)
     scheduler.set_timesteps(num_steps, device=device)
     for i, t in enumerate(_steps(scheduler, progress)):
         if on_step is not None:
@@ -116,8 +113,7 @@ def sample_cogvideox(transformer: nn.Module, scheduler, text: dict[str, torch.Te
     from diffusers import CogVideoXDPMScheduler
 
     batch = text["embeds"].shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds for {batch} prompts: give one seed per sample")
+    _one_seed_each(seeds, batch)
     cfg = transformer.config
     dtype, device = _dtype(transformer), _device(transformer)
     frames = latent_frames(num_frames, vae)
@@ -131,9 +127,7 @@ def sample_cogvideox(transformer: nn.Module, scheduler, text: dict[str, torch.Te
     embeds = text["embeds"].to(device, dtype)
     guided = guidance_scale > 1.0
     if guided:
-        if negative is None:
-            raise ValueError("guidance_scale > 1 needs the negative prompt's features")
-        embeds = torch.cat([negative["embeds"].to(device, dtype), embeds])
+        embeds = torch.cat([_required_negative(negative)["embeds"].to(device, dtype), embeds])
     rotary = _cogvideox_rotary(transformer, latent_size, frames, device) if cfg.use_rotary_positional_embeddings \
         else None
     scheduler.set_timesteps(num_steps, device=device)
