@@ -69,6 +69,21 @@ DEFAULT_SAMPLE_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
 
 
+def step_with_ema(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                  step: int, ema_decay: float) -> float:
+    """One optimiser step (gradients clipped to norm 1), then the EMA copy, which is what the
+    reference models save, moves towards the weights; the decay ramps up over the first steps so
+    that the EMA does not keep the random initialisation. Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+    return loss.item()
+
 def caption(template: str, digit: int) -> str:
     return template.format(w=DIGIT_WORDS[digit], n=digit)
 
@@ -206,15 +221,7 @@ def train(args):
         xt = train_sched.add_noise(x0, noise, t)
         pred = model(xt, timestep=t, **cond).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
-        losses.append(loss.item())
+        losses.append(step_with_ema(model, ema, opt, loss, step, args.ema))
         smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
         if step % args.log_every == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {smooth:.4f}  lr {lr:.2e}  {time.time() - t0:.0f}s", flush=True)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from archquant.models.digits import (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, DIGIT_WORDS, load_classifier,
                                      load_digit_images, split_indices)
 from archquant.models.dit_loading import DiffusionModel, save_pipeline_folder
+from archquant.models.train_dit import step_with_ema
 from archquant.models.moving_digits import (CANVAS, CAPTION_TEMPLATES, DIGIT_SIZE, DIRECTIONS, FRAMES, STEP, caption,
                                             frame_predictions, motion_direction, moving_clips)
 
@@ -287,15 +288,7 @@ def train(args):
             group["lr"] = lr
         x0, text = data.batch(args.batch_size)
         loss = flow_matching_loss(model, x0, text, args.train_shift, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
-        losses.append(loss.item())
+        losses.append(step_with_ema(model, ema, opt, loss, step, args.ema))
         smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
         if step % args.log_every == 0 or step == args.steps - 1:
             curve.append([step, round(smooth, 5)])
