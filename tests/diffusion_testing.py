@@ -1,5 +1,8 @@
-"""Tiny DiT, PixArt and FLUX pipelines with random weights, built offline (tokenizers in memory,
-text encoders and VAEs from small configs), for the DiT family's tests."""
+"""Tiny DiT, PixArt, FLUX, Wan and CogVideoX pipelines with random weights, built offline (tokenizers
+in memory, text encoders and VAEs from small configs), and the text-to-image / video job the CLI tests
+run on them, for the DiT family's tests."""
+import json
+
 import torch
 
 from archquant.models.dit_loading import DiffusionModel
@@ -167,3 +170,27 @@ def tiny_cogvideox(seed: int = 0, dpm: bool = False, max_sequence_length: int = 
     text = PromptEncoder("t5_unmasked", [t5_tokenizer()], [t5_encoder()], max_sequence_length, {"path": "unsaved"})
     return DiffusionModel(transformer.eval(), type(scheduler).__name__, dict(scheduler.config), vae, text,
                           "CogVideoXPipeline").eval()
+
+
+def write_prompt_job(tmp_path, folder, prompts, calibration_prompts, options, *, evaluation_options=None,
+                     evaluation_batch_size=2, compare=("rtn_dynamic",), **overrides):
+    """``tmp_path/job.json``: LRQ-DiT W4A8 (block 16) on the pipeline ``folder`` with ``source: prompts``,
+    calibrated on ``calibration_prompts`` (seed 0) and evaluated on ``prompts`` (seed 100), one sample
+    each, sampler ``options`` for both (``evaluation_options`` added to the evaluation's), written to
+    ``tmp_path/out``; ``overrides`` replace top-level sections."""
+    cfg = {
+        "family": "dit",
+        "model": {"path": str(folder), "options": {"max_sequence_length": 8}},
+        "recipe": {"name": "lrq_dit", "w_bits": 4, "a_bits": 8, "options": {"block_size": 16}},
+        "calibration": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 0,
+                        "options": {**options, "prompts": list(calibration_prompts)}},
+        "evaluation": {"source": "prompts", "num_samples": 1, "batch_size": evaluation_batch_size, "seed": 100,
+                       "options": {**options, "prompts": list(prompts), **(evaluation_options or {})}},
+        "compare": list(compare),
+        "progress": False,
+        "output_dir": str(tmp_path / "out"),
+        **overrides,
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(cfg))
+    return path

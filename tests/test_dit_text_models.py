@@ -14,7 +14,7 @@ from archquant.models.dit_loading import load_pipeline_folder, save_pipeline_fol
 
 from cli_testing import one_error_line, run_cli
 from conftest import rel_err
-from diffusion_testing import tiny_flux, tiny_pixart
+from diffusion_testing import tiny_flux, tiny_pixart, write_prompt_job
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -118,23 +118,8 @@ def test_adaptive_rotation_is_fp_exact(kind):
 
 
 def write_config(tmp_path, folder, **overrides):
-    cfg = {
-        "family": "dit",
-        "model": {"path": str(folder), "options": {"max_sequence_length": 8}},
-        "recipe": {"name": "lrq_dit", "w_bits": 4, "a_bits": 8, "options": {"block_size": 16}},
-        "calibration": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 0,
-                        "options": {"num_steps": 2, "resolution": 16,
-                                    "prompts": ["a blue dog", "the digit three"]}},
-        "evaluation": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 100,
-                       "options": {"num_steps": 2, "resolution": 16, "prompts": PROMPTS}},
-        "compare": ["rtn_dynamic"],
-        "progress": False,
-        "output_dir": str(tmp_path / "out"),
-        **overrides,
-    }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return write_prompt_job(tmp_path, folder, PROMPTS, ["a blue dog", "the digit three"],
+                            {"num_steps": 2, "resolution": 16}, **overrides)
 
 
 @pytest.mark.parametrize("kind", ["pixart", "flux"])

@@ -11,7 +11,7 @@ from archquant.eval.diffusion_metrics import video_item_metrics
 from archquant.models.dit_loading import save_pipeline_folder
 
 from cli_testing import one_error_line, run_cli
-from diffusion_testing import tiny_cogvideox, tiny_wan
+from diffusion_testing import tiny_cogvideox, tiny_wan, write_prompt_job
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,23 +85,8 @@ def test_temporal_metric_sees_flicker_that_frame_psnr_does_not():
 
 
 def write_config(tmp_path, folder, **overrides):
-    common = {"num_steps": 2, "resolution": 16, "num_frames": 5}
-    cfg = {
-        "family": "dit",
-        "model": {"path": str(folder), "options": {"max_sequence_length": 8}},
-        "recipe": {"name": "lrq_dit", "w_bits": 4, "a_bits": 8, "options": {"block_size": 16}},
-        "calibration": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 0,
-                        "options": {**common, "prompts": ["a small dog", "the digit three"]}},
-        "evaluation": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 100,
-                       "options": {**common, "prompts": PROMPTS}},
-        "compare": ["rtn_dynamic"],
-        "progress": False,
-        "output_dir": str(tmp_path / "out"),
-        **overrides,
-    }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return write_prompt_job(tmp_path, folder, PROMPTS, ["a small dog", "the digit three"],
+                            {"num_steps": 2, "resolution": 16, "num_frames": 5}, **overrides)
 
 
 @pytest.mark.parametrize("kind, dtype", [("wan", "float32"), ("wan", "bfloat16"), ("cogvideox", "float32")])

@@ -10,7 +10,7 @@ from archquant.eval.fvd import FEATURES, FVDvsFP, InceptionI3d, load_i3d
 from archquant.models.dit_loading import save_pipeline_folder
 
 from cli_testing import one_error_line, run_cli
-from diffusion_testing import tiny_wan
+from diffusion_testing import tiny_wan, write_prompt_job
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -103,17 +103,9 @@ def test_fvd_equals_the_frechet_formula_computed_with_scipy():
 
 
 def _config(tmp_path, folder, **options):
-    common = {"num_steps": 2, "resolution": 16, "num_frames": 5}
-    cfg = {"family": "dit", "model": {"path": str(folder), "options": {"max_sequence_length": 8}},
-           "recipe": {"name": "lrq_dit", "w_bits": 4, "a_bits": 8, "options": {"block_size": 16}},
-           "calibration": {"source": "prompts", "num_samples": 1, "batch_size": 2, "seed": 0,
-                           "options": {**common, "prompts": ["a small dog", "the digit three"]}},
-           "evaluation": {"source": "prompts", "num_samples": 1, "batch_size": 3, "seed": 100,
-                          "options": {**common, "prompts": ["a red cat", "a blue dog", "a green bird"], **options}},
-           "compare": [], "progress": False, "output_dir": str(tmp_path / "out")}
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return write_prompt_job(tmp_path, folder, ["a red cat", "a blue dog", "a green bird"],
+                            ["a small dog", "the digit three"], {"num_steps": 2, "resolution": 16, "num_frames": 5},
+                            evaluation_options=options, evaluation_batch_size=3, compare=())
 
 
 def test_the_runner_reports_fvd_vs_fp_when_a_network_is_given(tmp_path, capsys, i3d_file):
