@@ -230,8 +230,11 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir | None, staged: Path, 
                 except OSError as e:
                     raise RunFailed(f"could not save the checkpoint: {_first_line(e)}; "
                                     f"nothing was published to {out}") from None
-            files = checkpoint_files(staged / CHECKPOINT_DIR)  # sent to the other ranks for their reload check
-            return files if ranks.distributed and cfg.verify_reload else None, sum(len(b) for b in files.values())
+            directory = staged / CHECKPOINT_DIR
+            size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+            # read into memory only to send to the other ranks, for their reload check
+            files = checkpoint_files(directory) if ranks.distributed and cfg.verify_reload else None
+            return files, size
 
         files, ckpt_bytes = ranks.broadcast_from_main(save_final, classify_error)
         if cfg.verify_reload:
