@@ -67,6 +67,13 @@ class Ranks:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # every rank reaches the teardown before any tears down: a gloo group destroyed while
+                # a peer is still on its way out aborts the process now and then (SIGABRT, "terminate
+                # called without an active exception"), which hid the rank's own exit code
+                try:
+                    dist.barrier()
+                except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+                    pass
                 dist.destroy_process_group()
 
     def shard(self, n: int) -> range:
