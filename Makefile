@@ -3,6 +3,7 @@
 #   make test   set up + run the test suite
 #   make demo-dit  set up + run LRQ-DiT W4A8 on the committed reference DiT (offline)
 #   make demo-video  set up + run LRQ-DiT W4A8 on the committed reference video Wan (offline)
+#   make demo-vggt  set up + run QuantVGGT W8A8 on the committed reference VGGT (offline)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch comes first and pinned, so that nothing later can pull a multi-GB CUDA wheel.
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.archquant-installed
 DEMO_CONFIG ?= configs/mamba_w8a8.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-dit demo-video test clean
+.PHONY: venv demo demo-dit demo-video demo-vggt test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +31,9 @@ demo-dit: $(STAMP)
 
 demo-video: $(STAMP)
 	$(PY) -m archquant.run configs/wan_w4a8.yaml
+
+demo-vggt: $(STAMP)
+	$(PY) -m archquant.run configs/vggt_w8a8.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -214,8 +214,13 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def compare_options(recipe: RecipeOptions, name: str) -> RecipeOptions:
     """The options of baseline preset ``name`` in ``compare``: the main recipe's knobs (same bits,
-    formats, granularities), without its steps or its preset's own options."""
-    return dataclasses.replace(recipe, name=name, steps=None, options={})
+    formats, granularities), without its steps; of its preset's own options, those the baseline's
+    preset declares too (e.g. the same calibration budget), so that the comparison is like for like."""
+    from .core.presets import PRESETS
+
+    declared = PRESETS[name].options if name in PRESETS else {}
+    shared = {k: v for k, v in (recipe.options or {}).items() if k in declared}
+    return dataclasses.replace(recipe, name=name, steps=None, options=shared)
 
 
 def _looks_local(path: str) -> bool:

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, in one command (H100/H200, nothing downloaded):
-# install, the end-to-end benchmark, the kernel benchmark, the DiT denoising-step benchmark (each
-# checks its results against references before timing), then the test files that exercise
-# kernels on the GPU. Logs and result tables land in $OUT (the device tool brings them back):
+# install, the end-to-end benchmark, the kernel benchmark, the DiT denoising-step benchmark, the
+# VGGT aggregator benchmark (each checks its results against references before timing), then the
+# test files that exercise kernels on the GPU. Logs and result tables land in $OUT (the device tool
+# brings them back):
 #     device run:  bash eval/gpu_session.sh          (timeout_s 600; stages are time-boxed below)
 # Then copy $OUT/gpu_kernels.md, $OUT/e2e.md and $OUT/dit_gpu.md to eval/results/ (with the device
-# named). The device tool brings back 8 files at most: this script writes exactly 8.
+# named). The device tool brings back 8 files at most: this script writes exactly 8. The Wan and
+# VGGT stages add none: their logs stay in /tmp (their last lines go to summary.txt) and their
+# tables are appended to dit_gpu.md, which so holds the DiT, Wan and VGGT tables.
 # The device image has torch, triton, safetensors, scikit-learn and tqdm; the benchmarks and
 # these tests need nothing else (omegaconf is only needed by the runner), except the DiT step
 # benchmark, which builds a diffusers DiTTransformer2DModel: diffusers is not in the image. Carry
@@ -74,6 +77,13 @@ boxed 100 /tmp/bench_wan.log python3 -m archquant.eval.bench_dit --device cuda -
   --variants w8a8 --write /tmp/wan_gpu.md
 echo "wan exit $?" | tee -a "$OUT/summary.txt"; tail -12 /tmp/bench_wan.log | tee -a "$OUT/summary.txt"
 [ -f /tmp/wan_gpu.md ] && { echo; cat /tmp/wan_gpu.md; } >>"$OUT/dit_gpu.md"
+
+stage "VGGT aggregator benchmark"  # VGGT-1B shapes (24 frame + 24 global blocks, DINOv2 ViT-L/14 embedder),
+# 10 frames at 518 px = 13740 tokens, batch 1: bf16 vs W8A8 real (rtn_dynamic); needs no carried wheel; models
+# built and quantized on the GPU. Its table is appended to dit_gpu.md (8 files come back, and this script writes 8).
+boxed 120 /tmp/bench_vggt.log python3 -m archquant.eval.bench_vggt --device cuda --repeats 20 --write /tmp/vggt_gpu.md
+echo "vggt exit $?" | tee -a "$OUT/summary.txt"; tail -14 /tmp/bench_vggt.log | tee -a "$OUT/summary.txt"
+[ -f /tmp/vggt_gpu.md ] && { echo; cat /tmp/vggt_gpu.md; } >>"$OUT/dit_gpu.md"
 
 # last: the benchmarks check results before timing; sm_90 AOT compile checks skipped (they run on the CPU)
 stage "GPU tests"

@@ -154,6 +154,7 @@ FAMILY_MODULES: dict[str, str] = {
     "mamba": "archquant.adapters.mamba",
     "toy": "archquant.adapters.toy",
     "dit": "archquant.adapters.dit",
+    "vggt": "archquant.adapters.vggt",
 }
 
 

@@ -255,21 +255,26 @@ class NFDSResult:
         return {c: int((lab == c).sum()) for c in self.cluster_sizes()}
 
 
-def select_calibration(stats: torch.Tensor, frame_features: torch.Tensor,
-                       config: Optional[NFDSConfig] = None, seed: int = 0) -> NFDSResult:
+def select_calibration(stats: torch.Tensor, frame_features: torch.Tensor | None,
+                       config: Optional[NFDSConfig] = None, seed: int = 0, *,
+                       similarities: torch.Tensor | None = None) -> NFDSResult:
     """Run NFDS over a candidate pool and return indices into it (see module docstring).
 
     ``stats`` (N, L, 2) feeds the noise filter, ``frame_features`` (N, F, D) the diversity stage;
-    both describe the same N candidates.
+    both describe the same N candidates. ``similarities`` (N, F-1), the output of
+    ``frame_similarity_features``, may be given instead of ``frame_features`` (a caller that
+    computes it sample by sample need not hold every frame's features at once).
     """
+    if (frame_features is None) == (similarities is None):
+        raise ValueError("select_calibration needs exactly one of frame_features or similarities")
     config = config or NFDSConfig.paper()
     stats = torch.as_tensor(stats)
-    frame_features = torch.as_tensor(frame_features)
-    if stats.ndim >= 1 and frame_features.ndim >= 1 and stats.shape[0] != frame_features.shape[0]:
-        raise ValueError(f"stats {tuple(stats.shape)} and frame_features {tuple(frame_features.shape)} "
+    described = torch.as_tensor(frame_features if similarities is None else similarities)
+    if stats.ndim >= 1 and described.ndim >= 1 and stats.shape[0] != described.shape[0]:
+        raise ValueError(f"stats {tuple(stats.shape)} and frame features {tuple(described.shape)} "
                          f"disagree on the number of samples N")
     scores = noise_scores(stats)
-    feats = frame_similarity_features(frame_features)
+    feats = frame_similarity_features(described) if similarities is None else described.to(torch.float64)
     flagged = ~noise_filter(scores, drop_fraction=config.drop_fraction, iqr=config.iqr_factor)
     keep = ~flagged if config.apply_filter else torch.ones_like(flagged)
     kept_idx = torch.nonzero(keep).flatten()

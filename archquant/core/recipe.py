@@ -76,6 +76,10 @@ class Step:
         """What a reader of the results should know about this step's choices (the report shows them)."""
         return []
 
+    def check_calibration(self, num_batches: int) -> None:
+        """Refuse, before any work, calibration data this step cannot use (one-line ``ValueError``),
+        e.g. a selection larger than the pool; ``num_batches`` is the number of calibration batches."""
+
     @classmethod
     def from_config(cls, values: dict, where: str) -> "Step":
         """The step from a mapping of its fields (a YAML recipe's step), each checked against the
@@ -264,6 +268,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
     batches = calibration_batches(
         calib_batches, needed_by=f"recipe {recipe.name!r} (step {calibrating[0]!r})" if calibrating else None,
         validate=None if validate_batch is None else (lambda batch: validate_batch(model, batch)))
+    if batches is not None:
+        for step in recipe.steps:
+            step.check_calibration(len(batches))
     ctx = Context(structure, batches, forward_fn, progress)
     snapshot = ModelSnapshot(model) if restore_on_failure else None
     try:

@@ -7,6 +7,7 @@ All names are ``model.named_modules()`` paths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .matching import matches_any
 
@@ -135,6 +136,10 @@ class ModelStructure:
     weight_only: Linears a family keeps out of activation quantization (their ``skip``ped inputs
         stay in floating point, e.g. a DiT's adaLN modulation and embedders) whose *weights* a
         recipe may still store quantized (``QuantizeWeights``): a storage saving, not a speed one.
+    frame_features: for multi-view models, ``fn(model, batch) -> (S, D)``: one feature vector per
+        frame of the batch's single sample (frame 0 the reference view), computed by a forward
+        pass that also runs every block of ``blocks`` (frame-aware calibration sampling, NFDS,
+        ``core.calibration_select``); None: the family has no frames.
     """
 
     hidden_size: int
@@ -153,6 +158,7 @@ class ModelStructure:
     smoothing: list[SmoothingGroup] | None = None
     blocks: list[str] = field(default_factory=list)
     weight_only: list[str] = field(default_factory=list)
+    frame_features: Callable[[Any, Any], Any] | None = None
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """The groups to smooth that feed a quantized Linear (smoothing the LM head would only untie

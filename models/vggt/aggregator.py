@@ -176,6 +176,11 @@ class Aggregator(nn.Module):
         self.register_buffer("_resnet_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1),
                              persistent=False)
 
+    def reset_normalisation_buffers(self) -> None:
+        """Re-create the ImageNet statistics (not in the state dict), e.g. after building on the meta device."""
+        self._resnet_mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+        self._resnet_std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+
     def _make_block(self, dim, heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, init_values, qk_norm):
         return Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
                      ffn_bias=ffn_bias, init_values=init_values, qk_norm=qk_norm, rope=self.rope)

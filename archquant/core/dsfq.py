@@ -1,0 +1,479 @@
+"""QuantVGGT's dual-smoothed fine-grained quantization (DSFQ, arXiv 2509.21302), as two recipe steps.
+
+VGGT's activations are heavy-tailed twice over: a few channels are large in every token, and a few
+special tokens (camera and register tokens) are much larger than the patch tokens. DSFQ, per
+quantized Linear y = x Wᵀ + b with calibration inputs X (tokens x C):
+
+1. ``DualSmoothing``: a fixed random Hadamard H (sign-randomised, seeded) spreads the large
+   channels and tokens over all channels, THEN SmoothQuant smoothing in the rotated space evens
+   out what is left between channels:
+
+       c_i = max|(XH)_i|^α / max|(WH)_i|^(1−α)   (max over calibration tokens / over output rows)
+       x ↦ x H diag(1/c) online,   W ← W H diag(c)   (exact with quantization off)
+
+   The online part is a ``ChainTransform([HadamardTransform, ChannelScale(c)])`` labelled
+   ``{"dsfq": "rotate_then_smooth", ...}``; its inverse is folded into the weight, and the Linear
+   becomes ``QuantLinear.from_float(lin, input_transform=chain)`` for the ``Quantize`` step to fill.
+   (The project's seeded Hadamard is diag(v)·Ĥ, the paper writes Ĥ·diag(v): either is a random
+   orthogonal Hadamard, only the seed → matrix map differs.)
+   Options reproduce the paper's ablations (``order="smooth_then_rotate"``: Table 4's Scale→Rot,
+   statistics on X and the chain ChannelScale then Hadamard, as ARS; ``rotate``/``smooth`` off:
+   QuaRot-style rotation only, or SmoothQuant with an online scale) and two choices of the
+   reference code (wlfeng0509/QuantVGGT) that differ from the paper:
+
+   * pitfall P1 (``weight_max="unrotated"``): the reference takes max|W| of the weight BEFORE the
+     rotation, so the weight side of c_i describes channel i of the un-rotated space while the
+     activation side describes channel i of the rotated one;
+   * the EMA statistic (``act_stat="ema"``): per forward call, the token max of |XH| per sample
+     (max over the token axis −2), averaged over the samples of the call, then an EMA with
+     momentum 0.95 over the calls of the first max(1, n // 5) of the n calibration batches
+     (first call: the EMA starts at that call's value). The paper's statistic is the plain max
+     over all calibration tokens (``act_stat="max"``, the default).
+
+2. ``LearnableClipping``: OmniQuant-style learnable weight clipping, block by block over
+   ``ModelStructure.blocks``. Per output row, γ = σ(θ) (θ starts at 4, σ(4) ≈ 0.982) clips the
+   row's range: scale = γ·max|W_row| / qmax. θ is trained with AdamW (lr 1e-2, cosine to 1e-6)
+   to minimise the MSE between the FP block's output and the block with fake-quantized weights
+   (straight-through rounding) and fake-quantized Linear inputs, on the block's FP inputs captured
+   from the calibration data (``core.blocks.block_inputs``: the block's real call arguments, so a
+   VGGT global-attention block trains on its (B, S·P, C) calls, all frames at once, as the paper
+   wants).
+
+   It runs BEFORE ``Quantize``: ``Quantize`` freezes every weight into codes at once, and the FP
+   weight the clip is learned on is gone afterwards. The learned clip is baked into the FP weight
+   (W ← clamp(W, −γ·max|W_row|, γ·max|W_row|)); a ``Quantize`` step with the same weight spec and
+   the ``minmax`` weight observer then finds exactly scale = γ·max|W_row| / qmax and the same codes
+   as training simulated, and freezes them as usual (save / reload bit-identical). A block whose
+   clipped loss is not below the unclipped (γ = 1) loss keeps its weights.
+
+   Activation clipping (one learned factor on each per-token max) is NOT done: the dynamic
+   activation quantizer (``modules.ActQuantizer`` / ``formats.fake_quantize``) has no clip ratio
+   to store it in, and a clip that training uses but the saved model does not would only mislead
+   the weight clip. Training simulates the activations exactly as they will be quantized.
+
+A DSFQ W4A4 recipe (``dsfq_steps`` builds it with consistent specs)::
+
+    [DualSmoothing(), LearnableClipping(weight=W4, activation=A4),
+     Quantize(weight=W4, activation=A4, dynamic=True)]     # W4: int4 sym per output channel,
+                                                            # A4: int4 sym per token, dynamic
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import matching
+from . import transforms as T
+from .ars import ChainTransform
+from .blocks import block_inputs
+from .calibration import collect_stats
+from .formats import INT_MIN_SCALE, QuantSpec, fake_quantize, qrange
+from .modules import QuantLinear
+from .quantize_step import Quantize
+from .recipe import Context, Step, check_value, get_submodule, register_step, set_submodule
+
+ORDERS = ("rotate_then_smooth", "smooth_then_rotate")
+WEIGHT_MAXES = ("rotated", "unrotated")
+ACT_STATS = ("max", "ema")
+
+
+def _check_patterns(step: Step, where: str) -> None:
+    for key in ("targets", "ignore"):
+        for i, pattern in enumerate(getattr(step, key) or []):
+            matching.check_pattern(pattern, f"{where}.{key}[{i}]")
+
+
+def _sites(step: Step, model: nn.Module, ctx: Context, types: tuple[type, ...]) -> list[str]:
+    """The structure's quantize list (or ``targets`` among it), minus its skips and ``ignore``,
+    keeping modules of ``types`` (as AdaptiveRotation and Quantize choose)."""
+    s = ctx.structure
+    chosen = s.quantize if step.targets is None else matching.select(s.quantize, step.targets)
+    return [n for n in chosen if not matching.matches_any(n, s.skip)
+            and not matching.matches_any(n, step.ignore)
+            and isinstance(get_submodule(model, n), types)]
+
+
+# --------------------------------------------------------------------------- DualSmoothing
+
+
+class SmoothingStatistics:
+    """Per-channel activation statistic of x (``rotation`` None) or of x·H (the rotated space).
+
+    ``"max"``: max|x H| over every token of every call. ``"ema"``: the reference code's running
+    statistic, per call: max over the token axis (−2) per sample, mean over the samples, then
+    ``a ← momentum·a + (1 − momentum)·current`` (the first call sets a). A 2-D call (tokens, C)
+    counts as one sample. The rotation runs on float32 rows (the online transform's own code, so
+    the statistic sees what the layer will see).
+    """
+
+    def __init__(self, rotation: T.OnlineTransform | None, stat: str = "max", momentum: float = 0.95) -> None:
+        self.rotation, self.stat, self.momentum = rotation, stat, momentum
+        self.value: torch.Tensor | None = None
+        self.calls = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        y = x.detach().float()
+        if self.rotation is not None:
+            y = self.rotation(y)
+        y = y.abs()
+        self.calls += 1
+        if self.stat == "max":
+            cur = y.reshape(-1, y.shape[-1]).amax(dim=0)
+            self.value = cur if self.value is None else torch.maximum(self.value, cur)
+            return
+        per_sample = y.amax(dim=-2) if y.dim() >= 2 else y  # (..., C): token max of each sample
+        cur = per_sample.reshape(-1, y.shape[-1]).mean(dim=0)
+        self.value = cur if self.value is None else self.momentum * self.value + (1.0 - self.momentum) * cur
+
+
+@register_step
+@dataclass
+class DualSmoothing(Step):
+    """DSFQ's dual smoothing (module doc) on the inputs of ``targets`` (patterns over the structure's
+    quantize list; None: all of it, minus its skips and ``ignore``)."""
+
+    kind: ClassVar[str] = "dual_smoothing"
+    alpha: float = 0.5
+    #: "rotate_then_smooth" (the paper), "smooth_then_rotate" (its Table 4 ablation, Scale→Rot)
+    order: str = "rotate_then_smooth"
+    rotate: bool = True
+    smooth: bool = True
+    #: whose max the weight side of c takes: "rotated" W·H (the paper) or "unrotated" W (the
+    #: reference code, pitfall P1); only the rotate-then-smooth order has a choice
+    weight_max: str = "rotated"
+    #: "max" over all calibration tokens (the paper) or "ema" (the reference code's statistic)
+    act_stat: str = "max"
+    momentum: float = 0.95
+    seed: int = 0
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+
+    def validate(self, where: str = "dual_smoothing") -> None:
+        check_value(f"{where}.alpha", self.alpha, minimum=0.0, maximum=1.0)
+        check_value(f"{where}.order", self.order, allowed=ORDERS)
+        check_value(f"{where}.weight_max", self.weight_max, allowed=WEIGHT_MAXES)
+        check_value(f"{where}.act_stat", self.act_stat, allowed=ACT_STATS)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"{where}.momentum has value {self.momentum!r}: allowed values are in [0, 1)")
+        if not (self.rotate or self.smooth):
+            raise ValueError(f"{where}.rotate and {where}.smooth are both false: the step would do nothing")
+        _check_patterns(self, where)
+
+    def needs_calibration(self) -> bool:
+        return self.smooth
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.smooth and self.rotate and self.order == "rotate_then_smooth" and self.weight_max == "unrotated":
+            notes.append("dual_smoothing: weight_max='unrotated' reproduces the reference code's pitfall P1 "
+                         "(the weight max of the un-rotated space in a rotated-space smoothing scale)")
+        if self.smooth and self.act_stat == "ema":
+            notes.append("dual_smoothing: act_stat='ema' reproduces the reference code's statistic (an EMA of "
+                         "per-sample token maxima over the first fifth of the calibration batches), not the "
+                         "paper's max over all tokens")
+        return notes
+
+    @property
+    def arrangement(self) -> str:
+        """What the chain does: one of ORDERS, or "rotate_only" / "smooth_only"."""
+        if self.rotate and self.smooth:
+            return self.order
+        return "rotate_only" if self.rotate else "smooth_only"
+
+    def _stats_in_rotated_space(self) -> bool:
+        return self.rotate and self.order == "rotate_then_smooth"
+
+    def _collect(self, model: nn.Module, ctx: Context, sites: list[str],
+                 rotations: dict[int, T.HadamardTransform]) -> dict[str, SmoothingStatistics]:
+        stats = {n: SmoothingStatistics(rotations[get_submodule(model, n).in_features]
+                                        if self._stats_in_rotated_space() else None,
+                                        self.act_stat, self.momentum) for n in sites}
+        batches = ctx.batches(self.kind)
+        # the reference's EMA only runs over the first fifth of the calibration batches
+        limit = max(1, len(batches) // 5) if self.act_stat == "ema" else None
+        return collect_stats(model, batches, stats, forward_fn=ctx.forward_fn, max_batches=limit,
+                             desc="DSFQ statistics", progress=ctx.progress)
+
+    def scales(self, weight: torch.Tensor, act: torch.Tensor, rotation: T.HadamardTransform | None) -> torch.Tensor:
+        """c = act^α / max|W'|^(1−α) per input channel, W' = W·H (weight_max "rotated", rotate-then-
+        smooth) or W. ``act`` is the activation statistic of the space c is applied in."""
+        w = weight.detach().double()
+        if self._stats_in_rotated_space() and self.weight_max == "rotated":
+            w = w @ rotation.matrix()
+        return T.smoothquant_scales(act, w.abs().amax(dim=0), self.alpha)
+
+    def transform(self, c: torch.Tensor | None,
+                  rotation: T.HadamardTransform | None) -> tuple[ChainTransform, torch.Tensor]:
+        """The online chain T and the matrix M = T^-T the weight takes (W ← W·M, exact in FP)."""
+        label = {"dsfq": self.arrangement}
+        if c is not None:
+            label.update(alpha=self.alpha, weight_max=self.weight_max, act_stat=self.act_stat)
+        if c is None:  # T = H
+            return ChainTransform([rotation], label), rotation.matrix()
+        scale = T.ChannelScale(c)  # x ↦ x / c
+        cd = c.double()
+        if rotation is None:  # T = diag(1/c): M = diag(c)
+            return ChainTransform([scale], label), torch.diag(cd)
+        h = rotation.matrix()
+        if self.order == "rotate_then_smooth":  # T = H diag(1/c): M = H diag(c), H's columns scaled
+            return ChainTransform([rotation, scale], label), h * cd[None, :]
+        return ChainTransform([scale, rotation], label), cd[:, None] * h  # T = diag(1/c) H: M = diag(c) H
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        sites = _sites(self, model, ctx, (nn.Linear,))
+        sizes = sorted({get_submodule(model, n).in_features for n in sites})
+        rotations = {n: T.HadamardTransform(n, seed=self.seed) for n in sizes} if self.rotate else {}
+        stats = self._collect(model, ctx, sites, rotations) if self.smooth else {}
+        for name in sites:
+            lin = get_submodule(model, name)
+            rotation = rotations.get(lin.in_features)
+            c = self.scales(lin.weight, stats[name].value, rotation) if self.smooth else None
+            # each Linear gets its own transform module (a checkpoint rebuilds one per wrapper)
+            own = None if rotation is None else T.HadamardTransform(lin.in_features, seed=self.seed)
+            chain, fold = self.transform(c, own)
+            T.rotate_linear_input(lin, fold)
+            set_submodule(model, name, QuantLinear.from_float(lin, input_transform=chain))
+
+
+# --------------------------------------------------------------------------- LearnableClipping
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def clipped_weight(w: torch.Tensor, theta: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Symmetric per-row int fake quantization of ``w`` (out, in) with the row range clipped to
+    σ(θ)·max|W_row| (θ None: no clip, the minmax scale). Differentiable in θ through the scale;
+    the forward equals ``Quantize``'s minmax codes of clamp(W, ±σ(θ)·max|W_row|)."""
+    _, qmax = qrange(QuantSpec(bits=bits))
+    amax = w.abs().amax(dim=1, keepdim=True)
+    top = amax if theta is None else torch.sigmoid(theta) * amax
+    scale = (top / qmax).clamp_min(INT_MIN_SCALE)
+    return torch.clamp(round_ste(w / scale), -qmax, qmax) * scale
+
+
+class _ClippingLinear(nn.Module):
+    """Stands in for a Linear (or an unfrozen QuantLinear and its online transform) while its block
+    trains: the input quantized as ``Quantize`` will (straight-through), the weight by
+    ``clipped_weight``, in float32; the output in the input's dtype."""
+
+    def __init__(self, module: nn.Module, weight_bits: int, act_spec: QuantSpec | None, init: float) -> None:
+        super().__init__()
+        self.transform = getattr(module, "input_transform", None)
+        self.weight = module.weight.detach().float()
+        self.bias = None if module.bias is None else module.bias.detach().float()
+        self.weight_bits, self.act_spec = weight_bits, act_spec
+        self.theta = nn.Parameter(torch.full((module.out_features, 1), float(init), device=self.weight.device))
+        self.clip = True  # False: the minmax (γ = 1) weight, what Quantize gives without this step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.transform is not None:
+            x = self.transform(x)
+        x = x.float()
+        if self.act_spec is not None:
+            x = x + (fake_quantize(x, self.act_spec) - x).detach()
+        w = clipped_weight(self.weight, self.theta if self.clip else None, self.weight_bits)
+        return F.linear(x, w, self.bias).to(dtype)
+
+    def clip_top(self) -> torch.Tensor:
+        """γ·max|W_row| per row, (out, 1), as the bake and the simulation compute it."""
+        return torch.sigmoid(self.theta.detach()) * self.weight.abs().amax(dim=1, keepdim=True)
+
+
+def _float_tensors(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _float_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _float_tensors(o)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _float_tensors(out.to_tuple())
+    return []
+
+
+def _mse(out: Any, target: list[torch.Tensor]) -> torch.Tensor:
+    got = _float_tensors(out)
+    return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(got, target))
+
+
+@register_step
+@dataclass
+class LearnableClipping(Step):
+    """Learned per-row weight clipping, block by block (module doc). Place it after DualSmoothing
+    and BEFORE Quantize, with the weight / activation specs of that Quantize step (whose weight
+    observer must be ``minmax``, so that the baked clip is the scale it finds).
+
+    Linears clipped: the structure's quantize list (or ``targets``), minus skips and ``ignore``,
+    inside a block of ``structure.blocks``. Inputs quantized in training: those of
+    ``structure.act_inputs`` (None: every target), dynamically with ``activation`` (None: FP).
+    Other activation sites (Linear outputs, ActSites, attention matmuls) stay FP in training.
+
+    ``sequential=False``: every block's FP inputs come from one pass of the unchanged model and are
+    held at once (on the model's device). ``sequential=True``: one block's inputs at a time, from a
+    pass made when its turn comes (one pass over the calibration data per block), so they follow
+    the clips already baked into the blocks before it: the memory of one block, inputs that are no
+    longer exactly FP.
+
+    After ``apply``, ``block_losses[block]`` holds the block output MSE without ("minmax") and with
+    ("clipped") the learned clip, and whether the clip was kept.
+    """
+
+    kind: ClassVar[str] = "learnable_clipping"
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel", axis=0))
+    activation: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, granularity="token", axis=-1))
+    steps: int = 200
+    lr: float = 1e-2
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    #: θ's start value: σ(4) ≈ 0.982 (OmniQuant's and the reference's)
+    init: float = 4.0
+    #: captured block calls per optimisation step (their losses averaged)
+    calls_per_step: int = 1
+    sequential: bool = False
+    seed: int = 0
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+
+    def validate(self, where: str = "learnable_clipping") -> None:
+        w = self.weight.validate()
+        if w.format != "int" or not w.symmetric or w.granularity != "channel" or w.axis not in (0, -2):
+            raise ValueError(f"{where}.weight must be a symmetric int spec per output channel (granularity: channel, "
+                             f"axis: 0), got {w.to_dict()}")
+        if self.activation is not None:
+            self.activation.validate()
+        for key in ("steps", "calls_per_step"):
+            check_value(f"{where}.{key}", getattr(self, key), minimum=1)
+        if not self.lr > 0:
+            raise ValueError(f"{where}.lr has value {self.lr!r}: allowed values are > 0")
+        check_value(f"{where}.min_lr", self.min_lr, minimum=0.0, maximum=self.lr)
+        check_value(f"{where}.weight_decay", self.weight_decay, minimum=0.0)
+        if not math.isfinite(self.init):
+            raise ValueError(f"{where}.init has value {self.init!r}: allowed values are finite numbers")
+        _check_patterns(self, where)
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def notes(self) -> list[str]:
+        return ["learnable_clipping: weight clipping only (the dynamic activation quantizer has no clip ratio to "
+                "keep a learned activation clip in); the clip is baked into the FP weights, so the Quantize step "
+                "after it must use the same weight spec and the minmax weight observer"]
+
+    def _act_inputs(self, ctx: Context, sites: list[str]) -> set[str]:
+        s = ctx.structure
+        if self.activation is None:
+            return set()
+        return set(sites) if s.act_inputs is None else {n for n in sites if n in s.act_inputs}
+
+    def _check_not_frozen(self, model: nn.Module, ctx: Context) -> None:
+        frozen = [n for n in _sites(self, model, ctx, (QuantLinear,)) if get_submodule(model, n).frozen]
+        if frozen:
+            raise ValueError(f"{self.kind}: {frozen[0]!r} is already quantized (frozen): put LearnableClipping "
+                             "before the Quantize step, which freezes the FP weights the clip is learned on")
+
+    def apply(self, model: nn.Module, ctx: Context) -> None:
+        self._check_not_frozen(model, ctx)
+        sites = _sites(self, model, ctx, (nn.Linear, QuantLinear))
+        act_inputs = self._act_inputs(ctx, sites)
+        blocks = ctx.structure.blocks
+        if not blocks:
+            raise ValueError(f"{self.kind}: the model's structure declares no blocks (ModelStructure.blocks)")
+        self.block_losses: dict[str, dict] = {}
+        generator = torch.Generator().manual_seed(self.seed)
+        for name, block, calls in block_inputs(model, ctx.batches(self.kind), blocks, ctx.forward_fn,
+                                               sequential=self.sequential, progress=ctx.progress):
+            inside = [n for n in sites if n.startswith(name + ".")]
+            if inside:
+                self.block_losses[name] = self._clip_block(model, block, calls, inside, act_inputs, generator)
+
+    def _clip_block(self, model: nn.Module, block: nn.Module, calls: list, names: list[str],
+                    act_inputs: set[str], generator: torch.Generator) -> dict:
+        with torch.no_grad():
+            targets = [[t.detach().float() for t in _float_tensors(c.run(block))] for c in calls]
+        originals = {n: get_submodule(model, n) for n in names}
+        wrappers = {n: _ClippingLinear(m, self.weight.bits, self.activation if n in act_inputs else None, self.init)
+                    for n, m in originals.items()}
+        grads = [(p, p.requires_grad) for p in block.parameters()]
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            for n, w in wrappers.items():
+                set_submodule(model, n, w)
+            self._train(block, calls, targets, list(wrappers.values()), generator)
+            losses = {"minmax": self._loss(block, calls, targets, wrappers, clip=False),
+                      "clipped": self._loss(block, calls, targets, wrappers, clip=True)}
+        finally:
+            for n, m in originals.items():
+                set_submodule(model, n, m)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+        losses["kept"] = losses["clipped"] < losses["minmax"]
+        if losses["kept"]:
+            for n, w in wrappers.items():
+                _bake(originals[n], w.clip_top())
+        return losses
+
+    def _train(self, block: nn.Module, calls: list, targets: list, wrappers: list[_ClippingLinear],
+               generator: torch.Generator) -> None:
+        params = [w.theta for w in wrappers]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.steps, eta_min=self.min_lr)
+        order: list[int] = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                batch = []
+                while len(batch) < min(self.calls_per_step, len(calls)):
+                    if not order:  # a new epoch over the calls, in a seeded order
+                        order = torch.randperm(len(calls), generator=generator).tolist()
+                    batch.append(order.pop())
+                loss = sum(_mse(calls[i].run(block), targets[i]) for i in batch) / len(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+
+    @staticmethod
+    def _loss(block: nn.Module, calls: list, targets: list, wrappers: dict, clip: bool) -> float:
+        for w in wrappers.values():
+            w.clip = clip
+        with torch.no_grad():
+            return float(sum(float(_mse(c.run(block), t)) for c, t in zip(calls, targets)) / len(calls))
+
+
+def _bake(module: nn.Module, top: torch.Tensor) -> None:
+    """W ← clamp(W, −top, top) per row, in place (``module`` is a Linear or an unfrozen QuantLinear):
+    the minmax observer of ``Quantize`` then finds max|W_row| = top, the learned scale."""
+    w = module.weight
+    with torch.no_grad():
+        top = top.to(w.dtype)
+        w.copy_(torch.maximum(torch.minimum(w, top), -top))
+
+
+# --------------------------------------------------------------------------- recipe helper
+
+
+def dsfq_steps(w_bits: int = 4, a_bits: int = 4, clip: bool = True, clip_steps: int = 200,
+               **dual_smoothing) -> list[Step]:
+    """DSFQ's steps with one weight spec (symmetric int per output channel) and one activation spec
+    (symmetric int per token, dynamic) shared by LearnableClipping and Quantize; ``dual_smoothing``
+    are DualSmoothing's options (alpha, order, weight_max, act_stat, ...)."""
+    weight = QuantSpec(bits=w_bits, granularity="channel", axis=0).validate()
+    activation = QuantSpec(bits=a_bits, granularity="token", axis=-1).validate()
+    smoothing = DualSmoothing(**dual_smoothing)
+    smoothing.validate()
+    steps: list[Step] = [smoothing]
+    if clip:
+        clipping = LearnableClipping(weight=weight, activation=activation, steps=clip_steps)
+        clipping.validate()
+        steps.append(clipping)
+    steps.append(Quantize(weight=weight, activation=activation, dynamic=True, weight_observer="minmax"))
+    return steps
