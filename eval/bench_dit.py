@@ -320,6 +320,13 @@ def per_linear_error(real, fake, batch) -> tuple[torch.Tensor, float]:
     input's dtype (bf16), as the real Linear does: it rounds the rotated activations to bf16
     before quantizing them as the fused kernel does (an fp32 twin would not: ~6% of the codes
     one apart, 6.5e-3), and its dequantized operands and output to bf16 (~3e-3 in all)."""
+    return int8_linears_vs_twins(real, fake, lambda m: one_step(m, batch))
+
+
+@torch.no_grad()
+def int8_linears_vs_twins(real, fake, run):
+    """(``run(real)``, the largest relative L2 over ``real``'s int8 Linears between each Linear's
+    output and its fake-quant twin module's (``fake``'s module of the same name) on the same input)."""
     fakes = dict(fake.named_modules())
     worst = [0.0]
 
@@ -331,7 +338,7 @@ def per_linear_error(real, fake, batch) -> tuple[torch.Tensor, float]:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in real_int8_linears(real).items()]
     try:
-        out = one_step(real, batch)
+        out = run(real)
     finally:
         for h in handles:
             h.remove()

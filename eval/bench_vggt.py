@@ -31,8 +31,8 @@ CPU (the default; ``--threads``, default 2):
   attention, RoPE) stays fp32;
 * (``--variants ... w8a8_bf16``) the W8A8 real model with everything but its int8 Linears cast
   to bf16, as on a GPU: not in the default set.
-There is no VGGT family adapter yet: the script describes the quantized Linears itself (a
-``ModelStructure``) and passes it with the preset's ``Recipe`` to ``quantize_``.
+The script times the aggregator alone, so it describes its quantized Linears itself (a
+``ModelStructure`` with the VGGT adapter's list) and passes it with the preset's ``Recipe`` to ``quantize_``.
 The patch embedder is also timed on its own (fp32 and bf16; W8A8 runs the fp32 one): its share
 of the total, and the ratios of the alternating blocks alone (total minus patch embed), are
 reported below the table. Target: W8A8 >= 1.5x FP32 (printed for the 1b shape).
@@ -71,8 +71,8 @@ from pathlib import Path
 
 import torch
 
-from archquant.eval.bench_dit import (capture_all, cast_fp_parts, device_name, fmt_err, fmt_ms, l2rel, log,
-                                      real_int8_linears, synchronize, time_call_ms)
+from archquant.eval.bench_dit import (capture_all, cast_fp_parts, device_name, fmt_err, fmt_ms, int8_linears_vs_twins,
+                                      l2rel, log, real_int8_linears, synchronize, time_call_ms)
 from archquant.report import cpu_name
 
 PATCH = 14
@@ -291,26 +291,10 @@ class RouteRecorder:
         return f"{routes} (rows M = {', '.join(str(m) for m in sorted(self.rows))})"
 
 
-@torch.no_grad()
 def per_linear_check(real, fake, x: torch.Tensor) -> tuple[list[torch.Tensor], float]:
     """(the real model's outputs, the largest relative L2 over its int8 Linears between the
     Linear's output and its fake-quant twin module's on the same input)."""
-    fakes = dict(fake.named_modules())
-    worst = [0.0]
-
-    def hook(name):
-        def check(module, args, out):
-            err = l2rel(out, fakes[name](args[0])) if torch.isfinite(out).all() else float("inf")
-            worst[0] = max(worst[0], err)
-        return check
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in real_int8_linears(real).items()]
-    try:
-        out = forward(real, x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, worst[0]
+    return int8_linears_vs_twins(real, fake, lambda m: forward(m, x))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_error_messages():
         frame_similarity_features(torch.randn(10, 1, 4))
     with pytest.raises(ValueError, match=r"frame_features must have shape \(N, F, D\), got \(10, 3\)"):
         frame_similarity_features(torch.randn(10, 3))
-    with pytest.raises(ValueError, match=r"stats \(10, 4, 2\) and frame_features \(9, 3, 4\) disagree"):
+    with pytest.raises(ValueError, match=r"stats \(10, 4, 2\) and frame features \(9, 3, 4\) disagree"):
         select_calibration(stats, torch.randn(9, 3, 4))
     with pytest.raises(ValueError, match=r"stats must have shape \(N, L, 2\).*got \(10, 4, 3\)"):
         noise_scores(torch.randn(10, 4, 3))
@@ -288,3 +288,15 @@ def test_error_messages():
         NFDSConfig(drop_fraction=0.2, iqr_factor=1.5)
     with pytest.raises(ValueError, match=r"num_samples=11 exceeds the 10 candidates"):
         random_sample(10, 11)
+
+
+def test_similarities_given_directly_select_the_same_samples():
+    gen = torch.Generator().manual_seed(3)
+    stats = torch.randn(30, 4, 2, generator=gen)
+    frames = torch.randn(30, 4, 16, generator=gen)
+    config = NFDSConfig.paper(num_samples=8, num_clusters=3)
+    direct = select_calibration(stats, frames, config, seed=1)
+    given = select_calibration(stats, None, config, seed=1, similarities=frame_similarity_features(frames))
+    assert given.indices == direct.indices and torch.equal(given.flagged, direct.flagged)
+    with pytest.raises(ValueError, match="exactly one of frame_features or similarities"):
+        select_calibration(stats, frames, config, similarities=frame_similarity_features(frames))

@@ -34,7 +34,7 @@ from torch import nn
 from ..core.structure import ModelStructure
 from ..data import DataSplit, digest_record, digest_text, label_digests
 from ..evaluation import EvalContext, Metric
-from ..models import reference_dir
+from ..models import existing_reference_dir
 from ..models.dit_loading import (VIDEO_KINDS, DiffusionModel, build_diffusion_model, check_frames, check_resolution,
                                   load_pipeline_folder)
 from ..eval.diffusion_metrics import image_item_metrics, mean_over_items, video_item_metrics
@@ -146,10 +146,7 @@ class DiTAdapter(FamilyAdapter):
 
     def load_model(self, path: str | None, options: dict[str, Any], dtype: str) -> tuple[nn.Module, dict]:
         if path is None:
-            folder = reference_dir(options["reference"])
-            if not folder.is_dir():
-                raise FileNotFoundError(f"model.options.reference={options['reference']!r}: no reference model at "
-                                        f"{folder}")
+            folder = existing_reference_dir(options["reference"])
             source = {"reference": options["reference"]}
         else:
             folder, source = Path(path).expanduser(), None

@@ -40,7 +40,7 @@ from ..core.structure import LinearGroup, ModelStructure
 from ..core import matching
 from ..data import DataSplit, digest_tensor, label_digests
 from ..evaluation import EvalContext, Metric
-from ..models import reference_dir
+from ..models import existing_reference_dir
 from ..options import Option
 from . import vggt_recipes
 from .base import FamilyAdapter, register_adapter
@@ -102,11 +102,7 @@ class VGGTAdapter(FamilyAdapter):
         from ..models.vggt.model import load_vggt
 
         if path is None:
-            folder = reference_dir(options["reference"])
-            if not folder.is_dir():
-                raise FileNotFoundError(f"model.options.reference={options['reference']!r}: no reference model at "
-                                        f"{folder}")
-            path = folder
+            path = existing_reference_dir(options["reference"])
         model = load_vggt(path, dtype=getattr(torch, dtype))
         model.quantize_also = list(options.get("quantize_also") or [])
         return model, self.model_config(model)
