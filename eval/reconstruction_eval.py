@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-from archquant.eval.reconstruction_metrics import depth_metrics, pointmap_metrics, pose_metrics
+from archquant.eval.reconstruction_metrics import (apply_sim3, depth_metrics, pointmap_metrics, pose_metrics,
+                                                   umeyama_sim3)
 from archquant.models.vggt.camera import pose_encoding_to_extrinsics_intrinsics
 
 POSE_KEYS = ("auc30", "rra15", "rta15")
@@ -56,6 +57,24 @@ def scene_metrics(pred: dict, ref: dict, valid: torch.Tensor | None = None) -> d
     if both("world_points"):
         metrics.update(pointmap_metrics(pred["world_points"], ref["world_points"], valid, max_points=MAX_POINTS))
     return metrics
+
+
+def align_prediction(pred: dict, ref_points: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+    """``pred``'s world points and cameras moved into ``ref_points``' frame by the Umeyama similarity
+    fitted on the valid correspondences (what the point metrics do), for showing them side by side.
+    A camera [R | t] of the old frame becomes [R Q^T | s t - R Q^T u] for x_new = s Q x_old + u (its
+    camera coordinates scaled by s, which a pinhole projection ignores)."""
+    pts = pred["world_points"]
+    mask = torch.isfinite(pts).all(-1) & torch.isfinite(ref_points).all(-1)
+    if valid is not None:
+        mask &= valid
+    s, q, u = umeyama_sim3(pts[mask].double(), ref_points[mask].double())
+    out = {**pred, "world_points": apply_sim3(pts.double(), s, q, u).float()}
+    if pred.get("extrinsics") is not None:
+        r, t = pred["extrinsics"][..., :3].double(), pred["extrinsics"][..., 3].double()
+        rq = r @ q.T
+        out["extrinsics"] = torch.cat([rq, (s * t - rq @ u)[..., None]], dim=-1).float()
+    return out
 
 
 def identity_pose_extrinsics(num_frames: int) -> torch.Tensor:

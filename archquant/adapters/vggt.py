@@ -294,35 +294,34 @@ def _load_scenes(source: str, data_cfg: dict, opts: dict, role: str, size: int, 
 
 
 def _write_clouds(ctx: EvalContext, item: int, scene: dict, pred: dict, fp: dict | None) -> None:
-    """PLY of this model's point map (coloured by the input pixels) and a PNG beside its reference:
-    the ground truth for the FP model, the FP prediction for a quantized one."""
-    if ctx.output_dir is None or "world_points" not in pred:
+    """PLY of this model's point map (coloured by the input pixels, in its own frame) and a PNG of
+    it beside its reference (the ground truth for the FP model, the FP prediction for a quantized
+    one), both moved into the ground truth's frame by the Umeyama similarity where there is one,
+    with their cameras."""
+    if ctx.output_dir is None or pred.get("world_points") is None:
         return
     from ..eval.pointclouds import pointmap_to_cloud, render_clouds_png, write_ply
+    from ..eval.reconstruction_eval import align_prediction
 
     name = "FP" if ctx.is_fp else ctx.label
-    valid = scene.get("valid")
-    pts, cols = pointmap_to_cloud(pred["world_points"], scene["images"], valid, max_points=50_000)
+    valid, images = scene.get("valid"), scene["images"]
+    pts, cols = pointmap_to_cloud(pred["world_points"], images, valid, max_points=50_000)
     ply = write_ply(ctx.artifact_path(f"scene{item:03d}_points.ply"), pts, cols)
     ctx.add_artifact(Path(ply), f"{name} point cloud: scene {scene['name']}", row=scene["name"], column="PLY")
-    size = tuple(scene["images"].shape[-2:])
 
-    def cams(ext, k):
-        return None if ext is None else {"extrinsics": ext, "intrinsics": k, "image_size": size}
-
-    if fp is None:  # the FP model beside the ground truth
-        if scene.get("world_points") is None:
-            return
-        ref = pointmap_to_cloud(scene["world_points"], scene["images"], valid, max_points=50_000)
-        # the prediction lives in its own similarity frame: shown as predicted, titled as such
-        panels = [ref, (pts, cols)]
-        cameras = [cams(scene["extrinsics"], scene["intrinsics"]), cams(pred.get("extrinsics"), pred.get("intrinsics"))]
-        titles = ["ground truth", f"{name} (its own frame and scale)"]
-    else:
-        ref = pointmap_to_cloud(fp["world_points"], scene["images"], valid, max_points=50_000)
-        panels = [ref, (pts, cols)]
-        cameras = [cams(fp.get("extrinsics"), fp.get("intrinsics")), cams(pred.get("extrinsics"), pred.get("intrinsics"))]
-        titles = ["FP", name]
-    png = render_clouds_png(ctx.artifact_path(f"scene{item:03d}_clouds.png"), panels, cameras, titles=titles)
+    gt_points = scene.get("world_points")
+    shown = [("ground truth", {"world_points": gt_points, "extrinsics": scene["extrinsics"],
+                               "intrinsics": scene["intrinsics"]})] if fp is None else [("FP", fp)]
+    if fp is None and gt_points is None:
+        return  # nothing to show it beside
+    shown.append((name, pred))
+    if gt_points is not None:  # everything in the ground truth's frame and units
+        shown = [(t, p if t == "ground truth" else align_prediction(p, gt_points, valid)) for t, p in shown]
+    size = tuple(images.shape[-2:])
+    clouds = [pointmap_to_cloud(p["world_points"], images, valid, max_points=50_000) for _, p in shown]
+    cameras = [None if p.get("extrinsics") is None else
+               {"extrinsics": p["extrinsics"], "intrinsics": p["intrinsics"], "image_size": size} for _, p in shown]
+    titles = [t for t, _ in shown]
+    png = render_clouds_png(ctx.artifact_path(f"scene{item:03d}_clouds.png"), clouds, cameras, titles=titles)
     ctx.add_artifact(Path(png), f"{titles[0]} vs {titles[1]}: scene {scene['name']}", row=scene["name"],
                      column="PNG")
