@@ -208,3 +208,31 @@ def test_the_safetensors_reference_layout_loads(tmp_path):
     images = scene_batches(1)[0]["images"]
     assert torch.equal(loaded(images)["depth"], model(images)["depth"])
     assert config["vggt"]["embed_dim"] == 32
+
+
+def test_the_committed_reference_beats_the_trivial_baselines():
+    from archquant.eval.reconstruction_eval import decode_predictions, mean_metrics, scene_metrics, trivial_baselines
+
+    model, _ = get_adapter("vggt").load_model(None, {"reference": "vggt-scenes"}, "float32")
+    rows, base = [], []
+    for seed in scene_seeds("evaluation", 6):
+        s = render_scene(seed, num_frames=4, height=112, width=112, background_valid=False)
+        gt = {"extrinsics": s.extrinsics, "depth": s.depth, "world_points": s.world_points}
+        with torch.no_grad():
+            pred = {k: v[0] for k, v in decode_predictions(model(s.images[None]), (112, 112)).items()}
+        rows.append(scene_metrics(pred, gt, s.valid))
+        base.append(trivial_baselines(gt, s.valid))
+    ours, trivial = mean_metrics(rows), mean_metrics(base)
+    assert ours["auc30"] > trivial["auc30"] + 0.05  # identity cameras
+    assert ours["abs_rel"] < 0.5 * trivial["abs_rel"]  # each image's mean depth
+
+
+@pytest.mark.parametrize("config", ["vggt_w8a8.yaml", "vggt_w4a4.yaml"])
+def test_the_committed_configs_run_on_the_reference_model(tmp_path, capsys, config):
+    code, _, err = run_cli(capsys, ROOT / "configs" / config, f"output_dir={tmp_path / 'out'}", "progress=false",
+                           "calibration.num_samples=4", "recipe.options.num_samples=2",
+                           "recipe.options.num_clusters=2", "evaluation.num_samples=2", "evaluation.batch_size=2",
+                           "compare=[]")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]
+    assert metrics["fp"]["auc30"] > 0 and "chamfer_vs_fp" in metrics["quantized"]
