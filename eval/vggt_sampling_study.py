@@ -29,7 +29,7 @@ from archquant.data import check_disjoint
 from archquant.evaluation import EvalContext
 
 METHODS = {"quantvggt": "NFDS", "dsfq": "random"}
-SHOWN = ("auc30", "chamfer", "abs_rel")
+SHOWN = ("auc30", "chamfer", "auc30_vs_fp", "chamfer_vs_fp")
 
 
 def run(config: str, overrides: list[str], seeds: list[int], threads: int) -> dict:
