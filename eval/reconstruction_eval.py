@@ -77,6 +77,21 @@ def align_prediction(pred: dict, ref_points: torch.Tensor, valid: torch.Tensor |
     return out
 
 
+def in_camera_frame(geometry: dict, extrinsics0: torch.Tensor) -> dict:
+    """``geometry``'s world points and cameras expressed in the frame of the camera ``extrinsics0``
+    (3, 4): x -> R0 x + t0; a camera [R | t] becomes [R R0^T | t - R R0^T t0]. Pictures drawn in the
+    first camera's frame stand upright as that camera saw them, whatever the world's up axis."""
+    r0, t0 = extrinsics0[:, :3].double(), extrinsics0[:, 3].double()
+    out = dict(geometry)
+    if geometry.get("world_points") is not None:
+        out["world_points"] = (geometry["world_points"].double() @ r0.T + t0).float()
+    if geometry.get("extrinsics") is not None:
+        r, t = geometry["extrinsics"][..., :3].double(), geometry["extrinsics"][..., 3].double()
+        rr = r @ r0.T
+        out["extrinsics"] = torch.cat([rr, (t - rr @ t0)[..., None]], dim=-1).float()
+    return out
+
+
 def identity_pose_extrinsics(num_frames: int) -> torch.Tensor:
     """Every camera at the first one's pose (a model that predicts no motion)."""
     return torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1).expand(num_frames, 3, 4).clone()

@@ -59,3 +59,18 @@ def test_alignment_recovers_a_known_similarity_for_points_and_cameras():
         return cam[..., :2] / cam[..., 2:]
     torch.testing.assert_close(project(aligned["extrinsics"], aligned["world_points"].flatten(1, 2)[:, None]),
                                project(s.extrinsics, s.world_points.flatten(1, 2)[:, None]), atol=1e-4, rtol=1e-4)
+
+
+def test_camera_frame_puts_the_first_camera_at_the_origin_and_keeps_projections():
+    from archquant.eval.reconstruction_eval import in_camera_frame
+
+    s = render_scene(2_000_000_013, num_frames=2, height=14, width=14)
+    moved = in_camera_frame({"world_points": s.world_points, "extrinsics": s.extrinsics}, s.extrinsics[0])
+    torch.testing.assert_close(moved["extrinsics"][0], torch.cat([torch.eye(3), torch.zeros(3, 1)], 1),
+                               atol=1e-5, rtol=0)
+    # camera 0's view of a point is unchanged: its camera coordinates are now its world coordinates
+    cam0 = s.world_points[0].double() @ s.extrinsics[0, :, :3].double().T + s.extrinsics[0, :, 3].double()
+    torch.testing.assert_close(moved["world_points"][0].double(), cam0, atol=1e-4, rtol=1e-5)
+    r1, t1 = moved["extrinsics"][1, :, :3].double(), moved["extrinsics"][1, :, 3].double()
+    orig1 = s.world_points[1].double() @ s.extrinsics[1, :, :3].double().T + s.extrinsics[1, :, 3].double()
+    torch.testing.assert_close(moved["world_points"][1].double() @ r1.T + t1, orig1, atol=1e-4, rtol=1e-5)

@@ -301,7 +301,7 @@ def _write_clouds(ctx: EvalContext, item: int, scene: dict, pred: dict, fp: dict
     if ctx.output_dir is None or pred.get("world_points") is None:
         return
     from ..eval.pointclouds import pointmap_to_cloud, render_clouds_png, write_ply
-    from ..eval.reconstruction_eval import align_prediction
+    from ..eval.reconstruction_eval import align_prediction, in_camera_frame
 
     name = "FP" if ctx.is_fp else ctx.label
     valid, images = scene.get("valid"), scene["images"]
@@ -317,6 +317,9 @@ def _write_clouds(ctx: EvalContext, item: int, scene: dict, pred: dict, fp: dict
     shown.append((name, pred))
     if gt_points is not None:  # everything in the ground truth's frame and units
         shown = [(t, p if t == "ground truth" else align_prediction(p, gt_points, valid)) for t, p in shown]
+    if shown[0][1].get("extrinsics") is not None:  # drawn as the reference's first camera sees the scene
+        first = shown[0][1]["extrinsics"][0]
+        shown = [(t, in_camera_frame(p, first)) for t, p in shown]
     size = tuple(images.shape[-2:])
     clouds = [pointmap_to_cloud(p["world_points"], images, valid, max_points=50_000) for _, p in shown]
     cameras = [None if p.get("extrinsics") is None else
