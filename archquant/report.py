@@ -174,6 +174,15 @@ def _mb(n) -> str:
     return "–" if n is None else f"{n / 2**20:.2f} MiB"
 
 
+def _model_source(report: dict) -> str:
+    """The model's path, or which committed reference model a family loaded when the config gave none."""
+    if report["model"]["path"]:
+        return report["model"]["path"]
+    reference = (((report.get("config") or {}).get("model") or {}).get("options") or {}).get("reference")
+    return f"committed reference model `{reference}` (models/reference/{reference})" if reference \
+        else "(built-in default)"
+
+
 def _disjointness(summary) -> str:
     if not isinstance(summary, dict):
         return "disjoint"
@@ -198,7 +207,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# archquant report: {report['family']} / {report['method']['name']}",
         "",
-        f"- model: {report['model']['path'] or '(built-in default)'}",
+        f"- model: {_model_source(report)}",
         f"- calibration: {report['data']['calibration']} ({report['data']['calibration_items']} items); "
         f"evaluation: {report['data']['evaluation']} ({report['data']['evaluation_items']} items); "
         f"{_disjointness(report['data'].get('disjointness'))}",

@@ -332,3 +332,12 @@ def test_staged_dir_leaves_nothing_when_the_block_fails(tmp_path):
             (stage.path / "x").write_text("1")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_names_the_committed_reference_model_a_config_loaded():
+    from archquant.report import _model_source
+
+    assert _model_source({"model": {"path": "/data/VGGT-1B"}, "config": {}}) == "/data/VGGT-1B"
+    named = {"model": {"path": None}, "config": {"model": {"options": {"reference": "vggt-scenes"}}}}
+    assert _model_source(named) == "committed reference model `vggt-scenes` (models/reference/vggt-scenes)"
+    assert _model_source({"model": {"path": None}, "config": {"model": {"options": {}}}}) == "(built-in default)"
