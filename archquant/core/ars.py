@@ -27,7 +27,8 @@ from . import transforms as T
 from .calibration import collect_stats
 from .modules import QuantLinear
 from .observers import add_sampled_rows
-from .recipe import Context, Step, get_submodule, register_step, set_submodule
+from .recipe import (Context, Step, check_target_patterns, get_submodule, register_step, set_submodule,
+                     target_sites)
 
 
 # --------------------------------------------------------------------------- DuQuant
@@ -283,19 +284,10 @@ class AdaptiveRotation(Step):
             if branch not in BRANCHES:
                 raise ValueError(f"{where}.force[{pattern!r}]={branch!r} not allowed: allowed "
                                  f"{', '.join(map(repr, BRANCHES))}")
-        for key in ("targets", "ignore"):
-            for i, pattern in enumerate(getattr(self, key) or []):
-                matching.check_pattern(pattern, f"{where}.{key}[{i}]")
+        check_target_patterns(self, where)
 
     def needs_calibration(self) -> bool:
         return True
-
-    def _sites(self, model: nn.Module, ctx: Context) -> list[str]:
-        s = ctx.structure
-        chosen = s.quantize if self.targets is None else matching.select(s.quantize, self.targets)
-        return [n for n in chosen if not matching.matches_any(n, s.skip)
-                and not matching.matches_any(n, self.ignore)
-                and isinstance(get_submodule(model, n), nn.Linear)]
 
     def branch(self, name: str, j: float) -> str:
         forced = [b for p, b in self.force.items() if matching.matches_any(name, [p])]
@@ -304,7 +296,7 @@ class AdaptiveRotation(Step):
         return "hadamard" if j < self.threshold else "duquant"
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
-        sites = self._sites(model, ctx)
+        sites = target_sites(self, model, ctx.structure)
         stats = collect_stats(model, ctx.batches(self.kind), {n: InputStatistics(self.max_rows) for n in sites},
                               forward_fn=ctx.forward_fn, desc="ARS statistics", progress=ctx.progress)
         for name in sites:

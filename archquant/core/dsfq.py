@@ -67,7 +67,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import matching
 from . import transforms as T
 from .ars import ChainTransform
 from .blocks import block_inputs
@@ -75,27 +74,12 @@ from .calibration import collect_stats
 from .formats import INT_MIN_SCALE, QuantSpec, fake_quantize, qrange
 from .modules import QuantLinear
 from .quantize_step import Quantize
-from .recipe import Context, Step, check_value, get_submodule, register_step, set_submodule
+from .recipe import (Context, Step, check_target_patterns, check_value, get_submodule, register_step, set_submodule,
+                     target_sites)
 
 ORDERS = ("rotate_then_smooth", "smooth_then_rotate")
 WEIGHT_MAXES = ("rotated", "unrotated")
 ACT_STATS = ("max", "ema")
-
-
-def _check_patterns(step: Step, where: str) -> None:
-    for key in ("targets", "ignore"):
-        for i, pattern in enumerate(getattr(step, key) or []):
-            matching.check_pattern(pattern, f"{where}.{key}[{i}]")
-
-
-def _sites(step: Step, model: nn.Module, ctx: Context, types: tuple[type, ...]) -> list[str]:
-    """The structure's quantize list (or ``targets`` among it), minus its skips and ``ignore``,
-    keeping modules of ``types`` (as AdaptiveRotation and Quantize choose)."""
-    s = ctx.structure
-    chosen = s.quantize if step.targets is None else matching.select(s.quantize, step.targets)
-    return [n for n in chosen if not matching.matches_any(n, s.skip)
-            and not matching.matches_any(n, step.ignore)
-            and isinstance(get_submodule(model, n), types)]
 
 
 # --------------------------------------------------------------------------- DualSmoothing
@@ -162,7 +146,7 @@ class DualSmoothing(Step):
             raise ValueError(f"{where}.momentum has value {self.momentum!r}: allowed values are in [0, 1)")
         if not (self.rotate or self.smooth):
             raise ValueError(f"{where}.rotate and {where}.smooth are both false: the step would do nothing")
-        _check_patterns(self, where)
+        check_target_patterns(self, where)
 
     def needs_calibration(self) -> bool:
         return self.smooth
@@ -225,7 +209,7 @@ class DualSmoothing(Step):
         return ChainTransform([scale, rotation], label), cd[:, None] * h  # T = diag(1/c) H: M = diag(c) H
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
-        sites = _sites(self, model, ctx, (nn.Linear,))
+        sites = target_sites(self, model, ctx.structure)
         sizes = sorted({get_submodule(model, n).in_features for n in sites})
         rotations = {n: T.HadamardTransform(n, seed=self.seed) for n in sizes} if self.rotate else {}
         stats = self._collect(model, ctx, sites, rotations) if self.smooth else {}
@@ -358,7 +342,7 @@ class LearnableClipping(Step):
         check_value(f"{where}.weight_decay", self.weight_decay, minimum=0.0)
         if not math.isfinite(self.init):
             raise ValueError(f"{where}.init has value {self.init!r}: allowed values are finite numbers")
-        _check_patterns(self, where)
+        check_target_patterns(self, where)
 
     def needs_calibration(self) -> bool:
         return True
@@ -375,14 +359,15 @@ class LearnableClipping(Step):
         return set(sites) if s.act_inputs is None else {n for n in sites if n in s.act_inputs}
 
     def _check_not_frozen(self, model: nn.Module, ctx: Context) -> None:
-        frozen = [n for n in _sites(self, model, ctx, (QuantLinear,)) if get_submodule(model, n).frozen]
+        frozen = [n for n in target_sites(self, model, ctx.structure, (QuantLinear,))
+                  if get_submodule(model, n).frozen]
         if frozen:
             raise ValueError(f"{self.kind}: {frozen[0]!r} is already quantized (frozen): put LearnableClipping "
                              "before the Quantize step, which freezes the FP weights the clip is learned on")
 
     def apply(self, model: nn.Module, ctx: Context) -> None:
         self._check_not_frozen(model, ctx)
-        sites = _sites(self, model, ctx, (nn.Linear, QuantLinear))
+        sites = target_sites(self, model, ctx.structure, (nn.Linear, QuantLinear))
         act_inputs = self._act_inputs(ctx, sites)
         blocks = ctx.structure.blocks
         if not blocks:

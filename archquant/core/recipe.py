@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
+from . import matching
 from .calibration import ForwardFn, calibration_batches, check_finite_parameters
 from .formats import QuantSpec
 from .modules import QUANT_MODULES
@@ -178,6 +179,24 @@ def steps_from_config(items: Any, where: str = "recipe.steps") -> list["Step"]:
         cls = step_class(str(name), at)
         steps.append(cls.from_config(values, f"{at}.{cls.__name__}"))
     return steps
+
+
+def check_target_patterns(step: "Step", where: str) -> None:
+    """One-line refusal of a malformed pattern in a step's ``targets`` or ``ignore``."""
+    for key in ("targets", "ignore"):
+        for i, pattern in enumerate(getattr(step, key) or []):
+            matching.check_pattern(pattern, f"{where}.{key}[{i}]")
+
+
+def target_sites(step: "Step", model: nn.Module, structure: ModelStructure,
+                 kinds: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """The structure's quantize list (or the step's ``targets`` among it), minus the structure's
+    skips and the step's ``ignore``, keeping modules of the classes ``kinds``: where a transform
+    step acts."""
+    chosen = structure.quantize if step.targets is None else matching.select(structure.quantize, step.targets)
+    return [n for n in chosen if not matching.matches_any(n, structure.skip)
+            and not matching.matches_any(n, step.ignore)
+            and isinstance(get_submodule(model, n), kinds)]
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
