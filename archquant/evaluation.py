@@ -99,6 +99,19 @@ class EvalContext:
         self.artifacts.append(entry)
 
 
+def mean_over_items(rows: list[dict[str, float]], key: str) -> float:
+    """The mean of one per-item metric, summed in item order (the same on any split of the items
+    once they are gathered back in order)."""
+    return float(sum(r[key] for r in rows) / len(rows))
+
+
+def merge_item_means(rows: list[dict]) -> dict[str, float]:
+    """Each metric's mean over per-item rows, summed in item order (so any sharding, gathered back
+    in order, gives the same bits); the ``item`` index and a metric some item lacks are left out."""
+    keys = [k for k in rows[0] if k != "item" and all(k in r for r in rows)] if rows else []
+    return {k: mean_over_items(rows, k) for k in keys}
+
+
 def snr_db(reference: Any, approx: Any) -> float:
     """Signal-to-noise ratio of ``approx`` against ``reference`` in dB (inf when identical)."""
     ref = reference.double()

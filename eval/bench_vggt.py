@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 
 from archquant.eval.bench_dit import (capture_all, cast_fp_parts, device_name, fmt_err, fmt_ms, int8_linears_vs_twins,
-                                      l2rel, log, real_int8_linears, synchronize, time_call_ms)
+                                      log, real_int8_linears, synchronize, time_call_ms)
 from archquant.report import cpu_name
 
 PATCH = 14

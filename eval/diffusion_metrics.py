@@ -55,7 +55,3 @@ def video_item_metrics(videos: torch.Tensor, reference: torch.Tensor) -> list[di
     return rows
 
 
-def mean_over_items(rows: list[dict[str, float]], key: str) -> float:
-    """The mean of one per-item metric, summed in item order (the same on any split of the items
-    once they are gathered back in order)."""
-    return float(sum(r[key] for r in rows) / len(rows))

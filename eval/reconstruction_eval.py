@@ -12,7 +12,6 @@ Metric names (all per scene, then averaged over scenes as VGGT averages per cate
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 
@@ -107,9 +106,3 @@ def trivial_baselines(gt: dict, valid: torch.Tensor | None = None) -> dict[str, 
     means = torch.stack([depth[i][mask[i]].mean() for i in range(depth.shape[0])])
     out.update(depth_metrics(means[:, None, None].expand_as(depth), depth, mask, align="none"))
     return out
-
-
-def mean_metrics(rows: Iterable[dict]) -> dict[str, float]:
-    rows = list(rows)
-    keys = [k for k in rows[0] if all(k in r for r in rows)] if rows else []
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from archquant.models.synthetic_scenes import render_scene, scene_seeds
 from archquant.models.vggt.camera import extrinsics_intrinsics_to_pose_encoding
@@ -179,7 +178,8 @@ def train(args) -> dict:
 def baseline_and_model_metrics(model: VGGT, seeds: list[int], frames: int, size: int) -> dict:
     """Mean metrics of ``model`` and of the trivial baselines on the given scenes (foreground
     pixels: ground and objects, not the background sphere)."""
-    from archquant.eval.reconstruction_eval import decode_predictions, mean_metrics, scene_metrics, trivial_baselines
+    from archquant.eval.reconstruction_eval import decode_predictions, scene_metrics, trivial_baselines
+    from archquant.evaluation import merge_item_means
 
     model.eval()
     rows, base = [], []
@@ -189,7 +189,7 @@ def baseline_and_model_metrics(model: VGGT, seeds: list[int], frames: int, size:
         pred = {k: v[0] for k, v in decode_predictions(model(s.images[None]), (size, size)).items()}
         rows.append(scene_metrics(pred, gt, s.valid))
         base.append(trivial_baselines(gt, s.valid))
-    return {"scenes": len(seeds), "model": mean_metrics(rows), "baselines": mean_metrics(base)}
+    return {"scenes": len(seeds), "model": merge_item_means(rows), "baselines": merge_item_means(base)}
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ import torch
 
 import archquant as aq
 from archquant.adapters import get_adapter
-from archquant.eval.diffusion_metrics import image_item_metrics, mean_over_items
+from archquant.eval.diffusion_metrics import image_item_metrics
+from archquant.evaluation import mean_over_items
 from archquant.models.dit_loading import DiffusionModel, load_pipeline_folder, save_pipeline_folder
 
 from cli_testing import one_error_line, run_cli

@@ -211,7 +211,8 @@ def test_the_safetensors_reference_layout_loads(tmp_path):
 
 
 def test_the_committed_reference_beats_the_trivial_baselines():
-    from archquant.eval.reconstruction_eval import decode_predictions, mean_metrics, scene_metrics, trivial_baselines
+    from archquant.eval.reconstruction_eval import decode_predictions, scene_metrics, trivial_baselines
+    from archquant.evaluation import merge_item_means
 
     model, _ = get_adapter("vggt").load_model(None, {"reference": "vggt-scenes"}, "float32")
     rows, base = [], []
@@ -222,7 +223,7 @@ def test_the_committed_reference_beats_the_trivial_baselines():
             pred = {k: v[0] for k, v in decode_predictions(model(s.images[None]), (112, 112)).items()}
         rows.append(scene_metrics(pred, gt, s.valid))
         base.append(trivial_baselines(gt, s.valid))
-    ours, trivial = mean_metrics(rows), mean_metrics(base)
+    ours, trivial = merge_item_means(rows), merge_item_means(base)
     assert ours["auc30"] > trivial["auc30"] + 0.05  # identity cameras
     assert ours["abs_rel"] < 0.5 * trivial["abs_rel"]  # each image's mean depth
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from archquant.models.vggt.heads import CameraHead, DPTHead, ResidualConvUnit, uv_grid
+from archquant.models.vggt.heads import CameraHead, ResidualConvUnit, uv_grid
 from archquant.models.vggt.model import VGGT, VGGTConfig, check_state_dict, load_vggt, read_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")

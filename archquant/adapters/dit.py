@@ -33,11 +33,11 @@ from torch import nn
 
 from ..core.structure import ModelStructure
 from ..data import DataSplit, digest_record, digest_text, label_digests
-from ..evaluation import EvalContext, Metric
+from ..evaluation import EvalContext, Metric, merge_item_means
 from ..models import existing_reference_dir
 from ..models.dit_loading import (VIDEO_KINDS, DiffusionModel, build_diffusion_model, check_frames, check_resolution,
                                   load_pipeline_folder)
-from ..eval.diffusion_metrics import image_item_metrics, mean_over_items, video_item_metrics
+from ..eval.diffusion_metrics import image_item_metrics, video_item_metrics
 from ..eval.fvd import METRICS as VIDEO_METRICS
 from ..eval.image_metrics import METRICS as IMAGE_METRICS
 from ..options import Option
@@ -277,8 +277,7 @@ class DiTAdapter(FamilyAdapter):
     def merge_items(self, rows: list[dict]) -> dict[str, float]:
         """Each metric's mean over the items, summed in item order (so any sharding, gathered back in
         order, gives the same bits); a metric some item lacks is left out."""
-        keys = [k for k in rows[0] if k != "item" and all(k in r for r in rows)]
-        return {k: mean_over_items(rows, k) for k in keys}
+        return merge_item_means(rows)
 
     def _generate_and_score(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None):
         from tqdm import tqdm

@@ -39,7 +39,7 @@ from torch import nn
 from ..core.structure import LinearGroup, ModelStructure
 from ..core import matching
 from ..data import DataSplit, digest_tensor, label_digests
-from ..evaluation import EvalContext, Metric
+from ..evaluation import EvalContext, Metric, merge_item_means
 from ..models import existing_reference_dir
 from ..options import Option
 from . import vggt_recipes
@@ -198,10 +198,7 @@ class VGGTAdapter(FamilyAdapter):
         return self._score(model, data, ctx)
 
     def merge_items(self, rows: list[dict]) -> dict[str, float]:
-        from ..eval.diffusion_metrics import mean_over_items
-
-        keys = [k for k in rows[0] if k != "item" and all(k in r for r in rows)]
-        return {k: mean_over_items(rows, k) for k in keys}
+        return merge_item_means(rows)
 
     @torch.no_grad()
     def _score(self, model: nn.Module, data: DataSplit, ctx: EvalContext | None) -> list[dict]:
