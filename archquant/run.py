@@ -161,8 +161,7 @@ def _run_staged(cfg: RunConfig, adapter, stage: StagedDir | None, staged: Path, 
                 evaluation = adapter.load_data(cfg_dict["evaluation"], "evaluation", model_config)
                 disjointness = check_disjoint(calib, evaluation)
                 for r in (*baselines, recipe):  # e.g. a calibration selection larger than the pool
-                    for step in r.steps:
-                        step.check_calibration(len(calib.batches))
+                    r.check_calibration(len(calib.batches))
                 _check_sharding(adapter, evaluation, ranks)
         return recipe, baselines, model, model_config, calib, evaluation, disjointness
 

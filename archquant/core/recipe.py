@@ -228,6 +228,11 @@ class Recipe:
         """The preset's caveats and each step's notes, for the report."""
         return [*self.caveats, *(n for s in self.steps for n in s.notes())]
 
+    def check_calibration(self, num_batches: int) -> None:
+        """Every step's refusal of calibration data it cannot use (``Step.check_calibration``)."""
+        for step in self.steps:
+            step.check_calibration(num_batches)
+
     def calibrating_steps(self) -> list[str]:
         """Kinds of the steps that run calibration batches (empty: the recipe needs no data)."""
         return [s.kind for s in self.steps if s.needs_calibration()]
@@ -288,8 +293,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, structure: ModelStructure, *,
         calib_batches, needed_by=f"recipe {recipe.name!r} (step {calibrating[0]!r})" if calibrating else None,
         validate=None if validate_batch is None else (lambda batch: validate_batch(model, batch)))
     if batches is not None:
-        for step in recipe.steps:
-            step.check_calibration(len(batches))
+        recipe.check_calibration(len(batches))
     ctx = Context(structure, batches, forward_fn, progress)
     snapshot = ModelSnapshot(model) if restore_on_failure else None
     try:
