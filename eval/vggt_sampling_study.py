@@ -24,7 +24,7 @@ import torch
 
 from archquant.adapters.base import get_adapter
 from archquant.api import quantize_
-from archquant.config import load_config, to_dict
+from archquant.config import compare_options, load_config, to_dict
 from archquant.data import check_disjoint
 from archquant.evaluation import EvalContext
 
@@ -46,11 +46,9 @@ def run(config: str, overrides: list[str], seeds: list[int], threads: int) -> di
     rows = {m: [] for m in METHODS}
     for seed in seeds:
         for method in METHODS:
-            options = dataclasses.replace(cfg.recipe, name=method,
-                                          options={**cfg.recipe.options, "sampling_seed": seed})
-            if method == "dsfq":
-                options.options = {k: v for k, v in options.options.items()
-                                   if k in ("num_samples", "sampling_seed", "weight_max", "order")}
+            # each method takes the config's options its preset declares, as a compare baseline does
+            seeded = dataclasses.replace(cfg.recipe, options={**cfg.recipe.options, "sampling_seed": seed})
+            options = compare_options(seeded, method)
             qmodel = quantize_(copy.deepcopy(model), options, calib_data=calib.batches, family=cfg.family,
                                progress=False)
             metrics = adapter.evaluate(qmodel, evaluation, EvalContext(method, fp=fp_ctx.kept))
