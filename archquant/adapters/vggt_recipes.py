@@ -15,9 +15,9 @@ W4A8 and W4A4 are simulated).
 from __future__ import annotations
 
 from ..core.calibration_select import SelectCalibration
-from ..core.dsfq import DualSmoothing, LearnableClipping
+from ..core.dsfq import dsfq_steps
 from ..core.presets import RecipeOptions, act_spec, register_preset, weight_spec
-from ..core.recipe import Quantize, Recipe
+from ..core.recipe import Recipe
 from ..options import Option
 from . import dit_recipes  # noqa: F401  (registers quarot and smoothquant_online, shared baselines)
 
@@ -58,22 +58,13 @@ def _select(o: RecipeOptions, sampling: str) -> list:
     return [step]
 
 
-def _quantize(o: RecipeOptions) -> Quantize:
-    return Quantize(weight=weight_spec(o), activation=act_spec(o, "token"), dynamic=True,
-                    weight_observer=o.get("w_observer", "minmax"))
-
-
 def _dsfq_steps(o: RecipeOptions) -> list:
     opts = o.options or {}
-    smoothing = DualSmoothing(alpha=o.get("alpha", 0.5), seed=o.get("rotation_seed", 0),
-                              weight_max=opts.get("weight_max", "rotated"), order=opts.get("order", "rotate_then_smooth"))
-    smoothing.validate("recipe.options")
-    steps = [smoothing]
-    if opts.get("learnable_clipping", False):
-        # before Quantize: it clamps the FP weights, and Quantize's min-max observer then finds the clip
-        steps.append(LearnableClipping(weight=weight_spec(o), activation=act_spec(o, "token"),
-                                       steps=int(opts.get("clipping_steps", 200))))
-    return steps + [_quantize(o)]
+    return dsfq_steps(clip=bool(opts.get("learnable_clipping", False)), clip_steps=int(opts.get("clipping_steps", 200)),
+                      weight=weight_spec(o), activation=act_spec(o, "token"),
+                      weight_observer=o.get("w_observer", "minmax"), where="recipe.options",
+                      alpha=o.get("alpha", 0.5), seed=o.get("rotation_seed", 0),
+                      weight_max=opts.get("weight_max", "rotated"), order=opts.get("order", "rotate_then_smooth"))
 
 
 @register_preset("quantvggt", options=DSFQ_OPTIONS)

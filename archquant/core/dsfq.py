@@ -446,19 +446,22 @@ def _bake(module: nn.Module, top: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- recipe helper
 
 
-def dsfq_steps(w_bits: int = 4, a_bits: int = 4, clip: bool = True, clip_steps: int = 200,
-               **dual_smoothing) -> list[Step]:
-    """DSFQ's steps with one weight spec (symmetric int per output channel) and one activation spec
-    (symmetric int per token, dynamic) shared by LearnableClipping and Quantize; ``dual_smoothing``
-    are DualSmoothing's options (alpha, order, weight_max, act_stat, ...)."""
-    weight = QuantSpec(bits=w_bits, granularity="channel", axis=0).validate()
-    activation = QuantSpec(bits=a_bits, granularity="token", axis=-1).validate()
+def dsfq_steps(w_bits: int = 4, a_bits: int = 4, clip: bool = True, clip_steps: int = 200, *,
+               weight: QuantSpec | None = None, activation: QuantSpec | None = None,
+               weight_observer: str = "minmax", where: str | None = None, **dual_smoothing) -> list[Step]:
+    """DSFQ's steps with one weight spec and one activation spec shared by LearnableClipping and
+    Quantize (activations dynamic): ``weight`` / ``activation`` when given, else symmetric int
+    ``w_bits`` per output channel and ``a_bits`` per token. ``dual_smoothing`` are DualSmoothing's
+    options (alpha, order, weight_max, act_stat, ...); ``where`` names them in refusals."""
+    weight = weight or QuantSpec(bits=w_bits, granularity="channel", axis=0).validate()
+    activation = activation or QuantSpec(bits=a_bits, granularity="token", axis=-1).validate()
     smoothing = DualSmoothing(**dual_smoothing)
-    smoothing.validate()
+    smoothing.validate(*([where] if where else []))
     steps: list[Step] = [smoothing]
     if clip:
+        # before Quantize: it clamps the FP weights, and Quantize's min-max observer then finds the clip
         clipping = LearnableClipping(weight=weight, activation=activation, steps=clip_steps)
-        clipping.validate()
+        clipping.validate(*([where] if where else []))
         steps.append(clipping)
-    steps.append(Quantize(weight=weight, activation=activation, dynamic=True, weight_observer="minmax"))
+    steps.append(Quantize(weight=weight, activation=activation, dynamic=True, weight_observer=weight_observer))
     return steps
