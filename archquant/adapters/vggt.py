@@ -124,7 +124,6 @@ class VGGTAdapter(FamilyAdapter):
 
     def structure(self, model: nn.Module) -> ModelStructure:
         agg = model.aggregator
-        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         blocks, quantize, readers = [], [], []
         for i in range(agg.depth):  # execution order: frame i, then global i
             for kind in ("frame", "global"):
@@ -133,8 +132,10 @@ class VGGTAdapter(FamilyAdapter):
                 quantize += [f"{block}.{lin}" for lin in BLOCK_LINEARS]
                 readers += [LinearGroup(f"{block}.norm1", [f"{block}.attn.qkv"]),
                             LinearGroup(f"{block}.norm2", [f"{block}.mlp.fc1"])]
-        extra = [n for n in sorted(linears) if n not in quantize and matching.matches_any(n, model.quantize_also)] \
-            if getattr(model, "quantize_also", None) else []
+        also = getattr(model, "quantize_also", None)
+        chosen = set(quantize)
+        extra = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen
+                       and matching.matches_any(n, also)) if also else []
         return ModelStructure(hidden_size=agg.embed_dim, quantize=quantize + extra, blocks=blocks,
                               residual_readers=readers, norm_kind="layer", frame_features=last_layer_frame_features)
 
@@ -261,10 +262,9 @@ def _load_scenes(source: str, data_cfg: dict, opts: dict, role: str, size: int, 
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"{role}.split={split!r} not available for synthetic scenes: allowed "
                              f"{', '.join(map(repr, SPLIT_OFFSETS))}")
-        height = size  # square frames: the synthetic cameras' aspect is 1
         scenes = []
-        for seed in scene_seeds(split, n, start=first):
-            s = render_scene(seed, num_frames=opts["num_frames"], height=height, width=size, background_valid=False)
+        for seed in scene_seeds(split, n, start=first):  # square frames: the synthetic cameras' aspect is 1
+            s = render_scene(seed, num_frames=opts["num_frames"], height=size, width=size, background_valid=False)
             scenes.append({"name": f"synthetic/{seed}", "frame_ids": list(range(opts["num_frames"])),
                            "images": s.images, "extrinsics": s.extrinsics, "intrinsics": s.intrinsics,
                            "depth": s.depth, "world_points": s.world_points, "valid": s.valid})
