@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from archquant.adapters.base import get_adapter
 from archquant.core.blocks import capture_block_inputs
 from archquant.core.calibration_select import SelectCalibration
-from archquant.core.dsfq import DualSmoothing
+from archquant.core.dsfq import DualSmoothing, LearnableClipping
 from archquant.core.recipe import Recipe, apply_recipe
 from archquant.models.synthetic_scenes import render_scene, scene_seeds
 from archquant.models.vggt.model import VGGT, VGGTConfig
@@ -188,6 +188,37 @@ def test_global_blocks_are_calibrated_on_all_frames_tokens_together():
     assert tuple(calls["aggregator.global_blocks.0"][0].args[0].shape) == (1, 3 * tokens, 32)
 
 
+def test_the_p2_reproduction_regroups_global_calls_per_frame():
+    model = tiny_model()
+    adapter = get_adapter("vggt")
+    s = adapter.structure(model)
+    calls = capture_block_inputs(model, scene_batches(1, frames=3), s.blocks, adapter.forward)
+    tokens = 1 + 4 + 2 * 2
+    assert s.per_frame_call("aggregator.frame_blocks.0", calls["aggregator.frame_blocks.0"][0]) is None
+    glob = calls["aggregator.global_blocks.0"][0]
+    per_frame = s.per_frame_call("aggregator.global_blocks.0", glob)
+    assert tuple(per_frame.args[0].shape) == (3, tokens, 32)
+    # the same tokens and positions as the frame block gets: frame attention, the reference code's shape
+    frame = calls["aggregator.frame_blocks.0"][0]
+    assert torch.equal(per_frame.kwargs["pos"], frame.kwargs["pos"])
+    assert torch.equal(per_frame.args[0].reshape(1, 3 * tokens, 32), glob.args[0])
+    block = model.get_submodule("aggregator.global_blocks.0")
+    with torch.no_grad():  # frame by frame: each row alone gives its own output
+        whole = per_frame.run(block)
+        one = block(per_frame.args[0][1:2], pos=per_frame.kwargs["pos"][1:2])
+        assert torch.allclose(whole[1:2], one, atol=1e-6)
+        assert not torch.allclose(whole.reshape(1, 3 * tokens, 32), glob.run(block), atol=1e-4)
+    losses = {}
+    for mode in ("global", "per_frame"):
+        m = tiny_model()
+        step = LearnableClipping(steps=2, global_calls=mode)
+        apply_recipe(m, Recipe("p2", [DualSmoothing(), step]), adapter.structure(m),
+                     calib_batches=scene_batches(2), forward_fn=adapter.forward, progress=False)
+        losses[mode] = step.block_losses
+    assert losses["global"]["aggregator.frame_blocks.0"] == losses["per_frame"]["aggregator.frame_blocks.0"]
+    assert losses["global"]["aggregator.global_blocks.0"] != losses["per_frame"]["aggregator.global_blocks.0"]
+
+
 def test_structure_quantizes_the_block_linears_and_patterns_add_more():
     model = tiny_model()
     adapter = get_adapter("vggt")
@@ -233,7 +264,23 @@ def test_the_committed_configs_run_on_the_reference_model(tmp_path, capsys, conf
     code, _, err = run_cli(capsys, ROOT / "configs" / config, f"output_dir={tmp_path / 'out'}", "progress=false",
                            "calibration.num_samples=4", "recipe.options.num_samples=2",
                            "recipe.options.num_clusters=2", "evaluation.num_samples=2", "evaluation.batch_size=2",
-                           "compare=[]")
+                           "recipe.options.clipping_steps=3", "compare=[]")
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]
     assert metrics["fp"]["auc30"] > 0 and "chamfer_vs_fp" in metrics["quantized"]
+
+
+def test_the_seed_study_varies_the_rotation_and_nothing_else(checkpoint):
+    from archquant.eval.vggt_sampling_study import run as study, table
+
+    result = study(str(ROOT / "configs" / "vggt_w4a4.yaml"),
+                   [f"model.path={checkpoint}", *FAST, "recipe.options.clipping_steps=2"], [0, 1], 1,
+                   ("rtn_dynamic", "quarot", "quantvggt"), "rotation_seed")
+    rows = result["rows"]
+    # RTN has no rotation: the same model for every seed; the rotating methods draw a new one each time
+    assert rows["rtn_dynamic"][0]["chamfer_vs_fp"] == rows["rtn_dynamic"][1]["chamfer_vs_fp"]
+    for method in ("quarot", "quantvggt"):
+        assert rows[method][0]["chamfer_vs_fp"] != rows[method][1]["chamfer_vs_fp"], method
+    text = table(result, "cmd")
+    assert "# rtn_dynamic, quarot, quantvggt over rotation_seeds, W4A4" in text
+    assert "| rotation_seed | rtn_dynamic auc30 |" in text and text.count("\n| mean ± sd |") == 1

@@ -29,6 +29,7 @@ PNG with FP and quantized clouds side by side with the cameras drawn.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.blocks import BlockCall
 from ..core.structure import LinearGroup, ModelStructure
 from ..core import matching
 from ..data import DataSplit, digest_tensor, label_digests
@@ -137,7 +139,8 @@ class VGGTAdapter(FamilyAdapter):
         extra = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen
                        and matching.matches_any(n, also)) if also else []
         return ModelStructure(hidden_size=agg.embed_dim, quantize=quantize + extra, blocks=blocks,
-                              residual_readers=readers, norm_kind="layer", frame_features=last_layer_frame_features)
+                              residual_readers=readers, norm_kind="layer", frame_features=last_layer_frame_features,
+                              per_frame_call=functools.partial(per_frame_global_call, agg.patch_start_idx))
 
     # ------------------------------------------------------------------ data
 
@@ -226,6 +229,26 @@ class VGGTAdapter(FamilyAdapter):
         if ctx is not None and ctx.is_fp:
             ctx.keep(dict(kept))
         return rows
+
+
+def per_frame_global_call(patch_start_idx: int, block: str, call: BlockCall) -> BlockCall | None:
+    """A global block's call ``(tokens (B, S·P, C), pos=(B, S·P, 2))`` regrouped one frame per row,
+    ``(B·S, P, C)``, as the reference code calibrates global blocks (QuantVGGT's pitfall P2; see
+    ``LearnableClipping.global_calls``). Frame blocks: None (they already see one frame). The frame
+    count comes from the RoPE positions: each frame's ``patch_start_idx`` special tokens, and only
+    they, sit at position (0, 0) (patch positions start at 1)."""
+    if ".global_blocks." not in block:
+        return None
+    tokens, pos = call.args[0], call.kwargs.get("pos")
+    if pos is None:
+        raise ValueError(f"{block}: regrouping a global block's tokens per frame needs its RoPE positions (pos)")
+    b, n, c = tokens.shape
+    frames = int((pos[0] == 0).all(dim=-1).sum()) // patch_start_idx
+    if frames < 1 or n % frames:
+        raise ValueError(f"{block}: cannot split {n} tokens into frames of {patch_start_idx} special tokens each")
+    p = n // frames
+    return BlockCall((tokens.reshape(b * frames, p, c), *call.args[1:]),
+                     {**call.kwargs, "pos": pos.reshape(b * frames, p, pos.shape[-1])})
 
 
 def last_layer_frame_features(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -39,8 +39,17 @@ DSFQ_OPTIONS = {
                          help="smoothing's weight maximum: of W H (the paper) or of W (the reference code, pitfall P1)"),
     "order": Option("rotate_then_smooth", allowed=("rotate_then_smooth", "smooth_then_rotate"),
                     help="DSFQ's order (the paper's Table 4 ablation)"),
-    "learnable_clipping": Option(False, help="train per-row weight clipping block by block against FP outputs"),
-    "clipping_steps": Option(200, minimum=1, help="learnable clipping: AdamW steps per block"),
+    "learnable_clipping": Option(False, help="block-wise calibration: learn per-row weight clips (LWC) against "
+                                             "FP block outputs"),
+    "act_clipping": Option(False, help="block-wise calibration: learn one activation clip per Linear (LAC); those "
+                                       "Linears stay fake-quant under backend real"),
+    "learnable_smoothing": Option(False, help="block-wise calibration: refine the smoothing scales"),
+    "clipping_steps": Option(200, minimum=1, help="block-wise calibration: AdamW steps per block"),
+    "global_calls": Option("global", allowed=("global", "per_frame"),
+                           help="block-wise calibration of global blocks on their real calls (the paper) or on "
+                                "per-frame token groups (the reference code, pitfall P2)"),
+    "smoothing_lr": Option(1e-2, minimum=0.0, help="block-wise calibration: learning rate of the smoothing "
+                                                   "refinement (a log-scale)"),
 }
 
 
@@ -61,6 +70,10 @@ def _select(o: RecipeOptions, sampling: str) -> list:
 def _dsfq_steps(o: RecipeOptions) -> list:
     opts = o.options or {}
     return dsfq_steps(clip=bool(opts.get("learnable_clipping", False)), clip_steps=int(opts.get("clipping_steps", 200)),
+                      act_clip=bool(opts.get("act_clipping", False)),
+                      learn_smoothing=bool(opts.get("learnable_smoothing", False)),
+                      smoothing_lr=float(opts.get("smoothing_lr", 1e-2)),
+                      global_calls=opts.get("global_calls", "global"),
                       weight=weight_spec(o), activation=act_spec(o, "token"),
                       weight_observer=o.get("w_observer", "minmax"), where="recipe.options",
                       alpha=o.get("alpha", 0.5), seed=o.get("rotation_seed", 0),

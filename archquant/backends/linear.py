@@ -70,6 +70,8 @@ def int8_layout(module: QuantLinear) -> str | None:
     q = module.input_quantizer
     if q is not None and act_kind(q) is None:
         kind = "dynamic" if q.dynamic else f"static (mode {q.mode})"
+        if q.dynamic and q.clip_ratio != 1.0:
+            kind += f" with a learned clip ({q.clip_ratio:.3f})"
         return f"input {spec_name(q.spec)} {kind}: needs symmetric int8, dynamic per token/tensor or static per tensor"
     return None
 
@@ -146,7 +148,8 @@ def fp8_layout(module: QuantLinear) -> str | None:
         return f"weight granularity {spec.granularity!r} (axis {spec.axis}): needs per tensor or per output channel"
     q = module.input_quantizer
     if input_kind(q) is None:
-        return f"input {spec_name(q.spec)}: needs dynamic per token/tensor or static per tensor scales"
+        clip = f" with a learned clip ({q.clip_ratio:.3f})" if q is not None and q.clip_ratio != 1.0 else ""
+        return f"input {spec_name(q.spec)}{clip}: needs dynamic per token/tensor or static per tensor scales"
     return None
 
 

@@ -62,6 +62,8 @@ def input_kind(q: ActQuantizer | None) -> str | None:
     if q is None or q.mode != "quantize":
         return None
     if q.dynamic:
+        if q.clip_ratio != 1.0:  # no kernel shrinks the per-token range: the module stays fake-quant
+            return None
         return {"token": "dynamic_token", "tensor": "dynamic_tensor"}.get(q.spec.granularity)
     if q.spec.granularity == "tensor" and "scale" in q.params.as_dict():
         return "static_tensor"

@@ -68,6 +68,10 @@ class ActQuantizer(nn.Module):
     are calibrated once by ``observer`` and frozen (e.g. Quamba's static per-tensor scales).
     Modes: ``"off"`` (identity), ``"calibrate"`` (observe, pass through), ``"quantize"``.
 
+    ``clip_ratio`` r (dynamic only, 0 < r <= 1): each input's range is shrunk to r times its own
+    (e.g. per token, scale = r·max|x_token| / qmax), so the few largest values saturate and the rest
+    get a finer grid: a learned activation clip (``core.dsfq.LearnableClipping``, QuantVGGT's LAC).
+
     With ``observer="keyed"`` (``observers.KeyedRangeObserver``) a static quantizer keeps one set
     of parameters per context key seen in calibration (``core.context_key``, e.g. the diffusion
     timestep): ``keys`` lists them, ``key_params[i]`` holds key i's, and each call uses the current
@@ -75,10 +79,11 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, spec: QuantSpec, dynamic: bool = False, observer: str = "minmax",
-                 observer_kwargs: dict[str, Any] | None = None) -> None:
+                 observer_kwargs: dict[str, Any] | None = None, clip_ratio: float = 1.0) -> None:
         super().__init__()
         self.spec = spec.validate()
         self.dynamic = dynamic
+        self.clip_ratio = check_clip_ratio(clip_ratio, dynamic)
         self.observer_name = observer
         self.observer_kwargs = dict(observer_kwargs or {})
         self.mode = "quantize" if dynamic else "off"
@@ -114,7 +119,11 @@ class ActQuantizer(nn.Module):
             self.observer.update(x)
             return x
         if self.dynamic:
-            return formats.fake_quantize(x, self.spec)
+            if self.clip_ratio == 1.0:
+                return formats.fake_quantize(x, self.spec)
+            lo, hi = formats.observe_range(x, self.spec)
+            r = self.clip_ratio
+            return formats.fake_quantize(x, self.spec, formats.compute_params(self.spec, lo * r, hi * r))
         params = self._current_params()
         if not params:
             raise RuntimeError("static activation quantizer used before calibration (no scales)")
@@ -168,12 +177,15 @@ class ActQuantizer(nn.Module):
                   "observer": self.observer_name, "observer_kwargs": self.observer_kwargs}
         if self.keyed:
             config["keys"] = list(self.keys)
+        if self.clip_ratio != 1.0:  # absent: 1.0, as every checkpoint written before clips existed
+            config["clip_ratio"] = self.clip_ratio
         return config
 
     @classmethod
     def from_config(cls, config: dict) -> "ActQuantizer":
         q = cls(QuantSpec.from_dict(config["spec"]), dynamic=config["dynamic"],
-                observer=config.get("observer", "minmax"), observer_kwargs=config.get("observer_kwargs"))
+                observer=config.get("observer", "minmax"), observer_kwargs=config.get("observer_kwargs"),
+                clip_ratio=config.get("clip_ratio", 1.0))
         if q.keyed:
             keys = config.get("keys")
             if not isinstance(keys, list) or not keys:
@@ -189,8 +201,19 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else f"static/{self.observer_name}"
         keys = f" keys={len(self.keys)}" if self.keyed else ""
+        clip = f" clip={self.clip_ratio:.4f}" if self.clip_ratio != 1.0 else ""
         return (f"{self.spec.format}{self.spec.bits if self.spec.format == 'int' else ''} {self.spec.granularity} "
-                f"{kind}{keys} mode={self.mode}")
+                f"{kind}{keys}{clip} mode={self.mode}")
+
+
+def check_clip_ratio(ratio: Any, dynamic: bool) -> float:
+    """A dynamic quantizer's clip ratio as a float in (0, 1]; a static one takes only 1.0 (its
+    calibrated range is already where it should be)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"activation clip_ratio={ratio!r} not allowed: allowed numbers in (0, 1]")
+    if float(ratio) != 1.0 and not dynamic:
+        raise ValueError(f"activation clip_ratio={ratio!r} is only allowed for a dynamic quantizer")
+    return float(ratio)
 
 
 #: formats whose codes of <= 4 bits are stored two per byte

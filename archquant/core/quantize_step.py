@@ -15,6 +15,10 @@ from .observers import OBSERVERS
 from .recipe import Context, Step, get_submodule, quantized_modules, register_step, set_submodule
 from .structure import ModelStructure
 
+#: attribute an earlier step (``dsfq.LearnableClipping`` with ``act_clip``) leaves on a Linear: the clip
+#: ratio its input quantizer is to use, which ``Quantize`` hands to the dynamic quantizer it creates
+LEARNED_INPUT_CLIP = "learned_input_clip"
+
 
 def _granularity(spec) -> str | None:
     if isinstance(spec, dict):
@@ -159,7 +163,7 @@ class Quantize(Step):
         return (any(not self._skipped(s, n) for n in (s.act_inputs or []) + s.act_outputs)
                 or any(not self._skipped(s, n) for n in s.act_sites + self._optional(s)))
 
-    def _act(self, site: str) -> ActQuantizer | None:
+    def _act(self, site: str, clip_ratio: float | None = None) -> ActQuantizer | None:
         cfg = {"observer": self.act_observer, "observer_kwargs": dict(self.act_observer_kwargs),
                "activation": self.activation, "dynamic": self.dynamic}
         for pattern, over in self.overrides.items():
@@ -170,8 +174,11 @@ class Quantize(Step):
             return None
         if isinstance(spec, dict):
             spec = QuantSpec.from_dict(spec)
+        if clip_ratio is not None and not cfg["dynamic"]:
+            raise ValueError(f"{self.kind}: {site!r} has a learned activation clip (learnable_clipping with "
+                             "act_clip), which only a dynamic activation quantizer can apply: set dynamic: true")
         return ActQuantizer(spec, dynamic=cfg["dynamic"], observer=cfg["observer"],
-                            observer_kwargs=cfg["observer_kwargs"])
+                            observer_kwargs=cfg["observer_kwargs"], clip_ratio=1.0 if clip_ratio is None else clip_ratio)
 
     def _conv_spec(self) -> QuantSpec | None:
         if self.conv_weight is not None or self.weight is None:
@@ -192,6 +199,8 @@ class Quantize(Step):
         kw = dict(weight_observer=self.weight_observer, weight_observer_kwargs=self.weight_observer_kwargs)
         if isinstance(mod, nn.Linear):
             wrapped = QuantLinear.from_float(mod, weight_spec=self.weight if weight else None, **kw)
+            if hasattr(mod, LEARNED_INPUT_CLIP):  # the input quantizer added later still needs it
+                setattr(wrapped, LEARNED_INPUT_CLIP, getattr(mod, LEARNED_INPUT_CLIP))
         elif isinstance(mod, nn.Conv1d):
             wrapped = QuantConv1d(mod, weight_spec=self._conv_spec() if weight else None, **kw)
         else:
@@ -207,7 +216,9 @@ class Quantize(Step):
         if self.activation is not None or self.overrides:
             inputs, outputs, sites = self._act_site_names(s)
             for name in inputs:
-                self._wrap(model, name, weight=False).input_quantizer = self._act(f"{name}:input")
+                clip = getattr(get_submodule(model, name), LEARNED_INPUT_CLIP, None)
+                wrapped = self._wrap(model, name, weight=False)
+                wrapped.input_quantizer = self._act(f"{name}:input", clip)
             for name in outputs:
                 self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
             for name in sites:

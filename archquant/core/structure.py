@@ -140,6 +140,11 @@ class ModelStructure:
         frame of the batch's single sample (frame 0 the reference view), computed by a forward
         pass that also runs every block of ``blocks`` (frame-aware calibration sampling, NFDS,
         ``core.calibration_select``); None: the family has no frames.
+    per_frame_call: for multi-view models, ``fn(block_name, call) -> call | None``: a call of a
+        block that attends over all frames at once, rewritten as the same tokens regrouped one frame
+        per batch row (as a frame block sees them); None for a block that already sees one frame.
+        Only for reproducing reference code that calibrates that way (QuantVGGT's pitfall P2,
+        ``LearnableClipping.global_calls="per_frame"``).
     """
 
     hidden_size: int
@@ -159,6 +164,7 @@ class ModelStructure:
     blocks: list[str] = field(default_factory=list)
     weight_only: list[str] = field(default_factory=list)
     frame_features: Callable[[Any, Any], Any] | None = None
+    per_frame_call: Callable[[str, Any], Any] | None = None
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """The groups to smooth that feed a quantized Linear (smoothing the LM head would only untie
