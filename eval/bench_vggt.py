@@ -30,7 +30,10 @@ CPU (the default; ``--threads``, default 2):
   M = 64 rows on, and a call has S*P rows); everything else (the DINOv2 patch embedder, norms,
   attention, RoPE) stays fp32;
 * (``--variants ... w8a8_bf16``) the W8A8 real model with everything but its int8 Linears cast
-  to bf16, as on a GPU: not in the default set.
+  to bf16, as on a GPU: not in the default set;
+* (``--variants ... w8a8_pe``) W8A8 real with the DINOv2 embedder's Linears on int8 too (a run's
+  ``model.options.quantize_also``; outside the paper's scope, so its accuracy cost is the user's to
+  check on their data): not in the default set.
 The script times the aggregator alone, so it describes its quantized Linears itself (a
 ``ModelStructure`` with the VGGT adapter's list) and passes it with the preset's ``Recipe`` to ``quantize_``.
 The patch embedder is also timed on its own (fp32 and bf16; W8A8 runs the fp32 one): its share
@@ -100,10 +103,10 @@ LINEAR_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 #: the whole output vs the fake-quant model: a one-code difference early on compounds through the
 #: blocks, so this only catches an output that is garbage
 OUTPUT_TOL = 0.5
-CPU_VARIANTS = ("fp32", "bf16", "w8a8", "w8a8_bf16")
+CPU_VARIANTS = ("fp32", "bf16", "w8a8", "w8a8_bf16", "w8a8_pe")
 DEFAULT_CPU_VARIANTS = ("fp32", "bf16", "w8a8")
 LABELS = {"fp32": "FP32", "bf16": "bf16", "w8a8": "W8A8 real (rtn_dynamic)",
-          "w8a8_bf16": "W8A8 real, rest in bf16"}
+          "w8a8_bf16": "W8A8 real, rest in bf16", "w8a8_pe": "W8A8 real, patch embedder's Linears too"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,20 +202,26 @@ def images(geo: Geometry, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, geo.frames, 3, geo.image_size, geo.image_size, generator=g)
 
 
-def quantized_linears(model) -> list[str]:
-    """The Linears of the frame and global blocks (the DINOv2 embedder's stay FP)."""
-    return [f"{kind}_blocks.{i}.{name}" for i in range(len(model.frame_blocks))
-            for kind in ("frame", "global") for name in BLOCK_LINEARS]
+def quantized_linears(model, patch_embed: bool = False) -> list[str]:
+    """The Linears of the frame and global blocks (the default scope), and with ``patch_embed`` those of
+    the DINOv2 embedder's blocks too (what ``model.options.quantize_also: ["re:aggregator\\.patch_embed\\..*"]``
+    adds in a run)."""
+    names = [f"{kind}_blocks.{i}.{name}" for i in range(len(model.frame_blocks))
+             for kind in ("frame", "global") for name in BLOCK_LINEARS]
+    if patch_embed:
+        names += [f"patch_embed.blocks.{i}.{name}" for i in range(len(model.patch_embed.blocks))
+                  for name in BLOCK_LINEARS]
+    return names
 
 
-def structure(model):
-    """What ``quantize_`` needs to know about an aggregator (no VGGT family adapter exists yet):
-    the Linears to quantize and the blocks in execution order."""
+def structure(model, patch_embed: bool = False):
+    """What ``quantize_`` needs to know about an aggregator alone (the VGGT adapter describes a whole
+    VGGT): the Linears to quantize and the blocks in execution order."""
     from archquant.core.structure import ModelStructure
 
     blocks = [f"{kind}_blocks.{i}" for i in range(len(model.frame_blocks)) for kind in ("frame", "global")]
-    return ModelStructure(hidden_size=model.embed_dim, norm_kind="layer", quantize=quantized_linears(model),
-                          blocks=blocks)
+    return ModelStructure(hidden_size=model.embed_dim, norm_kind="layer",
+                          quantize=quantized_linears(model, patch_embed), blocks=blocks)
 
 
 def recipe():
@@ -223,12 +232,12 @@ def recipe():
     return PRESETS["rtn_dynamic"](RecipeOptions())
 
 
-def build_w8a8(fp, kernels: str = "auto"):
+def build_w8a8(fp, kernels: str = "auto", patch_embed: bool = False):
     """(fake-quant model, its real twin) on copies of ``fp``, on fp's device."""
     import archquant as aq
     from archquant.backends import convert_to_real
 
-    fake = aq.quantize_(copy.deepcopy(fp), recipe(), structure=structure(fp), progress=False)
+    fake = aq.quantize_(copy.deepcopy(fp), recipe(), structure=structure(fp, patch_embed), progress=False)
     return fake, convert_to_real(copy.deepcopy(fake), kernels=kernels)
 
 
@@ -391,7 +400,7 @@ def bench_cpu(geo: Geometry, variants=DEFAULT_CPU_VARIANTS, repeats: int = 5, wa
     int8 = f"{summary['converted']} ({len(summary['kept'])} kept)"
     rows, models = [], {}
     for name in variants:
-        dtype = torch.float32 if name in ("fp32", "w8a8") else torch.bfloat16
+        dtype = torch.float32 if name in ("fp32", "w8a8", "w8a8_pe") else torch.bfloat16
         row = Row(name, LABELS[name], dtype)
         if name == "fp32":
             models[name] = fp
@@ -401,6 +410,13 @@ def bench_cpu(geo: Geometry, variants=DEFAULT_CPU_VARIANTS, repeats: int = 5, wa
             row.vs_fp32 = outputs_l2rel(out, ref)
             row.ok = all(bool(torch.isfinite(o).all()) for o in out)
             row.wrong = "" if row.ok else "WRONG: non-finite output; not timed"
+        elif name == "w8a8_pe":  # its own fake twin: more Linears are quantized
+            pe_fake, model = build_w8a8(fp, patch_embed=True)
+            pe_summary = model._archquant_real
+            row.int8_linears = f"{pe_summary['converted']} ({len(pe_summary['kept'])} kept)"
+            check_real(name, model, pe_fake, x32, [o.float() for o in forward(pe_fake, x32)], ref, device, row)
+            models[name] = model
+            del pe_fake
         else:
             # w8a8_bf16: a second conversion (a used real model holds packed weights deepcopy cannot copy)
             model = real if name == "w8a8" else cast_fp_parts(convert_to_real(copy.deepcopy(fake)), torch.bfloat16)
@@ -417,12 +433,15 @@ def bench_cpu(geo: Geometry, variants=DEFAULT_CPU_VARIANTS, repeats: int = 5, wa
         pe["bf16"] = (models["bf16"], torch.bfloat16)
     if "w8a8_bf16" in models:
         pe.setdefault("bf16", (models["w8a8_bf16"], torch.bfloat16))
+    if "w8a8_pe" in models:
+        pe["w8a8_pe"] = (models["w8a8_pe"], torch.float32)
     for key, (m, dt) in pe.items():
         calls[f"patch:{key}"] = lambda m=m, x=x32.to(dt): patch_embed_call(m, x)
     eager, _, _ = time_variants(calls, device, repeats, warmup, graphs=False)
     for r in rows:
         r.ms = eager.get(r.variant)
-        r.patch_ms = eager.get(f"patch:{'fp32' if r.dtype == torch.float32 else 'bf16'}")
+        embedder = "w8a8_pe" if r.variant == "w8a8_pe" else "fp32" if r.dtype == torch.float32 else "bf16"
+        r.patch_ms = eager.get(f"patch:{embedder}")
     return Result(geo, device, rows, repeats=repeats, warmup=warmup, build_s=build_s)
 
 
@@ -515,7 +534,8 @@ def patch_lines(res: Result) -> list[str]:
         return []
     embedders = {}
     for r in timed:
-        embedders.setdefault("fp32" if r.dtype == torch.float32 else "bf16", r.patch_ms)
+        key = "W8A8 (int8 Linears)" if r.variant == "w8a8_pe" else "fp32" if r.dtype == torch.float32 else "bf16"
+        embedders.setdefault(key, r.patch_ms)
     n = res.geo.dino_blocks
     lines = [f"patch embed alone (DINOv2, {n} block{'' if n == 1 else 's'}): "
              + ", ".join(f"{k} {v:.1f} ms" for k, v in embedders.items())

@@ -66,6 +66,19 @@ def test_rest_in_bf16_variant_is_checked_at_the_bf16_limit():
     assert "W8A8 real, rest in bf16 |" in B.render(res, "cmd")
 
 
+def test_patch_embedder_variant_puts_its_linears_on_int8_and_times_its_own_embedder():
+    geo = B.geometry("tiny", 2, 112, 1, 2)
+    res = B.bench_cpu(geo, ("fp32", "w8a8", "w8a8_pe"), repeats=1, warmup=0)
+    fp32, w8a8, pe = res.rows
+    assert pe.ok and pe.int8_linears == "16 (0 kept)" and w8a8.int8_linears == "8 (0 kept)"  # + 2 DINOv2 blocks x 4
+    assert pe.per_linear <= B.LINEAR_TOL[torch.float32] and pe.ms is not None
+    assert w8a8.patch_ms == fp32.patch_ms and pe.patch_ms is not None  # its own embedder, timed on its own
+    text = B.render(res, "cmd")
+    assert "W8A8 real, patch embedder's Linears too |" in text
+    assert re.search(r"- patch embed alone \(DINOv2, 2 blocks\): fp32 [0-9.]+ ms, W8A8 \(int8 Linears\) [0-9.]+ ms",
+                     text)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_cuda_without_gpu_is_refused_in_one_line(capsys):
     assert B.main(["--device", "cuda"]) == 2

@@ -67,7 +67,8 @@ def register_real_converter(module_type: type):
 
 #: model-code module -> the backend module holding its family's block converters; imported on
 #: demand by ``convert_to_real`` (a model is matched through the classes its modules derive from)
-FAMILY_BACKENDS: dict[str, str] = {"archquant.models.mamba": "archquant.backends.mamba"}
+FAMILY_BACKENDS: dict[str, str] = {"archquant.models.mamba": "archquant.backends.mamba",
+                                   "archquant.models.vggt.layers": "archquant.backends.vggt"}
 
 
 def register_family_backend(model_module: str, backend_module: str) -> None:
