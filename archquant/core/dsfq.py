@@ -74,6 +74,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import transforms as T
 from .ars import ChainTransform
@@ -481,14 +482,16 @@ class LearnableClipping(Step):
             raise ValueError(f"{self.kind}: the model's structure declares no blocks (ModelStructure.blocks)")
         self.block_losses: dict[str, dict] = {}
         generator = torch.Generator().manual_seed(self.seed)
+        bar = tqdm(total=len(blocks), desc="block-wise calibration", disable=not ctx.progress, leave=False)
         for name, block, calls in block_inputs(model, ctx.batches(self.kind), blocks, ctx.forward_fn,
                                                sequential=self.sequential, progress=ctx.progress):
             inside = [n for n in sites if n.startswith(name + ".")]
-            if not inside:
-                continue
-            if self.global_calls == "per_frame":
-                calls = [ctx.structure.per_frame_call(name, c) or c for c in calls]
-            self.block_losses[name] = self._train_block(model, block, calls, inside, act_inputs, generator)
+            if inside:
+                if self.global_calls == "per_frame":
+                    calls = [ctx.structure.per_frame_call(name, c) or c for c in calls]
+                self.block_losses[name] = self._train_block(model, block, calls, inside, act_inputs, generator)
+            bar.update(1)
+        bar.close()
 
     def _train_block(self, model: nn.Module, block: nn.Module, calls: list, names: list[str],
                      act_inputs: set[str], generator: torch.Generator) -> dict:
