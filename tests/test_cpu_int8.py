@@ -32,7 +32,8 @@ from archquant.core.modules import ActQuantizer, QuantConv1d, QuantLinear
 from archquant.core.transforms import HadamardTransform
 from archquant.kernels import cpu_int8 as K
 from archquant.kernels.cpu_int8 import (Int8Weight, choose_path, choose_weight_only_path, fbgemm_available,
-                                        int8_linear, onednn_available, int8_linear_reference, int8_weight_only_linear,
+                                        int8_linear, onednn_available, onednn_exact, int8_linear_reference,
+                                        int8_weight_only_linear,
                                         int8_weight_only_linear_reference, quantize_per_tensor_int8_torch,
                                         quantize_per_token_int8_torch, quantize_static_int8_torch)
 from archquant.kernels.quantize import quantize_per_token_int8_reference, quantize_static_int8_reference
@@ -45,7 +46,7 @@ from archquant.run import main
 from conftest import perturbed_mamba
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else []) + (["onednn"] if onednn_available() else [])
+CPU_PATHS = ["int_mm"] + (["fbgemm"] if fbgemm_available() else []) + (["onednn"] if onednn_exact() else [])
 MODEL_TOL = 1e-2  # whole-model logits, relative Frobenius error (see the module docstring)
 LINEAR_TOL = 1e-4  # one RealQuantLinear vs its fake twin, fp32, relative to max|y|
 
@@ -182,6 +183,32 @@ def test_path_choice():
     assert choose_path(K.FBGEMM_MAX_M + 1, 5120, 2560) == "int_mm"
     large_m = "onednn" if onednn_available() else "int_mm"  # prefill-sized M: the prepacked oneDNN GEMM
     assert choose_path(1024, 5120, 2560) == large_m and choose_path(K.ONEDNN_MIN_M, 768, 3072) == large_m
+
+
+def test_a_slow_onednn_is_not_dispatched_to(monkeypatch):
+    """oneDNN's s8 x s8 linear falls back to a reference kernel on CPUs without AMX (issue 14: a
+    512-token prefill 11x slower than FP32); the probe keeps such a oneDNN out of ``choose_path``."""
+    fb = "fbgemm" if fbgemm_available() else "int_mm"
+    monkeypatch.setattr(K, "onednn_exact", lambda: True)
+    for ratio, expected in ((2000.0, "int_mm"), (0.5, "onednn")):
+        monkeypatch.setattr(K, "onednn_probe_ratio", lambda r=ratio: r)
+        K.onednn_available.cache_clear()
+        try:
+            assert K.onednn_available() is (expected == "onednn")
+            assert choose_path(512, 768, 3072) == expected and choose_path(1024, 5120, 2560) == expected
+            assert choose_path(4, 5120, 2560) == fb  # small M never took oneDNN
+        finally:
+            K.onednn_available.cache_clear()
+
+
+def test_the_probe_times_both_kernels_on_real_calls(monkeypatch):
+    calls = {"onednn": 0, "int_mm": 0}
+    onednn, int_mm = K._onednn_acc, K._int_mm_acc
+    monkeypatch.setattr(K, "_onednn_acc", lambda *a: (calls.__setitem__("onednn", calls["onednn"] + 1), onednn(*a))[1]
+                        if onednn_exact() else int_mm(*a))
+    monkeypatch.setattr(K, "_int_mm_acc", lambda *a: (calls.__setitem__("int_mm", calls["int_mm"] + 1), int_mm(*a))[1])
+    ratio = K.onednn_probe_ratio()
+    assert ratio > 0 and calls["int_mm"] == 6 and calls["onednn"] in ((2, 6) if onednn_exact() else (0,))
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="fbgemm not usable here")

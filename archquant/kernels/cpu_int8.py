@@ -75,6 +75,7 @@ GEMM of 3M rows; an Ozaki-style splitting), ``"dequant"`` (dequantize the codes 
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 
 import torch
@@ -99,6 +100,8 @@ __all__ = [
     "choose_weight_only_path",
     "fbgemm_available",
     "onednn_available",
+    "onednn_exact",
+    "onednn_probe_ratio",
     "PATHS",
     "WEIGHT_ONLY_PATHS",
 ]
@@ -446,7 +449,7 @@ def _onednn_acc(x_q: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_available() -> bool:
+def onednn_exact() -> bool:
     """True if oneDNN's int8 linear is present and gives exactly ``float(acc)`` here (checked once,
     on extreme codes, at M below and above ``ONEDNN_MIN_M``)."""
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not hasattr(torch.ops.onednn, "qlinear_prepack"):
@@ -465,6 +468,52 @@ def onednn_available() -> bool:
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+#: oneDNN's int8 linear is dispatched to only if, on the probe, it takes at most this many times
+#: ``_int_mm``'s time (where it is the right kernel it is faster; where it is the wrong one, ~1000x slower)
+ONEDNN_MAX_SLOWDOWN = 4.0
+#: the probe: (M, K, N) of an int8 GEMM, 8 M multiply-adds (~0.2 s on oneDNN's reference kernel, ~0.3 ms on AMX)
+ONEDNN_PROBE = (ONEDNN_MIN_M, 512, 256)
+
+
+def onednn_probe_ratio() -> float:
+    """oneDNN's time over ``_int_mm``'s on the ``ONEDNN_PROBE`` GEMM (best of a few calls each).
+
+    oneDNN's s8 x s8 linear is only fast where it has a JIT kernel for signed activations: on
+    Xeons with AMX. Elsewhere it can fall back to its reference kernel. Measured on the AMX Xeon
+    with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` (what a VNNI-only CPU gets), 512 x 768 x 3072:
+    oneDNN 31,632 ms, ``_int_mm`` 24 ms, fp32 20 ms; on AMX: oneDNN 5.1 ms, ``_int_mm`` 48 ms. That
+    fallback made a quantized mamba-130m prefill of 512 tokens 11x slower than FP32 (issue 14).
+    """
+    m, k, n = ONEDNN_PROBE
+    g = torch.Generator().manual_seed(0)
+    w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
+    x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+
+    def best(fn, calls: int, warmup: bool = True) -> float:
+        if warmup:
+            fn()  # oneDNN: the weight packing
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    int_mm = best(lambda: _int_mm_acc(x, w), 5)
+    first = best(lambda: _onednn_acc(x, w), 1)
+    if first > ONEDNN_MAX_SLOWDOWN * 10 * int_mm:  # hopeless: do not spend more calls on it
+        return first / int_mm
+    return min(first, best(lambda: _onednn_acc(x, w), 4, warmup=False)) / int_mm
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """True if oneDNN's int8 linear is exact here (``onednn_exact``) AND fast (``onednn_probe_ratio``
+    at most ``ONEDNN_MAX_SLOWDOWN``): what ``choose_path`` dispatches prefill-sized GEMMs to.
+    Decided once per process."""
+    return onednn_exact() and onednn_probe_ratio() <= ONEDNN_MAX_SLOWDOWN
 
 
 # --------------------------------------------------------------------------- int8 x int8
