@@ -170,6 +170,18 @@ def _prefill(model, ids):
     return lambda: model(ids, cache=model.new_cache())
 
 
+def _prefill_no_cache(model, ids):
+    """``model(ids)``: the plain call, no cache object at all."""
+    return lambda: model(ids)
+
+
+def _generate(model, ids, new_tokens: int):
+    """``greedy_generate``: a cached prefill of ``ids``, then ``new_tokens`` one-token steps."""
+    from archquant.models.mamba import greedy_generate
+
+    return lambda: greedy_generate(model, ids, new_tokens)
+
+
 def _decode_step(model, ids):
     """One cached decode step after a prefill of ``ids`` (the state advances every call)."""
     cache = model.new_cache()
@@ -216,10 +228,20 @@ def bench_model(which: str, prefill: int, repeats: int, budget_s: float) -> list
     g = torch.Generator().manual_seed(0)
     vocab = fp.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prefill), generator=g)
+    batch4 = torch.randint(0, vocab, (4, max(1, prefill // 4)), generator=g)
     context = torch.randint(0, vocab, (1, 64), generator=g)
+    context4 = torch.randint(0, vocab, (4, 64), generator=g)
+    b4 = f"4x{batch4.shape[1]}"
     rows = []
-    for phase, make, tokens in (("prefill", lambda m: _prefill(m, prompt), prefill),
-                                ("decode step", lambda m: _decode_step(m, context), 1)):
+    # every call path users make: the plain call (no cache), a fresh cache, batch 4, one cached
+    # decode step (batch 1 and 4), and greedy_generate (a cached prefill of 64, then 64 steps)
+    for phase, make, tokens in (("prefill, no cache", lambda m: _prefill_no_cache(m, prompt), prefill),
+                                ("prefill, fresh cache", lambda m: _prefill(m, prompt), prefill),
+                                ("prefill batch 4, no cache", lambda m: _prefill_no_cache(m, batch4), b4),
+                                ("prefill batch 4, fresh cache", lambda m: _prefill(m, batch4), b4),
+                                ("decode step", lambda m: _decode_step(m, context), 1),
+                                ("decode step, batch 4", lambda m: _decode_step(m, context4), "4x1"),
+                                ("greedy_generate 64 after 64", lambda m: _generate(m, context, 64), 64)):
         for name, model in (("FP32", fp), ("W8A8 real", real)):
             r = {"phase": phase, "tokens": tokens, "model": name,
                  **_phase_times(make(model), model.lm_head, repeats, budget_s)}
@@ -241,8 +263,10 @@ def _model_line(r: dict, base: dict | None = None) -> str:
 
 MODEL_NOTE = ("W8A8 real = `quantize_(model, \"quamba\")` then `convert_to_real`: every Mamba block runs on int8 "
               "codes (CPU path: int8 GEMMs, the int8 conv and scan through their torch versions, fp32 state); "
-              "the LM head stays FP32, as in every recipe. prefill: a fresh `MambaCache` filled by the prompt; "
-              "decode step: one cached token after a 64-token prefill. block GEMMs: every Linear of the blocks "
+              "the LM head stays FP32, as in every recipe. prefill, no cache: `model(ids)`; fresh cache: a new "
+              "`MambaCache` filled by the prompt; batch 4: four sequences of a quarter of the tokens; decode step: "
+              "one cached token after a 64-token prefill; greedy_generate: a 64-token prompt, then 64 new tokens "
+              "(total over the whole call). block GEMMs: every Linear of the blocks "
               "including the activation quantization, requantization and epilogue of the real ones; LM head: "
               "the (FP32) output projection; scan: the selective "
               "scan / state update; other: the rest (conv, norms, gating, embedding, timing overhead). "

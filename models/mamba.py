@@ -535,7 +535,8 @@ class MambaLM(nn.Module):
         """Logits (b, l, vocab). With a ``MambaCache`` the sequence continues from (and updates)
         its recurrent state: prefill with the prompt, then feed one token at a time."""
         h = self.backbone(input_ids, cache)
-        return self.lm_head(h.to(self.lm_head.weight.dtype))
+        # the head computes in the model's dtype (the embedding's: a quantized head has no float weight)
+        return self.lm_head(h.to(self.backbone.embeddings.weight.dtype))
 
     def new_cache(self) -> MambaCache:
         return MambaCache(self.config.num_layers)

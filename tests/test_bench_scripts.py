@@ -1,4 +1,6 @@
 """The end-to-end benchmark script runs (tiny shapes on a CPU): correctness gate, table, file."""
+import re
+
 import pytest
 import torch
 
@@ -67,7 +69,13 @@ def test_cpu_benchmark_quick_run_writes_both_sections(tmp_path):
         torch.set_num_threads(threads)
     text = out.read_text()
     assert "## W8A8 Linear" in text and "mamba1-byte" in text
-    assert text.count("| W8A8 real |") == 2 and "block GEMMs (ms)" in text
+    assert "block GEMMs (ms)" in text
+    phases = ["prefill, no cache", "prefill, fresh cache", "prefill batch 4, no cache", "prefill batch 4, fresh cache",
+              "decode step", "decode step, batch 4", "greedy_generate 64 after 64"]
+    for phase in phases:  # every call path, FP32 and W8A8 real side by side
+        assert f"| {phase} | " in text and re.search(rf"\| {re.escape(phase)} \| [^|]+ \| W8A8 real \| .* \| "
+                                                        r"[0-9.]+x \|", text), phase
+    assert text.count("| W8A8 real |") == len(phases)
 
 
 def test_cpu_benchmark_rejects_unknown_model(capsys):

@@ -51,7 +51,10 @@ def test_tiny_cpu_run_writes_a_table_whose_ratios_parse_and_whose_check_passed(t
     assert "- correctness check passed: W8A8 real (rtn_dynamic): per-Linear" in text and "WRONG" not in text
     route = re.search(r"- W8A8 real \(rtn_dynamic\): int8 GEMM route torch CPU int8 ops, per call: (.*)", text)[1]
     # 138 rows >= 64: oneDNN's prepacked int8 GEMM where it works here, one call per Linear
-    assert route == f"{'onednn' if onednn_available() else 'int_mm'} x16 (rows M = 138)"
+    # onednn where it is available and measured faster for the shape, int_mm elsewhere; 16 calls in all
+    counts = dict(re.findall(r"(onednn|int_mm) x(\d+)", route))
+    assert route.endswith("(rows M = 138)") and sum(int(v) for v in counts.values()) == 16
+    assert onednn_available() or "onednn" not in counts
     assert re.search(r"- patch embed alone \(DINOv2, 2 blocks\): fp32 [0-9.]+ ms, bf16 [0-9.]+ ms", text)
     assert re.search(r"- alternating blocks alone .*: W8A8 real is [0-9.]+x FP32, [0-9.]+x bf16", text)
     assert "- target (W8A8 real >= 1.5x FP32): stated for the 1b shape, not tiny" in text

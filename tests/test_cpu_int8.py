@@ -181,8 +181,9 @@ def test_path_choice():
     assert choose_path(1, 5120, 2560) == "int_mm" and choose_path(1, 2560, 10240) == fb
     assert choose_path(4, 5120, 2560) == fb and choose_path(4, 1536, 768) == "int_mm"
     assert choose_path(K.FBGEMM_MAX_M + 1, 5120, 2560) == "int_mm"
-    large_m = "onednn" if onednn_available() else "int_mm"  # prefill-sized M: the prepacked oneDNN GEMM
-    assert choose_path(1024, 5120, 2560) == large_m and choose_path(K.ONEDNN_MIN_M, 768, 3072) == large_m
+    for m, k, n in ((1024, 5120, 2560), (K.ONEDNN_MIN_M, 768, 3072)):  # prefill-sized M: the prepacked oneDNN
+        large_m = "onednn" if onednn_available() and K.onednn_fast(m, k, n) else "int_mm"  # GEMM where it is fast
+        assert choose_path(m, k, n) == large_m
 
 
 def test_a_slow_onednn_is_not_dispatched_to(monkeypatch):
@@ -190,6 +191,7 @@ def test_a_slow_onednn_is_not_dispatched_to(monkeypatch):
     512-token prefill 11x slower than FP32); the probe keeps such a oneDNN out of ``choose_path``."""
     fb = "fbgemm" if fbgemm_available() else "int_mm"
     monkeypatch.setattr(K, "onednn_exact", lambda: True)
+    monkeypatch.setattr(K, "onednn_fast", lambda m, k, n: True)  # every shape: the probe alone decides here
     for ratio, expected in ((2000.0, "int_mm"), (0.5, "onednn")):
         monkeypatch.setattr(K, "onednn_probe_ratio", lambda r=ratio: r)
         K.onednn_available.cache_clear()
@@ -199,6 +201,33 @@ def test_a_slow_onednn_is_not_dispatched_to(monkeypatch):
             assert choose_path(4, 5120, 2560) == fb  # small M never took oneDNN
         finally:
             K.onednn_available.cache_clear()
+
+
+def test_onednn_is_measured_per_shape_and_the_decision_kept(monkeypatch):
+    """oneDNN also has shapes without a fast kernel where it is otherwise fast (on the AMX Xeon, K = 12:
+    166 ms vs 0.39 ms for _int_mm); each (M bucket, K, N) is measured once. Here the kernels are
+    stand-ins that are slow on purpose for one shape each."""
+    import time as clock
+
+    def slow_when(k_slow):
+        def gemm(x, w):
+            if x.shape[1] == k_slow:
+                clock.sleep(0.01)
+            return (x.to(torch.int32) @ w.q.to(torch.int32).T).float()
+        return gemm
+
+    calls = []
+    monkeypatch.setattr(K, "_onednn_acc", lambda x, w: (calls.append(("onednn",) + tuple(x.shape)), slow_when(12)(x, w))[1])
+    monkeypatch.setattr(K, "_int_mm_acc", slow_when(64))
+    monkeypatch.setattr(K, "_ONEDNN_FAST", {})
+    monkeypatch.setattr(K, "onednn_available", lambda: True)
+    assert K.onednn_fast(2048, 12, 40) is False and K.onednn_fast(100, 64, 32) is True
+    assert K._ONEDNN_FAST == {(2048, 12, 40): False, (128, 64, 32): True}  # M rounded up to a power of two
+    assert calls[0] == ("onednn", 2048, 12)
+    n = len(calls)
+    assert choose_path(1500, 12, 40) == "int_mm" and choose_path(2000, 12, 40) == "int_mm"  # same bucket: no new run
+    assert choose_path(65, 64, 32) == "onednn" and len(calls) == n
+    assert K.onednn_fast(100_000, 64, 32) is True and (K.ONEDNN_MEASURE_MAX_M, 64, 32) in K._ONEDNN_FAST
 
 
 def test_the_probe_times_both_kernels_on_real_calls(monkeypatch):

@@ -44,7 +44,7 @@ class Routes:
 
         def recording(path, m, k, n, w):
             chosen = choose(path, m, k, n, w)
-            self.calls.append((chosen, m))
+            self.calls.append((chosen, m, k, n))
             return chosen
 
         monkeypatch.setattr(K, "_cpu_path", recording)
@@ -64,11 +64,14 @@ class Routes:
         return calls
 
 
-def expected_route(m: int) -> str:
-    """The route a GEMM of M rows must take for a Mamba Linear of these sizes: oneDNN's prepacked GEMM
-    from ONEDNN_MIN_M rows where it is exact and fast here, else torch._int_mm (the weights are far
-    below fbgemm's size threshold)."""
-    return "onednn" if m >= K.ONEDNN_MIN_M and K.onednn_available() else "int_mm"
+def check_routes(calls, rows: int, gemms: int) -> None:
+    """``gemms`` int8 GEMMs of ``rows`` rows, each on the route ``choose_path`` gives its shape here: oneDNN's
+    prepacked GEMM from ONEDNN_MIN_M rows where it is exact and measured faster for that shape, else
+    torch._int_mm (these weights are far below fbgemm's size threshold)."""
+    assert [m for _, m, _, _ in calls] == [rows] * gemms
+    for path, m, k, n in calls:
+        assert path == K.choose_path(m, k, n), (path, m, k, n)
+        assert path in (("onednn", "int_mm") if m >= K.ONEDNN_MIN_M else ("int_mm",)), (path, m, k, n)
 
 
 CALL_PATHS = {
@@ -88,10 +91,7 @@ def test_every_prefill_path_runs_all_gemms_on_the_dispatched_int8_route(real_mod
     ids = torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         real_model(ids, cache=real_model.new_cache() if cached else None)
-    calls = routes.take()
-    assert len(calls) == GEMMS_PER_LAYER * LAYERS
-    rows = batch * tokens
-    assert calls == [(expected_route(rows), rows)] * len(calls)
+    check_routes(routes.take(), batch * tokens, GEMMS_PER_LAYER * LAYERS)
 
 
 def test_decode_and_greedy_generate_run_on_the_small_m_route(real_model, monkeypatch):
@@ -102,9 +102,9 @@ def test_decode_and_greedy_generate_run_on_the_small_m_route(real_model, monkeyp
         real_model(ids, cache=cache)
         routes.take()
         real_model(ids[:, -1:], cache=cache)  # one cached step of 4 sequences: M = 4
-        assert routes.take() == [(expected_route(4), 4)] * (GEMMS_PER_LAYER * LAYERS)
+        check_routes(routes.take(), 4, GEMMS_PER_LAYER * LAYERS)
         out = greedy_generate(real_model, ids[:1], 3)
     assert out.shape == (1, 3)
-    calls = routes.take()
-    assert calls[:GEMMS_PER_LAYER * LAYERS] == [(expected_route(80), 80)] * (GEMMS_PER_LAYER * LAYERS)
-    assert calls[GEMMS_PER_LAYER * LAYERS:] == [(expected_route(1), 1)] * (3 * GEMMS_PER_LAYER * LAYERS)
+    calls, per_call = routes.take(), GEMMS_PER_LAYER * LAYERS
+    check_routes(calls[:per_call], 80, per_call)
+    check_routes(calls[per_call:], 1, 3 * per_call)

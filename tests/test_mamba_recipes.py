@@ -597,3 +597,34 @@ def test_runner_corrupt_model_dir_exits_2_naming_the_file(model_dir, tmp_path, c
     line = _one_line_error(code, err, str(bad / "model.safetensors"))
     assert "Traceback" not in err and "cannot read weights" in line
     assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# the int8 LM head option
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,arch", [("quamba", "mamba1"), ("mambaquant", "mamba1"), ("quamba2", "mamba2")])
+def test_int8_lm_head_option_stores_the_head_in_int8_and_reloads_bit_identically(preset, arch, tmp_path):
+    from archquant.backends import RealQuantLinear, convert_to_real
+
+    plain, _, plain_logits = _quantize(arch, RecipeOptions(name=preset))
+    model, fp, logits = _quantize(arch, RecipeOptions(name=preset, options={"lm_head": "int8"}))
+    head = model.lm_head
+    assert isinstance(plain.lm_head, torch.nn.Linear) and isinstance(head, QuantLinear) and head.frozen
+    assert head.weight_spec.bits == 8 and head.weight_spec.granularity == "channel" and head.input_quantizer is None
+    assert isinstance(model.backbone.embeddings, torch.nn.Embedding)  # the tied embedding keeps its FP table
+    # only the head changed, by about an int8 rounding of its weight
+    err, plain_err = rel_err(logits, fp), rel_err(plain_logits, fp)
+    assert logits.shape == plain_logits.shape and 0 < rel_err(logits, plain_logits) < 0.05
+    assert err < plain_err + 0.05, (err, plain_err)
+    directory = aq.save_quantized(model, tmp_path / "ckpt", family="mamba")
+    assert torch.equal(_logits(aq.load_quantized(directory)), logits)
+    real = convert_to_real(aq.load_quantized(directory))
+    assert isinstance(real.lm_head, RealQuantLinear) and real.lm_head.act_kind == "weight_only"
+    assert rel_err(_logits(real), logits) < 1e-2
+
+
+def test_an_unknown_lm_head_value_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"recipe.options.lm_head.*'int4'.*allowed.*fp.*int8"):
+        _quantize("mamba1", RecipeOptions(name="quamba", options={"lm_head": "int4"}))

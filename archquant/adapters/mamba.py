@@ -12,12 +12,17 @@ Mamba2: in_proj (input, output) → conv+SiLU → xbc_site (x | B | C; Quamba2's
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.presets import RecipeOptions
+from ..core.quantize_step import QuantizeWeights
+from ..core.recipe import Recipe
 from ..core.structure import LinearGroup, LinearPair, ModelStructure
 from ..eval.corpus import document_digests, hf_documents, stdlib_documents, text_file_documents, token_window_digests
 from ..data import DataSplit
@@ -65,6 +70,12 @@ class MambaAdapter(FamilyAdapter):
                                 help="lm-evaluation-harness tasks (optional extra, online)"),
         "lm_eval_limit": Option(0, minimum=0, roles=("evaluation",), help="examples per lm-eval task, 0: all"),
     }
+    #: recipe options every Mamba preset takes, on top of the preset's own
+    head_options = {
+        "lm_head": Option("fp", allowed=("fp", "int8"),
+                          help="int8: store the LM head's weight in int8 per output channel (weight-only: its input "
+                               "stays FP; a quarter of the bytes each decode step reads; perplexity in the report)"),
+    }
     data_sources = ("stdlib", "text_files", "wikitext2", "pile_val")
     metrics = (
         Metric("perplexity", lower_is_better=True, description="exp of the mean next-token NLL"),
@@ -108,6 +119,19 @@ class MambaAdapter(FamilyAdapter):
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary [0, {vocab})")
 
+    def recipes(self):
+        """The family's presets, each also taking ``recipe.options.lm_head`` (``head_options``)."""
+        return {name: functools.partial(self._with_head, build) for name, build in super().recipes().items()}
+
+    def _with_head(self, build, o: RecipeOptions) -> Recipe:
+        head = {k: v for k, v in (o.options or {}).items() if k in self.head_options}
+        head = validate_options(head, self.head_options, "recipe.options", owner="the mamba family")
+        recipe = build(dataclasses.replace(o, options={k: v for k, v in (o.options or {}).items()
+                                                       if k not in self.head_options}))
+        if head["lm_head"] == "int8":
+            recipe.steps.append(QuantizeWeights(targets=["lm_head"]))
+        return recipe
+
     def structure(self, model: nn.Module) -> ModelStructure:
         cfg = model.config
         layers = [f"backbone.layers.{i}" for i in range(cfg.num_layers)]
@@ -120,6 +144,8 @@ class MambaAdapter(FamilyAdapter):
             residual_writers=[f"{m}.out_proj" for m in mixers],
             online_rotation_sites=[f"{m}.out_proj" for m in mixers],
             skip=["lm_head"],
+            # out of activation quantization, but its weight may be stored in int8 (recipe.options.lm_head)
+            weight_only=["lm_head"],
             blocks=layers,
         )
         if cfg.arch == "mamba1":

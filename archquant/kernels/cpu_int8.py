@@ -101,6 +101,7 @@ __all__ = [
     "fbgemm_available",
     "onednn_available",
     "onednn_exact",
+    "onednn_fast",
     "onednn_probe_ratio",
     "PATHS",
     "WEIGHT_ONLY_PATHS",
@@ -170,7 +171,7 @@ def choose_path(m: int, k: int, n: int) -> str:
     1536x768, M = 1 is ~12 tensor ops of 1-2.5 us around a 12-17 us int8 GEMV (it was 0.048 ms,
     1.6x, before ``int8_linear_dynamic`` and the trimmed ``int8_linear`` cut ~20 us of it).
     """
-    if m >= ONEDNN_MIN_M and onednn_available():
+    if m >= ONEDNN_MIN_M and onednn_available() and onednn_fast(m, k, n):
         return "onednn"  # prefill-sized M: the prepacked oneDNN GEMM, ~2x int_mm (see the module doc)
     if not fbgemm_available():
         return "int_mm"
@@ -506,6 +507,39 @@ def onednn_probe_ratio() -> float:
     if first > ONEDNN_MAX_SLOWDOWN * 10 * int_mm:  # hopeless: do not spend more calls on it
         return first / int_mm
     return min(first, best(lambda: _onednn_acc(x, w), 4, warmup=False)) / int_mm
+
+
+#: (M rounded up to a power of two, at most ONEDNN_MEASURE_MAX_M; K; N) -> oneDNN faster than _int_mm there
+_ONEDNN_FAST: dict[tuple[int, int, int], bool] = {}
+ONEDNN_MEASURE_MAX_M = 4096
+
+
+def onednn_fast(m: int, k: int, n: int) -> bool:
+    """Whether oneDNN's int8 linear beats ``_int_mm`` on an (M, K) x (K, N) product here: measured once
+    per (M bucket, K, N) on random codes, then remembered for the process.
+
+    Even where oneDNN has fast kernels it has shapes without one: on the AMX Xeon, M = 2048, K = 12
+    (the reference Mamba's dt_proj, dt_rank 12) took 166 ms in oneDNN and 0.39 ms in ``_int_mm``, which
+    made the real reference model's evaluation 4.6x slower than FP32; K = 192, N = 768: 3.2 vs 1.0 ms.
+    Where oneDNN is the right kernel (K = 1536, N = 768: 1.5 vs 2.9 ms) it is kept."""
+    bucket = min(1 << max(m - 1, 0).bit_length(), ONEDNN_MEASURE_MAX_M)
+    key = (bucket, k, n)
+    if key not in _ONEDNN_FAST:
+        g = torch.Generator().manual_seed(0)
+        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
+        x = torch.randint(-127, 128, (bucket, k), dtype=torch.int8, generator=g)
+        _ONEDNN_FAST[key] = _best_time(lambda: _onednn_acc(x, w), 2) <= _best_time(lambda: _int_mm_acc(x, w), 2)
+    return _ONEDNN_FAST[key]
+
+
+def _best_time(fn, calls: int) -> float:
+    fn()  # warm-up (oneDNN: the weight packing)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 @functools.lru_cache(maxsize=None)
