@@ -101,7 +101,8 @@ __all__ = [
     "fbgemm_available",
     "onednn_available",
     "onednn_exact",
-    "onednn_fast",
+    "measured_path",
+    "path_candidates",
     "onednn_probe_ratio",
     "PATHS",
     "WEIGHT_ONLY_PATHS",
@@ -121,11 +122,6 @@ WEIGHT_ONLY_PATHS = ("split3", "int8pack", "dequant")
 
 # --------------------------------------------------------------------------- decisions
 
-#: fbgemm is chosen for 2 <= M <= FBGEMM_MAX_M on weights of at least FBGEMM_MIN_WEIGHT values,
-#: and at M = 1 on weights of at least FBGEMM_M1_MIN_WEIGHT values (see ``choose_path``)
-FBGEMM_MAX_M = 32
-FBGEMM_MIN_WEIGHT = 1 << 21
-FBGEMM_M1_MIN_WEIGHT = 1 << 24
 #: smallest M from which the oneDNN int8 linear is used when it is available (see ``choose_path``)
 ONEDNN_MIN_M = 64
 #: smallest weight (N*K) for which fp32 weight-only layers use "split3" (see ``choose_weight_only_path``)
@@ -133,9 +129,11 @@ SPLIT3_MIN_WEIGHT = 1 << 20
 
 
 def choose_path(m: int, k: int, n: int) -> str:
-    """The int8 x int8 operator for an (M, K) x (K, N) product on the CPU.
+    """The int8 x int8 operator for an (M, K) x (K, N) product on the CPU: the fastest one measured on
+    this machine for that shape (``measured_path``), among ``path_candidates(m)``.
 
-    Measured with ``python -m archquant.eval.bench_cpu --paths --threads 2 --no-model --ms
+    Why measured: the same operators rank differently on different CPUs. On an AMD EPYC, measured with
+    ``python -m archquant.eval.bench_cpu --paths --threads 2 --no-model --ms
     1,2,4,16,32,64,256`` (AMD EPYC with AVX512-VNNI, torch 2.13 CPU, 2 threads, no other busy
     process during the run, 2026-11-26 06:26 UTC; median ms of the whole W8A8 Linear as
     ``int8_linear_dynamic`` runs it: per-token quantization + GEMM + epilogue; fp32 =
@@ -158,29 +156,58 @@ def choose_path(m: int, k: int, n: int) -> str:
                 fbgemm       0.149  0.148  0.194  0.684  1.23   2.52   9.53
     ==========  ===========  =====  =====  =====  =====  =====  =====  =====
 
-    Two full runs with M in {1, 16, 256, 1024} agreed (M = 1, int_mm: 0.040-0.045 / 0.027-0.028
-    / 1.05-1.12 / 0.119 ms; fbgemm 0.066-0.079 / 0.054-0.055 / 0.66-0.79 / 0.15-0.19; the
-    26 MB 2560x10240 weight varies most between runs). So: at M = 1 oneDNN's ``_int_mm``
-    (reading the (N, K) codes in place) wins except on the largest weight; for 2 <= M <= 32
-    fbgemm's prepacked small-M kernels win by up to 4x, except on a weight as small as
-    1536x768, where they are 10-20 % slower; from M = 64 on the two are within noise of each
-    other and ``_int_mm`` needs no packed copy. From M = ``ONEDNN_MIN_M`` on, where oneDNN's int8 linear
-    works (``onednn_available``), its prepacked GEMM is about 2x both (see the module doc; measured
-    later, on an Intel Xeon with AMX). At M = 1 the W8A8 Linear beats fp32 by 2.8x
-    (1536x768) to 20x (5120x2560). At the small sizes the fixed per-op cost sets that ratio:
-    1536x768, M = 1 is ~12 tensor ops of 1-2.5 us around a 12-17 us int8 GEMV (it was 0.048 ms,
-    1.6x, before ``int8_linear_dynamic`` and the trimmed ``int8_linear`` cut ~20 us of it).
+    There ``_int_mm`` won at M = 1 except on the largest weight, fbgemm for 2 <= M <= 32 on big weights,
+    and the two were even from M = 64; oneDNN's prepacked linear was about 2x both from M = 64 on an
+    Intel Xeon with AMX. A fixed rule from those numbers (the dispatch until 2026-12-08) sent in_proj's
+    GEMV to ``_int_mm`` on the AMX Xeon, where fbgemm is 1.8x faster, and prefill GEMMs to oneDNN on CPUs
+    where oneDNN runs a reference kernel (``onednn_probe_ratio``; issue 14).
     """
-    if m >= ONEDNN_MIN_M and onednn_available() and onednn_fast(m, k, n):
-        return "onednn"  # prefill-sized M: the prepacked oneDNN GEMM, ~2x int_mm (see the module doc)
-    if not fbgemm_available():
-        return "int_mm"
-    size = n * k
-    if m == 1:
-        return "fbgemm" if size >= FBGEMM_M1_MIN_WEIGHT else "int_mm"
-    if m <= FBGEMM_MAX_M and size >= FBGEMM_MIN_WEIGHT:
-        return "fbgemm"
-    return "int_mm"
+    return measured_path(m, k, n)
+
+
+def path_candidates(m: int) -> list[str]:
+    """The int8 x int8 operators that may run an M-row product here: ``_int_mm`` always, fbgemm where it
+    works, oneDNN's prepacked linear from ``ONEDNN_MIN_M`` rows where it is exact and passed the probe."""
+    out = ["int_mm"]
+    if fbgemm_available():
+        out.append("fbgemm")
+    if m >= ONEDNN_MIN_M and onednn_available():
+        out.append("onednn")
+    return out
+
+
+#: (M rounded up to a power of two, at most PATH_MEASURE_MAX_M; K; N) -> the fastest operator measured there
+_MEASURED_PATHS: dict[tuple[int, int, int], str] = {}
+PATH_MEASURE_MAX_M = 4096
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (at most ``PATH_MEASURE_MAX_M``): products in one bucket share a choice."""
+    return min(1 << max(m - 1, 0).bit_length(), PATH_MEASURE_MAX_M)
+
+
+def measured_path(m: int, k: int, n: int) -> str:
+    """The fastest of ``path_candidates(m)`` for an (M, K) x (K, N) product on this machine: each candidate
+    timed once per (M bucket, K, N) on random codes of that shape (best of 2 calls after a warm-up), the
+    choice then kept for the process.
+
+    A fixed table cannot be right on every CPU. The table above was measured on an AMD EPYC; on the AMX
+    Xeon, at M = 1, fbgemm beats ``_int_mm`` on mamba-130m's in_proj (768 x 3072: 79 vs 140 us), which that
+    table sends to ``_int_mm``; oneDNN, fast for most prefill shapes there, has shapes without a fast kernel
+    (M = 2048, K = 12: 166 ms vs 0.39 ms for ``_int_mm``), and on CPUs without AMX its signed-int8 path is a
+    reference kernel altogether (``onednn_probe_ratio``). Measuring costs a few milliseconds per new shape
+    (about 0.3 s for the largest, 4096 x 4096 x 1024)."""
+    candidates = path_candidates(m)
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (m_bucket(m), k, n)
+    if key not in _MEASURED_PATHS:
+        g = torch.Generator().manual_seed(0)
+        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
+        x = torch.randint(-127, 128, (key[0], k), dtype=torch.int8, generator=g)
+        times = {p: _best_time(lambda p=p: _acc_fp32(x, w, p), 2) for p in candidates}
+        _MEASURED_PATHS[key] = min(candidates, key=times.__getitem__)
+    return _MEASURED_PATHS[key]
 
 
 def choose_weight_only_path(m: int, k: int, n: int, dtype: torch.dtype) -> str:
@@ -507,29 +534,6 @@ def onednn_probe_ratio() -> float:
     if first > ONEDNN_MAX_SLOWDOWN * 10 * int_mm:  # hopeless: do not spend more calls on it
         return first / int_mm
     return min(first, best(lambda: _onednn_acc(x, w), 4, warmup=False)) / int_mm
-
-
-#: (M rounded up to a power of two, at most ONEDNN_MEASURE_MAX_M; K; N) -> oneDNN faster than _int_mm there
-_ONEDNN_FAST: dict[tuple[int, int, int], bool] = {}
-ONEDNN_MEASURE_MAX_M = 4096
-
-
-def onednn_fast(m: int, k: int, n: int) -> bool:
-    """Whether oneDNN's int8 linear beats ``_int_mm`` on an (M, K) x (K, N) product here: measured once
-    per (M bucket, K, N) on random codes, then remembered for the process.
-
-    Even where oneDNN has fast kernels it has shapes without one: on the AMX Xeon, M = 2048, K = 12
-    (the reference Mamba's dt_proj, dt_rank 12) took 166 ms in oneDNN and 0.39 ms in ``_int_mm``, which
-    made the real reference model's evaluation 4.6x slower than FP32; K = 192, N = 768: 3.2 vs 1.0 ms.
-    Where oneDNN is the right kernel (K = 1536, N = 768: 1.5 vs 2.9 ms) it is kept."""
-    bucket = min(1 << max(m - 1, 0).bit_length(), ONEDNN_MEASURE_MAX_M)
-    key = (bucket, k, n)
-    if key not in _ONEDNN_FAST:
-        g = torch.Generator().manual_seed(0)
-        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
-        x = torch.randint(-127, 128, (bucket, k), dtype=torch.int8, generator=g)
-        _ONEDNN_FAST[key] = _best_time(lambda: _onednn_acc(x, w), 2) <= _best_time(lambda: _int_mm_acc(x, w), 2)
-    return _ONEDNN_FAST[key]
 
 
 def _best_time(fn, calls: int) -> float:
