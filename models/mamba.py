@@ -207,8 +207,8 @@ def _ssm_params(mixer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     move to another device/dtype): a decode step then does not spend three small kernels per
     layer recomputing them (which a CUDA-graph replay would also pay)."""
     A_log, D = mixer.A_log, mixer.D
-    if torch.is_grad_enabled() and (A_log.requires_grad or D.requires_grad):
-        return -torch.exp(A_log.float()), D.float()
+    if (torch.is_grad_enabled() and (A_log.requires_grad or D.requires_grad)) or torch.compiler.is_compiling():
+        return -torch.exp(A_log.float()), D.float()  # a compiled graph computes them itself (fused)
     key = (A_log.data_ptr(), A_log._version, A_log.dtype, D.data_ptr(), D._version, D.dtype)
     cached = mixer.__dict__.get("_ssm_cache")
     if cached is None or cached[0] != key:
