@@ -194,7 +194,10 @@ def _decode_step(model, ids):
 MODELS = {
     "reference": "committed reference model models/reference/mamba1-byte (trained, hidden 192, 4 layers, byte vocabulary)",
     "mamba-130m": "mamba-130m shapes (hidden 768, 24 layers, vocabulary 50280), random weights",
+    "mamba-1.4b": "mamba-1.4b shapes (hidden 2048, 48 layers, vocabulary 50280), random weights (about 6 GB in fp32)",
 }
+#: (hidden, layers) of the random-weight models
+RANDOM_SHAPES = {"mamba-130m": (768, 24), "mamba-1.4b": (2048, 48)}
 
 
 def _models(which: str, calib_tokens: int = 256):
@@ -211,7 +214,8 @@ def _models(which: str, calib_tokens: int = 256):
         from archquant.models.mamba_loading import load_mamba
         fp = load_mamba(str(reference_model_dir("mamba1-byte"))).eval()
     else:
-        cfg = MambaConfig(arch="mamba1", vocab_size=50280, hidden_size=768, num_layers=24)
+        hidden, layers = RANDOM_SHAPES[which]
+        cfg = MambaConfig(arch="mamba1", vocab_size=50280, hidden_size=hidden, num_layers=layers)
         fp = init_mamba_weights(MambaLM(cfg), seed=0).eval()
     vocab = fp.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ms", type=str, default=None, help="comma-separated M values (default 1,16,256,1024)")
     p.add_argument("--no-model", action="store_true", help="skip the model section")
     p.add_argument("--models", default="reference,mamba-130m",
-                   help=f"comma-separated model section(s): {', '.join(MODELS)} (default both)")
+                   help=f"comma-separated model section(s): {', '.join(MODELS)} (default: reference,mamba-130m)")
     p.add_argument("--write", type=Path, default=None, help="write the markdown tables to this file")
     args = p.parse_args(argv)
 
