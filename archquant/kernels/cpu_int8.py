@@ -188,7 +188,7 @@ def m_bucket(m: int) -> int:
 
 def measured_path(m: int, k: int, n: int) -> str:
     """The fastest of ``path_candidates(m)`` for an (M, K) x (K, N) product on this machine: each candidate
-    timed once per (M bucket, K, N) on random codes of that shape (best of 2 calls after a warm-up), the
+    timed once per (M bucket, K, N) on random codes of that shape (best of 3 calls after a warm-up), the
     choice then kept for the process.
 
     A fixed table cannot be right on every CPU. The table above was measured on an AMD EPYC; on the AMX
@@ -196,7 +196,9 @@ def measured_path(m: int, k: int, n: int) -> str:
     table sends to ``_int_mm``; oneDNN, fast for most prefill shapes there, has shapes without a fast kernel
     (M = 2048, K = 12: 166 ms vs 0.39 ms for ``_int_mm``), and on CPUs without AMX its signed-int8 path is a
     reference kernel altogether (``onednn_probe_ratio``). Measuring costs a few milliseconds per new shape
-    (about 0.3 s for the largest, 4096 x 4096 x 1024)."""
+    (about 0.3 s for the largest, 4096 x 4096 x 1024). Where two candidates are within ~20 % of each other
+    the choice can differ between processes (768 x 3072 at M = 1 on the AMX Xeon: fbgemm 129-155 us,
+    ``_int_mm`` 175-187 us, fp32 228-241 us for the whole Linear); either is then a fine one."""
     candidates = path_candidates(m)
     if len(candidates) == 1:
         return candidates[0]
@@ -205,7 +207,7 @@ def measured_path(m: int, k: int, n: int) -> str:
         g = torch.Generator().manual_seed(0)
         w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
         x = torch.randint(-127, 128, (key[0], k), dtype=torch.int8, generator=g)
-        times = {p: _best_time(lambda p=p: _acc_fp32(x, w, p), 2) for p in candidates}
+        times = {p: _best_time(lambda p=p: _acc_fp32(x, w, p), 3) for p in candidates}
         _MEASURED_PATHS[key] = min(candidates, key=times.__getitem__)
     return _MEASURED_PATHS[key]
 
