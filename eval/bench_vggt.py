@@ -241,6 +241,11 @@ def build_w8a8(fp, kernels: str = "auto", patch_embed: bool = False):
     return fake, convert_to_real(copy.deepcopy(fake), kernels=kernels)
 
 
+def int8_count(summary: dict) -> str:
+    """The table's "int8 Linears" cell from a ``convert_to_real`` summary: "16 (0 kept)"."""
+    return f"{summary['converted']} ({len(summary['kept'])} kept)"
+
+
 def forward(model, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         return model(x)[0]
@@ -397,7 +402,7 @@ def bench_cpu(geo: Geometry, variants=DEFAULT_CPU_VARIANTS, repeats: int = 5, wa
     fake_out = [o.float() for o in forward(fake, x32)]
     build_s = time.perf_counter() - t0
     log(f"[vggt] built and ran the references in {build_s:.0f} s; checking")
-    int8 = f"{summary['converted']} ({len(summary['kept'])} kept)"
+    int8 = int8_count(summary)
     rows, models = [], {}
     for name in variants:
         dtype = torch.float32 if name in ("fp32", "w8a8", "w8a8_pe") else torch.bfloat16
@@ -412,8 +417,7 @@ def bench_cpu(geo: Geometry, variants=DEFAULT_CPU_VARIANTS, repeats: int = 5, wa
             row.wrong = "" if row.ok else "WRONG: non-finite output; not timed"
         elif name == "w8a8_pe":  # its own fake twin: more Linears are quantized
             pe_fake, model = build_w8a8(fp, patch_embed=True)
-            pe_summary = model._archquant_real
-            row.int8_linears = f"{pe_summary['converted']} ({len(pe_summary['kept'])} kept)"
+            row.int8_linears = int8_count(model._archquant_real)
             check_real(name, model, pe_fake, x32, [o.float() for o in forward(pe_fake, x32)], ref, device, row)
             models[name] = model
             del pe_fake
@@ -469,8 +473,7 @@ def bench_device(geo: Geometry, device: torch.device, repeats: int = 30, warmup:
     base.vs_fp32 = outputs_l2rel(out, ref)
     base.ok = all(bool(torch.isfinite(o).all()) for o in out)
     base.wrong = "" if base.ok else "WRONG: non-finite output; not timed"
-    row = Row("w8a8", LABELS["w8a8"], torch.bfloat16, int8_linears=f"{summary['converted']} "
-              f"({len(summary['kept'])} kept)")
+    row = Row("w8a8", LABELS["w8a8"], torch.bfloat16, int8_linears=int8_count(summary))
     check_real("w8a8", real, fake, x16, fake_out, ref, device, row)
     del fake, fake_out, out, ref
     rows = [base, row]

@@ -12,7 +12,6 @@ Metric names (all per scene, then averaged over scenes as VGGT averages per cate
 """
 from __future__ import annotations
 
-
 import torch
 
 from archquant.eval.reconstruction_metrics import (apply_sim3, depth_metrics, pointmap_metrics, pose_metrics,

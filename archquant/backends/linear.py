@@ -32,7 +32,8 @@ from ..core.transforms import ChannelScale, HadamardTransform
 from ..kernels.cpu_int8 import (Int8Weight, fake_quantize_int8_torch, int8_linear, int8_linear_dynamic,
                                 int8_weight_only_linear, quantize_per_tensor_int8_torch, signed_asymmetric_codes,
                                 quantize_per_token_int8_torch, quantize_static_int8_torch)
-from .specs import act_kind, check_kernels, format_label, input_kind, spec_name, static_scale, use_triton
+from .specs import (act_kind, check_kernels, format_label, input_kind, learned_clip_note, spec_name, static_scale,
+                    use_triton)
 
 __all__ = ["INT8_INPUT_PATHS", "Int8InputPath", "REAL_LINEAR_TYPES", "RealFP8Linear", "RealQuantLinear",
            "RealTwinLogLinear", "RealW4A16Linear", "fp8_eligibility", "frozen_quant_linear", "int8_eligibility",
@@ -69,9 +70,7 @@ def int8_layout(module: QuantLinear) -> str | None:
         return f"weight granularity {spec.granularity!r} (axis {spec.axis}): needs per tensor or per output channel"
     q = module.input_quantizer
     if q is not None and act_kind(q) is None:
-        kind = "dynamic" if q.dynamic else f"static (mode {q.mode})"
-        if q.dynamic and q.clip_ratio != 1.0:
-            kind += f" with a learned clip ({q.clip_ratio:.3f})"
+        kind = ("dynamic" if q.dynamic else f"static (mode {q.mode})") + learned_clip_note(q)
         return f"input {spec_name(q.spec)} {kind}: needs symmetric int8, dynamic per token/tensor or static per tensor"
     return None
 
@@ -148,8 +147,7 @@ def fp8_layout(module: QuantLinear) -> str | None:
         return f"weight granularity {spec.granularity!r} (axis {spec.axis}): needs per tensor or per output channel"
     q = module.input_quantizer
     if input_kind(q) is None:
-        clip = f" with a learned clip ({q.clip_ratio:.3f})" if q is not None and q.clip_ratio != 1.0 else ""
-        return f"input {spec_name(q.spec)}{clip}: needs dynamic per token/tensor or static per tensor scales"
+        return f"input {spec_name(q.spec)}{learned_clip_note(q)}: needs dynamic per token/tensor or static per tensor scales"
     return None
 
 

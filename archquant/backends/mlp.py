@@ -34,8 +34,9 @@ def _input_kind(linear: nn.Module) -> str | None:
     return "weight_only" if q is None else act_kind(q)
 
 
-def mlp_chunk_eligibility(fc1: nn.Module, fc2: nn.Module, kernels: str) -> str | None:
-    """None when both Linears go real and every op is row-local, else why the MLP is not chunked."""
+def _real_kernels(fc1: nn.Module, fc2: nn.Module, kernels: str) -> "dict[str, LinearKernel] | str":
+    """The kernel each Linear goes real on, if both do and every op is row-local; else why not."""
+    chosen = {}
     for name, linear in (("fc1", fc1), ("fc2", fc2)):
         if not isinstance(linear, QuantLinear):
             return f"{name} is not quantized"
@@ -46,7 +47,14 @@ def mlp_chunk_eligibility(fc1: nn.Module, fc2: nn.Module, kernels: str) -> str |
             return f"{name}: its input quantization is not per token or static"
         if linear.output_quantizer is not None:
             return f"{name} has an output quantizer"
-    return None
+        chosen[name] = choice
+    return chosen
+
+
+def mlp_chunk_eligibility(fc1: nn.Module, fc2: nn.Module, kernels: str) -> str | None:
+    """None when both Linears go real and every op is row-local, else why the MLP is not chunked."""
+    chosen = _real_kernels(fc1, fc2, kernels)
+    return chosen if isinstance(chosen, str) else None
 
 
 class RowChunkedMlp(nn.Module):
@@ -77,11 +85,7 @@ class RowChunkedMlp(nn.Module):
 def convert_mlp(mlp: nn.Module, kernels: str):
     """A block converter for an MLP with ``fc1``, ``act`` and ``fc2``: a ``RowChunkedMlp`` of their real
     modules, or None (the per-Linear conversion then takes each Linear, or reports why not)."""
-    if mlp_chunk_eligibility(mlp.fc1, mlp.fc2, kernels) is not None:
+    chosen = _real_kernels(mlp.fc1, mlp.fc2, kernels)
+    if isinstance(chosen, str):
         return None
-    real = {}
-    for name in ("fc1", "fc2"):
-        choice = choose_linear_kernel(getattr(mlp, name), kernels)
-        assert isinstance(choice, LinearKernel)
-        real[name] = choice.build(getattr(mlp, name), kernels)
-    return RowChunkedMlp(real["fc1"], mlp.act, real["fc2"])
+    return RowChunkedMlp(chosen["fc1"].build(mlp.fc1, kernels), mlp.act, chosen["fc2"].build(mlp.fc2, kernels))

@@ -11,7 +11,7 @@ from ..core.formats import QuantSpec
 from ..core.modules import ActQuantizer
 
 __all__ = ["KERNELS", "act_kind", "check_kernels", "format_label", "input_kind", "is_int8_symmetric",
-           "spec_name", "static_scale", "use_triton"]
+           "learned_clip_note", "spec_name", "static_scale", "use_triton"]
 
 #: ``kernels=`` choices: "auto" (Triton for CUDA tensors, torch's CPU int8 ops for CPU ones) or
 #: "triton" (the Triton kernels everywhere; on a CPU through TRITON_INTERPRET=1)
@@ -54,6 +54,11 @@ def format_label(spec: QuantSpec) -> str:
 def spec_name(spec: QuantSpec) -> str:
     """Format and granularity, for messages: "int4 asymmetric channel", "fp8_e4m3 token", ..."""
     return f"{format_label(spec)} {spec.granularity}"
+
+
+def learned_clip_note(q: ActQuantizer | None) -> str:
+    """The words a refusal adds for a quantizer with a learned clip ratio (no kernel applies one), else ""."""
+    return f" with a learned clip ({q.clip_ratio:.3f})" if q is not None and q.clip_ratio != 1.0 else ""
 
 
 def input_kind(q: ActQuantizer | None) -> str | None:

@@ -246,17 +246,14 @@ def clipped_weight(w: torch.Tensor, theta: torch.Tensor | None, bits: int) -> to
     """Symmetric per-row int fake quantization of ``w`` (out, in) with the row range clipped to
     σ(θ)·max|W_row| (θ None: no clip, the minmax scale). Differentiable in θ through the scale;
     the forward equals ``Quantize``'s minmax codes of clamp(W, ±σ(θ)·max|W_row|)."""
-    _, qmax = qrange(QuantSpec(bits=bits))
-    amax = w.abs().amax(dim=1, keepdim=True)
-    top = amax if theta is None else torch.sigmoid(theta) * amax
-    scale = (top / qmax).clamp_min(INT_MIN_SCALE)
-    return torch.clamp(round_ste(w / scale), -qmax, qmax) * scale
+    return clipped_activation(w, None if theta is None else torch.sigmoid(theta), bits)
 
 
 def clipped_activation(x: torch.Tensor, ratio: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Symmetric per-token int fake quantization of ``x`` with each token's range shrunk to
-    ratio·max|x_token| (None: 1). Differentiable in ``ratio`` through the scale and in ``x``
-    (straight-through); the forward equals a dynamic ``ActQuantizer`` with ``clip_ratio=ratio``."""
+    """Symmetric int fake quantization of each row (last axis) of ``x`` with its range shrunk to
+    ratio·max|x_row| (None: 1); a token of activations, or an output row of a weight. Differentiable
+    in ``ratio`` through the scale and in ``x`` (straight-through); the forward equals a dynamic
+    per-token ``ActQuantizer`` with ``clip_ratio=ratio``."""
     _, qmax = qrange(QuantSpec(bits=bits))
     amax = x.abs().amax(dim=-1, keepdim=True)
     top = amax if ratio is None else ratio * amax

@@ -216,9 +216,8 @@ class Quantize(Step):
         if self.activation is not None or self.overrides:
             inputs, outputs, sites = self._act_site_names(s)
             for name in inputs:
-                clip = getattr(get_submodule(model, name), LEARNED_INPUT_CLIP, None)
-                wrapped = self._wrap(model, name, weight=False)
-                wrapped.input_quantizer = self._act(f"{name}:input", clip)
+                wrapped = self._wrap(model, name, weight=False)  # it carries a Linear's learned clip over
+                wrapped.input_quantizer = self._act(f"{name}:input", getattr(wrapped, LEARNED_INPUT_CLIP, None))
             for name in outputs:
                 self._wrap(model, name, weight=False).output_quantizer = self._act(f"{name}:output")
             for name in sites:

@@ -101,7 +101,6 @@ __all__ = [
     "fbgemm_available",
     "onednn_available",
     "onednn_exact",
-    "measured_path",
     "path_candidates",
     "onednn_probe_ratio",
     "PATHS",
@@ -129,8 +128,9 @@ SPLIT3_MIN_WEIGHT = 1 << 20
 
 
 def choose_path(m: int, k: int, n: int) -> str:
-    """The int8 x int8 operator for an (M, K) x (K, N) product on the CPU: the fastest one measured on
-    this machine for that shape (``measured_path``), among ``path_candidates(m)``.
+    """The int8 x int8 operator for an (M, K) x (K, N) product on the CPU: the fastest of
+    ``path_candidates(m)`` on this machine, each candidate timed once per (M bucket, K, N) on random
+    codes of that shape (best of 3 calls after a warm-up), the choice then kept for the process.
 
     Why measured: the same operators rank differently on different CPUs. On an AMD EPYC, measured with
     ``python -m archquant.eval.bench_cpu --paths --threads 2 --no-model --ms
@@ -160,9 +160,24 @@ def choose_path(m: int, k: int, n: int) -> str:
     and the two were even from M = 64; oneDNN's prepacked linear was about 2x both from M = 64 on an
     Intel Xeon with AMX. A fixed rule from those numbers (the dispatch until 2026-12-08) sent in_proj's
     GEMV to ``_int_mm`` on the AMX Xeon, where fbgemm is 1.8x faster, and prefill GEMMs to oneDNN on CPUs
-    where oneDNN runs a reference kernel (``onednn_probe_ratio``; issue 14).
+    where oneDNN runs a reference kernel (``onednn_probe_ratio``; issue 14). oneDNN, fast for most
+    prefill shapes on the AMX Xeon, also has shapes without a fast kernel there (M = 2048, K = 12:
+    166 ms vs 0.39 ms for ``_int_mm``).
+
+    Measuring costs a few milliseconds per new shape (about 0.3 s for the largest, 4096 x 4096 x 1024).
+    Where two candidates are within ~20 % of each other the choice can differ between processes
+    (768 x 3072 at M = 1 on the AMX Xeon: fbgemm 129-155 us, ``_int_mm`` 175-187 us, fp32 228-241 us
+    for the whole Linear); either is then a fine one.
     """
-    return measured_path(m, k, n)
+    candidates = path_candidates(m)
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (m_bucket(m), k, n)
+    if key not in _MEASURED_PATHS:
+        x, w = _random_product(*key)
+        times = {p: _best_time(lambda p=p: _acc_fp32(x, w, p), 3) for p in candidates}
+        _MEASURED_PATHS[key] = min(candidates, key=times.__getitem__)
+    return _MEASURED_PATHS[key]
 
 
 def path_candidates(m: int) -> list[str]:
@@ -184,32 +199,6 @@ PATH_MEASURE_MAX_M = 4096
 def m_bucket(m: int) -> int:
     """M rounded up to a power of two (at most ``PATH_MEASURE_MAX_M``): products in one bucket share a choice."""
     return min(1 << max(m - 1, 0).bit_length(), PATH_MEASURE_MAX_M)
-
-
-def measured_path(m: int, k: int, n: int) -> str:
-    """The fastest of ``path_candidates(m)`` for an (M, K) x (K, N) product on this machine: each candidate
-    timed once per (M bucket, K, N) on random codes of that shape (best of 3 calls after a warm-up), the
-    choice then kept for the process.
-
-    A fixed table cannot be right on every CPU. The table above was measured on an AMD EPYC; on the AMX
-    Xeon, at M = 1, fbgemm beats ``_int_mm`` on mamba-130m's in_proj (768 x 3072: 79 vs 140 us), which that
-    table sends to ``_int_mm``; oneDNN, fast for most prefill shapes there, has shapes without a fast kernel
-    (M = 2048, K = 12: 166 ms vs 0.39 ms for ``_int_mm``), and on CPUs without AMX its signed-int8 path is a
-    reference kernel altogether (``onednn_probe_ratio``). Measuring costs a few milliseconds per new shape
-    (about 0.3 s for the largest, 4096 x 4096 x 1024). Where two candidates are within ~20 % of each other
-    the choice can differ between processes (768 x 3072 at M = 1 on the AMX Xeon: fbgemm 129-155 us,
-    ``_int_mm`` 175-187 us, fp32 228-241 us for the whole Linear); either is then a fine one."""
-    candidates = path_candidates(m)
-    if len(candidates) == 1:
-        return candidates[0]
-    key = (m_bucket(m), k, n)
-    if key not in _MEASURED_PATHS:
-        g = torch.Generator().manual_seed(0)
-        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
-        x = torch.randint(-127, 128, (key[0], k), dtype=torch.int8, generator=g)
-        times = {p: _best_time(lambda p=p: _acc_fp32(x, w, p), 3) for p in candidates}
-        _MEASURED_PATHS[key] = min(candidates, key=times.__getitem__)
-    return _MEASURED_PATHS[key]
 
 
 def choose_weight_only_path(m: int, k: int, n: int, dtype: torch.dtype) -> str:
@@ -516,30 +505,25 @@ def onednn_probe_ratio() -> float:
     oneDNN 31,632 ms, ``_int_mm`` 24 ms, fp32 20 ms; on AMX: oneDNN 5.1 ms, ``_int_mm`` 48 ms. That
     fallback made a quantized mamba-130m prefill of 512 tokens 11x slower than FP32 (issue 14).
     """
-    m, k, n = ONEDNN_PROBE
-    g = torch.Generator().manual_seed(0)
-    w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
-    x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
-
-    def best(fn, calls: int, warmup: bool = True) -> float:
-        if warmup:
-            fn()  # oneDNN: the weight packing
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    int_mm = best(lambda: _int_mm_acc(x, w), 5)
-    first = best(lambda: _onednn_acc(x, w), 1)
+    x, w = _random_product(*ONEDNN_PROBE)
+    int_mm = _best_time(lambda: _int_mm_acc(x, w), 5)
+    first = _best_time(lambda: _onednn_acc(x, w), 1)
     if first > ONEDNN_MAX_SLOWDOWN * 10 * int_mm:  # hopeless: do not spend more calls on it
         return first / int_mm
-    return min(first, best(lambda: _onednn_acc(x, w), 4, warmup=False)) / int_mm
+    return min(first, _best_time(lambda: _onednn_acc(x, w), 4, warmup=False)) / int_mm
 
 
-def _best_time(fn, calls: int) -> float:
-    fn()  # warm-up (oneDNN: the weight packing)
+def _random_product(m: int, k: int, n: int) -> tuple[torch.Tensor, "Int8Weight"]:
+    """Seeded random int8 codes (M, K) and an int8 weight (N, K) with unit scales: what timings run on."""
+    g = torch.Generator().manual_seed(0)
+    w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.ones(n))
+    return torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g), w
+
+
+def _best_time(fn, calls: int, warmup: bool = True) -> float:
+    """The shortest of ``calls`` timed calls of ``fn``, after one untimed call (oneDNN: the weight packing)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
@@ -551,8 +535,9 @@ def _best_time(fn, calls: int) -> float:
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
     """True if oneDNN's int8 linear is exact here (``onednn_exact``) AND fast (``onednn_probe_ratio``
-    at most ``ONEDNN_MAX_SLOWDOWN``): what ``choose_path`` dispatches prefill-sized GEMMs to.
-    Decided once per process."""
+    at most ``ONEDNN_MAX_SLOWDOWN``): only then is it a candidate of ``choose_path``. Decided once per
+    process. The probe is cheap where oneDNN is a reference kernel, which ``choose_path`` would
+    otherwise time on full prefill shapes (seconds to minutes each)."""
     return onednn_exact() and onednn_probe_ratio() <= ONEDNN_MAX_SLOWDOWN
 
 
